@@ -1,0 +1,141 @@
+"""`psa-dist`: the one command-line entry point. Each subcommand's --help says what it does."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train_cls.epochs=2")
+
+
+def _load(args):
+    from .config import load_config
+    return load_config(args.config, args.overrides)
+
+
+# ----------------------------------------------------------------------------- data
+def cmd_data_synth(args) -> int:
+    from .runinfo import write_run_info
+    from .synth import write_synth
+    cfg = _load(args)
+    out = Path(args.out or cfg.data.root)
+    write_synth(cfg.synth, out, shard_size=cfg.data.shard_size, workers=cfg.data.workers, config=cfg)
+    write_run_info(out, cfg)
+    return 0
+
+
+def cmd_data_convert_voc(args) -> int:
+    from .convert_voc import convert_voc
+    info = convert_voc(args.voc_root, args.out, splits=args.splits, sbd_root=args.sbd_root,
+                       shard_size=args.shard_size, workers=args.workers, strict=args.strict)
+    return 1 if info["failed"] and args.strict else 0
+
+
+def cmd_data_convert_coco(args) -> int:
+    from .convert_coco import convert_coco
+    info = convert_coco(args.coco_root, args.out, splits=args.splits, shard_size=args.shard_size,
+                        workers=args.workers, strict=args.strict)
+    return 1 if info["failed"] and args.strict else 0
+
+
+def cmd_data_inspect(args) -> int:
+    from .inspect_data import format_report, inspect_dataset
+    report = inspect_dataset(args.root, verify=not args.quick)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["problems"] else 0
+
+
+def cmd_data_preview(args) -> int:
+    from .inspect_data import preview_dataset
+    out = preview_dataset(args.root, args.out, split=args.split, count=args.count)
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- pipeline
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+    cfg = _load(args)
+    return run_pipeline(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psa-dist",
+        description="Weakly supervised semantic segmentation with AffinityNet, on Ray and torch DDP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline of a config into its out_dir",
+                       description="Run every stage of CONFIG into cfg.out_dir; finished stages are "
+                                   "skipped, so a rerun resumes where the last one stopped.")
+    _add_config_args(p, required=True)
+    p.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="create, convert and look at datasets (WebDataset shards)")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    p = dsub.add_parser("synth", help="generate the embedded synthetic dataset as shards",
+                        description="Generate the synthetic train/val splits (cfg.synth) as shards "
+                                    "into --out (default cfg.data.root).")
+    _add_config_args(p)
+    p.add_argument("--out", help="dataset directory to write")
+    p.set_defaults(func=cmd_data_synth)
+
+    def conv_common(p, default_splits):
+        p.add_argument("--out", required=True, help="dataset directory to write")
+        p.add_argument("--splits", default=default_splits, type=lambda s: s.split(","),
+                       help=f"comma-separated splits (default {default_splits})")
+        p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+        p.add_argument("--workers", type=int, default=4, help="worker processes")
+        p.add_argument("--strict", action="store_true", help="stop at the first bad input")
+
+    p = dsub.add_parser("convert-voc", help="convert PASCAL VOC 2012 (+SBD) to shards",
+                        description="Convert VOCdevkit/VOC2012 (JPEGImages, SegmentationClass, "
+                                    "ImageSets/Segmentation, Annotations) and optionally SBD's "
+                                    "SegmentationClassAug to shards.")
+    p.add_argument("voc_root", help="the VOC2012 directory (holding JPEGImages/)")
+    p.add_argument("--sbd-root", help="directory holding SegmentationClassAug/ (train_aug masks)")
+    conv_common(p, "train_aug,val")
+    p.set_defaults(func=cmd_data_convert_voc)
+
+    p = dsub.add_parser("convert-coco", help="convert MS-COCO 2014 to shards (needs pycocotools)",
+                        description="Convert COCO 2014 (train2014/, val2014/, annotations/"
+                                    "instances_*.json) to shards with semantic masks.")
+    p.add_argument("coco_root", help="directory holding train2014/, val2014/ and annotations/")
+    conv_common(p, "train2014,val2014")
+    p.set_defaults(func=cmd_data_convert_coco)
+
+    p = dsub.add_parser("inspect", help="counts per split and a class histogram",
+                        description="Read every shard of a dataset and print counts per split and "
+                                    "a class histogram; exits 1 if a shard or sample is bad.")
+    p.add_argument("root")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quick", action="store_true", help="count samples without decoding them")
+    p.set_defaults(func=cmd_data_inspect)
+
+    p = dsub.add_parser("preview", help="write a PNG grid of images with their masks overlaid")
+    p.add_argument("root")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--split", default="train")
+    p.add_argument("--count", type=int, default=16)
+    p.set_defaults(func=cmd_data_preview)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .shards import ShardError
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ShardError) as e:
+        print(f"psa-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
