@@ -1,0 +1,190 @@
+"""Backbones with output stride 8 and named multi-level feature taps.
+
+Every backbone maps (B, 3, H, W) to a dict of feature maps at stride 8 (``ceil(H / 8)`` ×
+``ceil(W / 8)``), and declares ``taps`` (name -> channels) for AffinityNet and ``out_channels`` for
+the last one, which the classifier and segmenter use.
+
+* ``small``: a compact residual network that trains on 2 CPU cores, for the embedded demo.
+* ``resnet50``: torchvision's ResNet-50 with the last two stages dilated (stride 8).
+* ``resnet38``: the wide ResNet-38 of the paper's best results (Wu et al.), dilated as in the
+  authors' code (stage 5 dilation 2, stages 6-7 dilation 4).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- small
+class _Basic(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, dilation, dilation, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.skip = None if cin == cout and stride == 1 else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.b1(self.c1(x)))
+        y = self.b2(self.c2(y))
+        return F.relu(y + (x if self.skip is None else self.skip(x)))
+
+
+class SmallNet(nn.Module):
+    """A small residual network (about 1.2 M parameters): 3 stride-2 stages then two dilated ones."""
+
+    def __init__(self, widths=(32, 64, 128, 192, 256), dilations=(1, 2)):
+        super().__init__()
+        w = widths
+        self.stem = nn.Sequential(nn.Conv2d(3, w[0], 3, 2, 1, bias=False), nn.BatchNorm2d(w[0]),
+                                  nn.ReLU(inplace=True))
+        self.layer1 = _Basic(w[0], w[1], stride=2)
+        self.layer2 = _Basic(w[1], w[2], stride=2)
+        self.layer3 = _Basic(w[2], w[3], dilation=dilations[0])
+        self.layer4 = _Basic(w[3], w[4], dilation=dilations[1])
+        self.taps = {"layer2": w[2], "layer3": w[3], "layer4": w[4]}
+        self.out_channels = w[4]
+
+    def forward(self, x):
+        x = self.layer1(self.stem(x))
+        f2 = self.layer2(x)
+        f3 = self.layer3(f2)
+        f4 = self.layer4(f3)
+        return {"layer2": f2, "layer3": f3, "layer4": f4}
+
+
+# ----------------------------------------------------------------------------- resnet50
+class ResNet50(nn.Module):
+    """torchvision ResNet-50, stages 3 and 4 dilated (replace_stride_with_dilation) for stride 8."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+        net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.taps = {"layer2": 512, "layer3": 1024, "layer4": 2048}
+        self.out_channels = 2048
+
+    def forward(self, x):
+        x = self.layer1(self.stem(x))
+        f2 = self.layer2(x)
+        f3 = self.layer3(f2)
+        return {"layer2": f2, "layer3": f3, "layer4": self.layer4(f3)}
+
+
+# ----------------------------------------------------------------------------- resnet38
+class _PreAct(nn.Module):
+    """Pre-activation residual block of ResNet-38 (two 3×3 convs)."""
+
+    def __init__(self, cin, cmid, cout, stride=1, dilation=1, first_dilation=None):
+        super().__init__()
+        fd = dilation if first_dilation is None else first_dilation
+        self.bn_a = nn.BatchNorm2d(cin)
+        self.conv_a = nn.Conv2d(cin, cmid, 3, stride, fd, fd, bias=False)
+        self.bn_b = nn.BatchNorm2d(cmid)
+        self.conv_b = nn.Conv2d(cmid, cout, 3, 1, dilation, dilation, bias=False)
+        self.proj = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x, keep_act: bool = False):
+        act = F.relu(self.bn_a(x))
+        skip = x if self.proj is None else self.proj(act)
+        y = self.conv_b(F.relu(self.bn_b(self.conv_a(act))))
+        return (y + skip, act) if keep_act else y + skip
+
+
+class _PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck block of ResNet-38 stages 6 and 7 (1×1, 3×3, 1×1; dropout inside)."""
+
+    def __init__(self, cin, cout, stride=1, dilation=1, dropout=0.0):
+        super().__init__()
+        self.bn_a = nn.BatchNorm2d(cin)
+        self.conv_a = nn.Conv2d(cin, cout // 4, 1, stride, bias=False)
+        self.bn_b = nn.BatchNorm2d(cout // 4)
+        self.drop_b = nn.Dropout2d(dropout)
+        self.conv_b = nn.Conv2d(cout // 4, cout // 2, 3, 1, dilation, dilation, bias=False)
+        self.bn_c = nn.BatchNorm2d(cout // 2)
+        self.drop_c = nn.Dropout2d(dropout)
+        self.conv_c = nn.Conv2d(cout // 2, cout, 1, 1, bias=False)
+        self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        act = F.relu(self.bn_a(x))
+        y = self.conv_b(self.drop_b(F.relu(self.bn_b(self.conv_a(act)))))
+        y = self.conv_c(self.drop_c(F.relu(self.bn_c(y))))
+        return y + self.proj(act)
+
+
+class ResNet38(nn.Module):
+    """Wide ResNet-38 (Wu, Shen & van den Hengel), output stride 8 as in the AffinityNet code.
+
+    Taps: ``conv4`` (512, end of stage 4), ``conv5`` (1024, end of stage 5), ``conv6`` (4096, after
+    stage 7 and its final BN + ReLU), which AffinityNet reduces to 64 / 128 / 256 channels.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1a = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.b2 = nn.ModuleList([_PreAct(64, 128, 128, stride=2), _PreAct(128, 128, 128),
+                                 _PreAct(128, 128, 128)])
+        self.b3 = nn.ModuleList([_PreAct(128, 256, 256, stride=2), _PreAct(256, 256, 256),
+                                 _PreAct(256, 256, 256)])
+        self.b4 = nn.ModuleList([_PreAct(256, 512, 512, stride=2)] +
+                                [_PreAct(512, 512, 512) for _ in range(5)])
+        self.b5 = nn.ModuleList([_PreAct(512, 512, 1024, dilation=2, first_dilation=1),
+                                 _PreAct(1024, 512, 1024, dilation=2),
+                                 _PreAct(1024, 512, 1024, dilation=2)])
+        self.b6 = _PreActBottleneck(1024, 2048, dilation=4, dropout=0.3)
+        self.b7 = _PreActBottleneck(2048, 4096, dilation=4, dropout=0.5)
+        self.bn7 = nn.BatchNorm2d(4096)
+        self.taps = {"conv4": 512, "conv5": 1024, "conv6": 4096}
+        self.out_channels = 4096
+
+    def forward(self, x):
+        x = self.conv1a(x)
+        for blk in (*self.b2, *self.b3, *self.b4):
+            x = blk(x)
+        x, conv4 = self.b5[0](x, keep_act=True)   # conv4: stage-4 output after its BN + ReLU
+        for blk in self.b5[1:]:
+            x = blk(x)
+        conv5 = F.relu(self.b6.bn_a(x))
+        x = self.b7(self.b6(x))
+        conv6 = F.relu(self.bn7(x))
+        return {"conv4": conv4, "conv5": conv5, "conv6": conv6}
+
+
+BACKBONES = {"small": SmallNet, "resnet50": ResNet50, "resnet38": ResNet38}
+
+
+def build_backbone(name: str, pretrained: str | None = None) -> nn.Module:
+    """A backbone by name; ``pretrained`` is a local state-dict file (missing file: clear error)."""
+    if name not in BACKBONES:
+        raise ValueError(f"model.backbone: unknown backbone {name!r} (have {sorted(BACKBONES)})")
+    net = BACKBONES[name]()
+    if pretrained:
+        load_pretrained(net, pretrained)
+    else:
+        log.warning("backbone %s: no pretrained weights (model.pretrained unset), random init", name)
+    return net
+
+
+def load_pretrained(net: nn.Module, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.pretrained: weights file not found: {p}")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    loaded = len(net.state_dict()) - len(missing)
+    if loaded == 0:
+        raise ValueError(f"model.pretrained: {p} matches none of the backbone's parameters")
+    log.warning("loaded %d tensors from %s (%d missing, %d unexpected)", loaded, p, len(missing),
+                len(unexpected))

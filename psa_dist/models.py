@@ -1,0 +1,159 @@
+"""The three networks of the method: classifier (CAMs), AffinityNet, segmenter."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbones import build_backbone
+
+# ImageNet statistics: images are normalised with these everywhere (pretrained or not).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) or (B, 3, H, W) uint8 -> (B, 3, H, W) float normalised."""
+    x = images_uint8
+    if x.shape[-1] == 3 and x.dim() == 4:
+        x = x.permute(0, 3, 1, 2)
+    x = x.float() / 255.0
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class Classifier(nn.Module):
+    """Backbone -> global average pooling -> 1×1 conv without bias -> C logits.
+
+    Trained with the multi-label soft-margin loss; ``cams(x)`` applies the same 1×1 conv to the
+    feature map before pooling: ReLU class activation maps at stride 8.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.dropout = nn.Dropout2d(dropout)
+        self.fc = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        nn.init.xavier_uniform_(self.fc.weight)
+
+    def new_modules(self) -> list[nn.Module]:
+        return [self.fc]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return list(self.backbone(x).values())[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.dropout(self.features(x))
+        return self.fc(F.adaptive_avg_pool2d(f, 1)).flatten(1)
+
+    def cams(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(self.features(x)))
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.multilabel_soft_margin_loss(logits, targets)
+
+
+class AffinityNet(nn.Module):
+    """Multi-level head of PAPER.md: a 1×1 conv + ELU per backbone tap, concat, 1×1 conv + ELU.
+
+    For ResNet-38 the taps (512, 1024, 4096 channels) are reduced to 64 / 128 / 256 and the head
+    outputs 448 channels; ``dims`` sets these for other backbones. Output at stride 8.
+    """
+
+    def __init__(self, backbone: nn.Module, dims=(64, 128, 256)):
+        super().__init__()
+        self.backbone = backbone
+        taps = list(backbone.taps.items())
+        if len(dims) != len(taps):
+            raise ValueError(f"AffinityNet: {len(dims)} reduction dims for {len(taps)} backbone taps")
+        self.tap_names = [n for n, _ in taps]
+        self.reduce = nn.ModuleList([nn.Conv2d(c, d, 1, bias=False) for (_, c), d in zip(taps, dims)])
+        self.out_dim = sum(dims)
+        self.head = nn.Conv2d(self.out_dim, self.out_dim, 1, bias=False)
+        for m in [*self.reduce, self.head]:
+            nn.init.kaiming_normal_(m.weight)
+        # The authors initialise the last layer with a small gain (xavier, gain 4) so that affinities
+        # start spread out; kaiming plays the same role here.
+
+    @classmethod
+    def from_classifier(cls, classifier: Classifier, dims=(64, 128, 256)) -> "AffinityNet":
+        """Initialised from the trained classifier's backbone, as the paper does."""
+        return cls(copy.deepcopy(classifier.backbone), dims)
+
+    def new_modules(self) -> list[nn.Module]:
+        return [*self.reduce, self.head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        size = feats[self.tap_names[-1]].shape[-2:]
+        parts = []
+        for name, conv in zip(self.tap_names, self.reduce):
+            f = feats[name]
+            if f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            parts.append(F.elu(conv(f)))
+        return F.elu(self.head(torch.cat(parts, dim=1)))
+
+
+class LightSegmenter(nn.Module):
+    """DeepLabV3 head (torchvision's ASPP) on a stride-8 backbone; logits at input resolution."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+        self.backbone = backbone
+        self.head = DeepLabHead(backbone.out_channels, num_classes)
+
+    def new_modules(self) -> list[nn.Module]:
+        return [self.head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = list(self.backbone(x).values())[-1]
+        return F.interpolate(self.head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class DeepLabV3(nn.Module):
+    """torchvision's DeepLabV3-ResNet50 (output stride 8), logits at input resolution."""
+
+    def __init__(self, num_classes: int, pretrained_backbone: str | None = None):
+        super().__init__()
+        from torchvision.models.segmentation import deeplabv3_resnet50
+        self.net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes,
+                                      aux_loss=False)
+        if pretrained_backbone:
+            from .backbones import load_pretrained
+            load_pretrained(self.net.backbone, pretrained_backbone)
+
+    def new_modules(self) -> list[nn.Module]:
+        return [self.net.classifier]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+def build_classifier(model_cfg, num_classes: int) -> Classifier:
+    return Classifier(build_backbone(model_cfg.backbone, model_cfg.pretrained), num_classes)
+
+
+def build_segmenter(model_cfg, num_classes_with_bg: int) -> nn.Module:
+    if model_cfg.segmenter == "deeplabv3_resnet50":
+        return DeepLabV3(num_classes_with_bg, model_cfg.pretrained)
+    if model_cfg.segmenter == "light":
+        return LightSegmenter(build_backbone(model_cfg.backbone, model_cfg.pretrained),
+                              num_classes_with_bg)
+    raise ValueError(f"model.segmenter: unknown segmenter {model_cfg.segmenter!r} "
+                     f"(have light, deeplabv3_resnet50)")
+
+
+def set_bn_eval(model: nn.Module) -> None:
+    """Frozen BN (the authors' setting): running statistics fixed, affine parameters not trained."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)

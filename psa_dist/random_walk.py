@@ -1,0 +1,95 @@
+"""The random walk that revises CAMs with learned affinities (PAPER.md stage 4). Pure tensor code.
+
+``T = D^-1 W^{∘beta}`` where W links every pixel to each pixel closer than ``radius`` (the 34
+half-plane offsets, their mirror images, and itself with W_ii = 1). Each row of T has at most 69
+non-zeros, so instead of the authors' dense N×N matrix (squared log2(t) times: O(N^3) time, O(N^2)
+memory) we keep T as 69 weight maps and apply it t times by shifted multiply-adds: O(t·N·69·C) time
+and O(N·69) memory, exactly the same operator. Pairs whose partner would leave the image are absent
+(no links dropped at the border, unlike the authors' code), and each row is normalised over the
+links it has.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .affinity import neighbor_offsets, pair_affinity, pair_slices
+
+
+def _full_offsets(radius: int) -> list[tuple[int, int]]:
+    half = neighbor_offsets(radius)
+    return [(0, 0)] + half + [(-dy, -dx) for dy, dx in half]
+
+
+def transition_weights(features: torch.Tensor, beta: float = 8.0, radius: int = 5) -> torch.Tensor:
+    """Row-normalised transition weights, (B, K, H, W) with K = 1 + 2·34 for radius 5.
+
+    ``out[b, k, y, x]`` is ``T[(y, x), (y, x) + full_offsets[k]]``; zero where that partner lies
+    outside the image. features (B, D, H, W).
+    """
+    b, _, h, w = features.shape
+    half = neighbor_offsets(radius)
+    k = 1 + 2 * len(half)
+    wts = features.new_zeros((b, k, h, w))
+    wts[:, 0] = 1.0                                     # W_ii = exp(0) = 1, and 1^beta = 1
+    for i, (dy, dx) in enumerate(half):
+        if dy >= h or abs(dx) >= w:
+            continue
+        (r1, c1), (r2, c2) = pair_slices(dy, dx, h, w)
+        a = pair_affinity(features, dy, dx).pow(beta)   # W_ij^beta for pair (p, p + o)
+        wts[:, 1 + i, r1, c1] = a                       # forward link  p -> p + o
+        wts[:, 1 + len(half) + i, r2, c2] = a           # mirror link   p + o -> p (W symmetric)
+    return wts / wts.sum(dim=1, keepdim=True)
+
+
+def apply_transition(weights: torch.Tensor, maps: torch.Tensor, radius: int, steps: int = 1) -> torch.Tensor:
+    """``maps <- T maps`` ``steps`` times; weights (B, K, H, W), maps (B, C, H, W)."""
+    offsets = _full_offsets(radius)
+    p = radius - 1
+    h, w = maps.shape[-2:]
+    wts = [weights[:, k:k + 1] for k in range(len(offsets))]
+    for _ in range(steps):
+        padded = F.pad(maps, (p, p, p, p))
+        out = maps * wts[0]
+        for k in range(1, len(offsets)):
+            dy, dx = offsets[k]
+            out.addcmul_(padded[:, :, p + dy:p + dy + h, p + dx:p + dx + w], wts[k])
+        maps = out
+    return maps
+
+
+def random_walk(cams: torch.Tensor, features: torch.Tensor, beta: float = 8.0, t: int = 256,
+                radius: int = 5) -> torch.Tensor:
+    """``T^t vec(cam_c)`` for every channel c; cams (C, H, W) or (B, C, H, W), features (D, H, W) or
+    (B, D, H, W) at the same resolution. Never builds the N×N matrix (see the module docstring)."""
+    batched = cams.dim() == 4
+    if not batched:
+        cams, features = cams[None], features[None]
+    if cams.shape[0] != features.shape[0] or cams.shape[-2:] != features.shape[-2:]:
+        raise ValueError(f"cams {tuple(cams.shape)} and features {tuple(features.shape)} must share "
+                         f"batch and spatial size")
+    weights = transition_weights(features.to(cams.dtype), beta, radius)
+    out = apply_transition(weights, cams, radius, steps=t)
+    return out if batched else out[0]
+
+
+def transition_matrix_dense(features: torch.Tensor, beta: float = 8.0, radius: int = 5) -> torch.Tensor:
+    """The dense N×N ``T`` of one image (features (D, H, W)), row-major pixels. For tests and the
+    benchmark against the authors' method only: O(N^2) memory."""
+    d, h, w = features.shape
+    f = features.reshape(d, h * w)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    near = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2 < radius * radius
+    dist = (f[:, :, None] - f[:, None, :]).abs().mean(0) if h * w <= 4096 else torch.cdist(
+        f.T[None], f.T[None], p=1)[0] / d
+    wmat = torch.exp(-dist).pow(beta) * near.to(f.dtype)
+    return wmat / wmat.sum(dim=1, keepdim=True)
+
+
+def random_walk_dense(cams: torch.Tensor, features: torch.Tensor, beta: float = 8.0, t: int = 256,
+                      radius: int = 5) -> torch.Tensor:
+    """The authors' method: dense T raised to the power t (by repeated squaring), times the maps."""
+    c, h, w = cams.shape
+    tm = transition_matrix_dense(features.to(cams.dtype), beta, radius)
+    return (torch.linalg.matrix_power(tm, t) @ cams.reshape(c, -1).T).T.reshape(c, h, w)
