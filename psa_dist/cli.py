@@ -30,16 +30,16 @@ def cmd_data_synth(args) -> int:
 
 def cmd_data_convert_voc(args) -> int:
     from .convert_voc import convert_voc
-    info = convert_voc(args.voc_root, args.out, splits=args.splits, sbd_root=args.sbd_root,
+    convert_voc(args.voc_root, args.out, splits=args.splits, sbd_root=args.sbd_root,
                        shard_size=args.shard_size, workers=args.workers, strict=args.strict)
-    return 1 if info["failed"] and args.strict else 0
+    return 0
 
 
 def cmd_data_convert_coco(args) -> int:
     from .convert_coco import convert_coco
-    info = convert_coco(args.coco_root, args.out, splits=args.splits, shard_size=args.shard_size,
+    convert_coco(args.coco_root, args.out, splits=args.splits, shard_size=args.shard_size,
                         workers=args.workers, strict=args.strict)
-    return 1 if info["failed"] and args.strict else 0
+    return 0
 
 
 def cmd_data_inspect(args) -> int:
@@ -128,11 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .dataset_writer import BuildError
     from .shards import ShardError
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardError) as e:
+    except (ConfigError, ShardError, BuildError, FileNotFoundError, ImportError) as e:
         print(f"psa-dist: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,106 @@
+"""Multi-scale CAM inference against a per-pass loop written here; the dense CRF's behaviour."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from psa_dist import cam_multiscale, cam_multiscale_batch, cam_to_label, crf_refine, rw_to_label
+from psa_dist.crf import crf_available
+
+
+class TinyCamNet(nn.Module):
+    """A deliberately flip-asymmetric stride-8 'classifier' for testing CAM inference."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.num_classes = c
+        self.conv = nn.Conv2d(3, c, (3, 5), stride=8, padding=(1, 2))
+
+    def cams(self, x):
+        return F.relu(self.conv(x))
+
+
+def naive_cams(model, image, present, scales, flip):
+    h, w = image.shape[-2:]
+    total = torch.zeros(model.num_classes, h, w)
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = image[None] if s == 1.0 else F.interpolate(image[None], size=size, mode="bilinear",
+                                                       align_corners=False)
+        passes = [(x, False)] + ([(torch.flip(x, [-1]), True)] if flip else [])
+        for xi, flipped in passes:
+            c = F.interpolate(model.cams(xi), size=(h, w), mode="bilinear", align_corners=False)[0]
+            total += torch.flip(c, [-1]) if flipped else c
+    for k in range(model.num_classes):
+        if k + 1 not in present:
+            total[k] = 0
+        total[k] = total[k] / (total[k].max() + 1e-5)
+    return total
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_cam_multiscale_matches_loop(flip):
+    model = TinyCamNet()
+    img = torch.randn(3, 37, 45)
+    got = cam_multiscale(model, img, [1, 3], scales=(1.0, 0.5, 1.5, 2.0), flip=flip)
+    exp = naive_cams(model, img, [1, 3], (1.0, 0.5, 1.5, 2.0), flip)
+    assert got.shape == (4, 37, 45)
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    assert got[1].abs().max() == 0 and got[3].abs().max() == 0
+    assert 0.99 < got[0].max() <= 1.0
+
+
+def test_cam_flip_invariance_and_batch():
+    model = TinyCamNet()
+    img = torch.randn(3, 33, 40)
+    a = cam_multiscale(model, img, [1, 2, 3, 4])
+    b = cam_multiscale(model, torch.flip(img, [-1]), [1, 2, 3, 4])
+    torch.testing.assert_close(torch.flip(b, [-1]), a, rtol=1e-4, atol=1e-5)
+    imgs = torch.randn(3, 3, 24, 32)
+    hot = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    batch = cam_multiscale_batch(model, imgs, hot)
+    for i in range(3):
+        torch.testing.assert_close(batch[i], cam_multiscale(model, imgs[i], hot[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_cam_and_rw_to_label():
+    cams = torch.tensor([[[0.1, 0.5], [0.9, 0.0]], [[0.3, 0.1], [0.95, 0.0]]])
+    lab = cam_to_label(cams, [4, 7], bg_score=0.2)
+    assert lab.tolist() == [[7, 4], [7, 0]]
+    walked = torch.cat([torch.full((1, 2, 2), 0.2), cams])
+    assert rw_to_label(walked, [4, 7]).tolist() == [[7, 4], [7, 0]]
+
+
+@pytest.mark.skipif(not crf_available(), reason="pydensecrf2 is an optional extra")
+def test_crf_follows_colour_edges_and_cleans_noise():
+    h, w = 24, 32
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :16] = (200, 40, 40)
+    img[:, 16:] = (40, 40, 200)
+    rng = np.random.default_rng(0)
+    # Noisy unary: 70% right on each side, the rest flipped.
+    truth = np.zeros((h, w), int)
+    truth[:, 16:] = 1
+    noisy = np.where(rng.random((h, w)) < 0.3, 1 - truth, truth)
+    probs = np.stack([np.where(noisy == 0, 0.6, 0.4), np.where(noisy == 1, 0.6, 0.4)]).astype(np.float32)
+    q = crf_refine(img, probs)
+    assert q.shape == (2, h, w)
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+    assert (q.argmax(0) == truth).mean() > 0.97 > (noisy == truth).mean()
+    qt = crf_refine(torch.from_numpy(img), torch.from_numpy(probs))
+    assert isinstance(qt, torch.Tensor) and np.allclose(qt.numpy(), q, atol=1e-6)
+
+
+def test_crf_missing_is_a_clear_error(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("pydensecrf"):
+            raise ImportError("no module")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match=r"psa-dist\[crf\]"):
+        crf_refine(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.5, np.float32))

@@ -1,0 +1,159 @@
+"""Model shapes at stride 8 (odd sizes), AffinityNet from a classifier, optimiser groups, metrics."""
+import numpy as np
+import pytest
+import torch
+
+from psa_dist.backbones import build_backbone
+from psa_dist.config import ModelConfig
+from psa_dist.metrics import ConfusionMatrix, confusion_matrix, iou_from_confusion, miou_from_confusion
+from psa_dist.models import AffinityNet, Classifier, build_classifier, build_segmenter, set_bn_eval
+from psa_dist.optim import build_optimizer, build_poly_scheduler, parameter_groups
+
+
+def ceil8(n):
+    return -(-n // 8)
+
+
+@pytest.mark.parametrize("name", ["small", pytest.param("resnet50", marks=pytest.mark.slow),
+                                  pytest.param("resnet38", marks=pytest.mark.slow)])
+def test_backbone_stride8_taps(name):
+    net = build_backbone(name).eval()
+    x = torch.randn(1, 3, 41, 35)
+    with torch.no_grad():
+        feats = net(x)
+    assert list(feats) == list(net.taps)
+    for tap, ch in net.taps.items():
+        assert feats[tap].shape == (1, ch, ceil8(41), ceil8(35)), tap
+    assert list(net.taps.values())[-1] == net.out_channels
+
+
+def test_classifier_cams_and_loss_gradients():
+    model = build_classifier(ModelConfig(backbone="small"), 6)
+    x = torch.randn(2, 3, 49, 57)
+    logits = model(x)
+    assert logits.shape == (2, 6)
+    cams = model.cams(x)
+    assert cams.shape == (2, 6, 7, 8) and cams.min() >= 0
+    assert model.fc.bias is None
+    # GAP then 1x1 conv == 1x1 conv then GAP (what makes CAMs the classifier's evidence)
+    model.eval()
+    torch.testing.assert_close(model(x), model.fc(model.features(x)).mean((2, 3)), rtol=1e-4, atol=1e-5)
+    y = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0]], dtype=torch.float32)
+    loss = Classifier.loss(model(x), y)
+    loss.backward()
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_affinitynet_from_classifier():
+    cls = build_classifier(ModelConfig(backbone="small"), 4)
+    aff = AffinityNet.from_classifier(cls, dims=(16, 32, 48))
+    for (k, v), (k2, v2) in zip(cls.backbone.state_dict().items(), aff.backbone.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert aff.backbone is not cls.backbone
+    f = aff(torch.randn(2, 3, 33, 47))
+    assert f.shape == (2, 96, 5, 6) and aff.out_dim == 96
+    with pytest.raises(ValueError, match="taps"):
+        AffinityNet(cls.backbone, dims=(1, 2))
+
+
+def test_resnet38_affinity_head_is_448():
+    from psa_dist.backbones import ResNet38
+    net = ResNet38()
+    aff = AffinityNet(net)
+    assert aff.out_dim == 448 and [m.in_channels for m in aff.reduce] == [512, 1024, 4096]
+
+
+@pytest.mark.parametrize("seg", ["light", pytest.param("deeplabv3_resnet50", marks=pytest.mark.slow)])
+def test_segmenter_output_at_input_size(seg):
+    model = build_segmenter(ModelConfig(backbone="small", segmenter=seg), 7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 45, 53))
+    assert out.shape == (1, 7, 45, 53)
+
+
+def test_pretrained_missing_file_is_clear():
+    with pytest.raises(FileNotFoundError, match="model.pretrained"):
+        build_backbone("small", "/no/such/weights.pth")
+
+
+def test_pretrained_roundtrip(tmp_path):
+    a = build_backbone("small")
+    torch.save(a.state_dict(), tmp_path / "w.pth")
+    b = build_backbone("small", str(tmp_path / "w.pth"))
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_parameter_groups_and_poly():
+    model = build_classifier(ModelConfig(backbone="small"), 5)
+    groups = parameter_groups(model, 0.01, 5e-4, model.new_modules())
+    by = {g["name"]: g for g in groups}
+    assert by["new_w"]["lr"] == pytest.approx(0.1) and by["new_w"]["params"] == [model.fc.weight]
+    assert by["w"]["lr"] == 0.01 and by["b"]["lr"] == 0.02 and by["b"]["weight_decay"] == 0.0
+    n_all = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in groups for p in g["params"]) == n_all
+    set_bn_eval(model)
+    groups = parameter_groups(model, 0.01, 5e-4, model.new_modules())
+    assert all(not isinstance(p, torch.nn.Parameter) or p.requires_grad for g in groups for p in g["params"])
+    assert sum(p.numel() for g in groups for p in g["params"]) < n_all
+    opt = build_optimizer(model, 0.01, 5e-4, 0.9, model.new_modules())
+    sched = build_poly_scheduler(opt, max_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.01 * (1 - s / 10) ** 0.9 for s in range(10)])
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_confusion_and_miou_against_loops():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 4, (30, 20))
+    gt[rng.random((30, 20)) < 0.1] = 255
+    pred = rng.integers(0, 4, (30, 20))
+    mat = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), 4)
+    exp = np.zeros((4, 4), int)
+    for g, p in zip(gt.ravel(), pred.ravel()):
+        if g != 255:
+            exp[g, p] += 1
+    np.testing.assert_array_equal(mat.numpy(), exp)
+    ious = []
+    for c in range(4):
+        inter = ((gt == c) & (pred == c)).sum()
+        union = (((gt == c) | (pred == c)) & (gt != 255)).sum()
+        ious.append(inter / union)
+    np.testing.assert_allclose(iou_from_confusion(mat).numpy(), ious)
+    assert miou_from_confusion(mat) == pytest.approx(100 * np.mean(ious))
+    cm = ConfusionMatrix(4)
+    cm.update(torch.from_numpy(pred[:15]), torch.from_numpy(gt[:15]))
+    cm.update(torch.from_numpy(pred[15:]), torch.from_numpy(gt[15:]))
+    assert torch.equal(cm.reduce().mat, mat)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(torch.tensor([5]), torch.tensor([0]), 4)
+
+
+def _reduce_worker(rank, port, pred, gt, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cm = ConfusionMatrix(4)
+    half = slice(0, 10) if rank == 0 else slice(10, 20)
+    cm.update(pred[half], gt[half])
+    cm.reduce()
+    out[rank] = cm.mat
+    dist.destroy_process_group()
+
+
+def test_confusion_reduces_across_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    g = torch.Generator().manual_seed(1)
+    pred, gt = torch.randint(0, 4, (20, 9), generator=g), torch.randint(0, 4, (20, 9), generator=g)
+    out = mp.Manager().dict()
+    mp.spawn(_reduce_worker, args=(port, pred, gt, out), nprocs=2, join=True)
+    full = confusion_matrix(pred, gt, 4)
+    assert torch.equal(out[0], full) and torch.equal(out[1], full)
