@@ -59,8 +59,25 @@ def cmd_data_preview(args) -> int:
 # ----------------------------------------------------------------------------- pipeline
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
-    cfg = _load(args)
-    return run_pipeline(cfg)
+    return run_pipeline(_load(args), force=args.force)
+
+
+def cmd_stage(args) -> int:
+    from .pipeline import run_pipeline
+    return run_pipeline(_load(args), stages=[args.stage], force=args.force)
+
+
+STAGE_HELP = {
+    "train-cls": ("train_cls", "train the classifier on image-level labels"),
+    "cams": ("cams", "multi-scale CAMs of the train split (shards in out_dir/cams)"),
+    "aff-labels": ("aff_labels", "confident-region affinity labels from the CAMs (out_dir/aff_labels)"),
+    "train-aff": ("train_aff", "train AffinityNet on the affinity labels"),
+    "random-walk": ("random_walk", "random-walk pseudo labels from CAMs and AffinityNet (out_dir/rw)"),
+    "train-seg": ("train_seg", "train the segmenter on the pseudo labels (and on ground truth if "
+                               "seg_full)"),
+    "eval": ("eval", "mIoU of CAMs, pseudo labels (train) and segmenters (val)"),
+    "report": ("report", "write report.json, report.md and sample panels"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every stage of CONFIG into cfg.out_dir; finished stages are "
                                    "skipped, so a rerun resumes where the last one stopped.")
     _add_config_args(p, required=True)
+    p.add_argument("--force", action="store_true", help="redo stages even if marked done")
     p.set_defaults(func=cmd_run)
+
+    for name, (stage, text) in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=f"Run one stage of the pipeline: {text}. "
+                           "Reads and writes the config's out_dir, so stages can run on other machines.")
+        _add_config_args(p, required=True)
+        p.add_argument("--force", action="store_true", help="redo the stage even if marked done")
+        p.set_defaults(func=cmd_stage, stage=stage)
 
     data = sub.add_parser("data", help="create, convert and look at datasets (WebDataset shards)")
     dsub = data.add_subparsers(dest="data_command", required=True)

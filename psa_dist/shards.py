@@ -250,3 +250,22 @@ def split_shards(root: str | Path, split: str, info: dict | None = None) -> list
 def iter_split(root: str | Path, split: str) -> Iterator[dict]:
     for shard in split_shards(root, split):
         yield from iter_shard(shard)
+
+
+def iter_joined(data_url: str | Path, *label_urls) -> Iterator[tuple[dict, list[dict]]]:
+    """Walk a dataset shard together with the stage outputs written for it (same keys, same order).
+
+    A stage output holds every key of its input except the samples that failed there (recorded in
+    that stage's summary), so each label shard is a subsequence of the data shard: a data sample
+    missing from a label shard is passed over. A label key that never matches is an error naming it.
+    """
+    labels = [iter_shard(u) for u in label_urls]
+    peek = [next(it, None) for it in labels]
+    for raw in iter_shard(data_url):
+        if any(p is None or p["__key__"] != raw["__key__"] for p in peek):
+            continue
+        yield raw, peek
+        peek = [next(it, None) for it in labels]
+    for u, p in zip(label_urls, peek):
+        if p is not None:
+            raise ShardError(f"{u}: key {p['__key__']!r} is not in {data_url} (or out of order)")

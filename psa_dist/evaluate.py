@@ -1,0 +1,66 @@
+"""mIoU of every stage: CAMs and pseudo labels on the train split, segmenters on val."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cam import cam_to_label
+from .labelgen import output_path
+from .metrics import ConfusionMatrix
+from .models import normalize
+from .shards import decode_sample, iter_joined, split_shards
+
+
+def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
+                      bg_score: float = 0.2) -> dict:
+    """Score a stage's outputs against the ground-truth masks of ``split``.
+
+    ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
+    evaluation); "pseudo": the random-walk labels; "aff": confident-region labels, where neutral
+    pixels are left out and the share of labelled pixels is reported as ``coverage``.
+    """
+    cm = ConfusionMatrix(num_classes + 1)
+    labelled = total = 0
+    for shard in split_shards(root, split):
+        for raw, (lab,) in iter_joined(shard, output_path(stage_dir, shard)):
+            gt = decode_sample(raw, ["mask"]).get("mask")
+            if gt is None:
+                continue
+            out = decode_sample(lab, [field])
+            if field == "cam":
+                pred = cam_to_label(torch.from_numpy(out["cam"].astype(np.float32)),
+                                    decode_sample(raw, ["cls"])["cls"], bg_score)
+            else:
+                pred = torch.from_numpy(out[field].astype(np.int64))
+            target = torch.from_numpy(gt.astype(np.int64))
+            if field == "aff":
+                keep = pred != 255
+                labelled += int(keep.sum())
+                total += pred.numel()
+                target = torch.where(keep, target, torch.full_like(target, 255))
+                pred = torch.where(keep, pred, torch.zeros_like(pred))
+            cm.update(pred, target)
+    res = {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist()}
+    if field == "aff":
+        res["coverage"] = labelled / max(total, 1)
+        res["precision"] = float(cm.mat.diag().sum()) / max(float(cm.mat.sum()), 1.0)
+    return res
+
+
+@torch.inference_mode()
+def eval_segmenter(model, root, split, num_classes: int, device="cpu", batch_size: int = 8) -> dict:
+    """Single-scale prediction at image resolution on every image of ``split``."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes + 1)
+    for shard in split_shards(root, split):
+        for raw, _ in iter_joined(shard):
+            s = decode_sample(raw, ["image", "mask"])
+            if "mask" not in s:
+                continue
+            x = normalize(torch.from_numpy(s["image"])[None].to(device))
+            h, w = x.shape[-2:]
+            ph, pw = (-h) % 8, (-w) % 8
+            logits = model(F.pad(x, (0, pw, 0, ph)))[..., :h, :w]
+            cm.update(logits.argmax(1)[0].cpu(), torch.from_numpy(s["mask"].astype(np.int64)))
+    return {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist()}

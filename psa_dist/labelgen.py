@@ -1,0 +1,127 @@
+"""Label generation, one input shard at a time: CAMs, affinity labels, random-walk pseudo labels.
+
+Each ``*_shard`` function reads one dataset shard (and the outputs earlier stages wrote for it),
+calls the pure algorithm functions, and writes one output shard holding the same keys plus its new
+field, atomically. The serial pipeline and the Ray actors call exactly these. A sample that cannot
+be decoded is recorded with its key and reason in the returned summary; the rest of the shard is
+processed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .affinity import affinity_labels
+from .cam import cam_multiscale_batch, rw_inputs, rw_to_label
+from .models import normalize
+from .random_walk import random_walk
+from .shards import (SampleError, decode_sample, encode_json, encode_mask, encode_npy, iter_joined,
+                     write_shard)
+
+
+def _summary(shard, out, t0, n, failed) -> dict:
+    return {"shard": str(shard), "out": str(out), "samples": n, "failed": failed,
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _decoded(data_url, *label_urls, fields=("image", "cls"), label_fields=(), failed=None):
+    """Decoded (data, labels) pairs; decode failures go to ``failed`` with key and reason."""
+    for raw, labs in iter_joined(data_url, *label_urls):
+        try:
+            s = decode_sample(raw, fields)
+            for lab in labs:
+                s.update({k: v for k, v in decode_sample(lab, label_fields).items() if k != "key"})
+        except SampleError as e:
+            failed.append({"key": raw["__key__"], "reason": str(e)})
+            continue
+        yield s
+
+
+@torch.inference_mode()
+def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.5, 2.0),
+              flip: bool = True, device="cpu", batch_size: int = 8) -> dict:
+    """Multi-scale CAMs of every image; ``cam.npy`` float16 (K, H, W) for the K classes in
+    ``cls.json`` (in that order), at image resolution."""
+    t0, failed, out = time.monotonic(), [], []
+    batch: list[dict] = []
+
+    def flush():
+        if not batch:
+            return
+        imgs = normalize(torch.from_numpy(np.stack([s["image"] for s in batch])).to(device))
+        hot = torch.zeros(len(batch), num_classes, device=device)
+        for i, s in enumerate(batch):
+            hot[i, torch.tensor(s["cls"], dtype=torch.long) - 1] = 1
+        cams = cam_multiscale_batch(model, imgs, hot, scales, flip).cpu()
+        for s, cam in zip(batch, cams):
+            keep = torch.tensor(s["cls"], dtype=torch.long) - 1
+            out.append({"__key__": s["key"], "cls.json": encode_json(s["cls"]),
+                        "cam.npy": encode_npy(cam[keep].numpy())})
+        batch.clear()
+
+    for s in _decoded(in_shard, failed=failed):
+        if batch and (s["image"].shape != batch[0]["image"].shape or len(batch) >= batch_size):
+            flush()                      # batch only images of one size (VOC/COCO sizes vary)
+        batch.append(s)
+    flush()
+    write_shard(out_shard, out)
+    return _summary(in_shard, out_shard, t0, len(out), failed)
+
+
+def aff_label_shard(in_shard, cams_shard, out_shard, alpha_lo=4.0, alpha_hi=32.0,
+                    crf: dict | None = None) -> dict:
+    """Confident-region labels (``aff.png``, image resolution: 0 bg, class id, 255 neutral) from
+    the CAMs, with the dense CRF on both score maps when ``crf`` (its settings) is given."""
+    from .crf import crf_refine
+    t0, failed, out = time.monotonic(), [], []
+    for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed):
+        cams = torch.from_numpy(s["cam"].astype(np.float32))
+        refine = None
+        if crf is not None:
+            def refine(scores, image=s["image"]):
+                return crf_refine(image, scores, **crf)
+        lab = affinity_labels(cams, alpha_lo, alpha_hi, refine=refine, class_ids=s["cls"])
+        out.append({"__key__": s["key"], "aff.png": encode_mask(lab.numpy().astype(np.uint8))})
+    write_shard(out_shard, out)
+    return _summary(in_shard, out_shard, t0, len(out), failed)
+
+
+@torch.inference_mode()
+def walk_image(aff_model, image: np.ndarray, cams: torch.Tensor, class_ids, beta=8.0, t=256,
+               radius=5, bg_alpha=16.0, device="cpu") -> torch.Tensor:
+    """Pseudo label of one image, as the authors' ``infer_aff``: background score at full
+    resolution, zero-pad to a multiple of 8, average-pool 8×8 to the feature grid, walk, upsample
+    bilinearly, argmax, crop. Only the present classes and background are propagated."""
+    h, w = image.shape[:2]
+    ph, pw = (-h) % 8, (-w) % 8
+    x = normalize(torch.from_numpy(image)[None].to(device))
+    x = F.pad(x, (0, pw, 0, ph))
+    feats = aff_model(x)[0]
+    maps = F.pad(rw_inputs(cams.to(device), bg_alpha), (0, pw, 0, ph))
+    maps = F.avg_pool2d(maps[None], 8, 8)[0]
+    if maps.shape[-2:] != feats.shape[-2:]:
+        raise ValueError(f"feature grid {tuple(feats.shape[-2:])} != CAM grid {tuple(maps.shape[-2:])}")
+    walked = random_walk(maps, feats, beta=beta, t=t, radius=radius)
+    up = F.interpolate(walked[None], size=(h + ph, w + pw), mode="bilinear", align_corners=False)[0]
+    return rw_to_label(up[:, :h, :w], class_ids)
+
+
+def rw_shard(aff_model, in_shard, cams_shard, out_shard, beta=8.0, t=256, radius=5,
+             bg_alpha=16.0, device="cpu") -> dict:
+    """Random-walk pseudo labels (``pseudo.png``, image resolution) for every image of a shard."""
+    t0, failed, out = time.monotonic(), [], []
+    for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed):
+        cams = torch.from_numpy(s["cam"].astype(np.float32))
+        lab = walk_image(aff_model, s["image"], cams, s["cls"], beta, t, radius, bg_alpha, device)
+        out.append({"__key__": s["key"], "pseudo.png": encode_mask(lab.cpu().numpy().astype(np.uint8))})
+    write_shard(out_shard, out)
+    return _summary(in_shard, out_shard, t0, len(out), failed)
+
+
+def output_path(stage_dir, in_shard) -> Path:
+    """A stage's output shard for an input shard: same file name in the stage's directory."""
+    return Path(stage_dir) / Path(in_shard).name
