@@ -59,7 +59,7 @@ class Augment:
             self.jitter = ColorJitter(*jitter)
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None):
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 (3, H, W)
+        img = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # uint8 (3, H, W)
         lab = torch.from_numpy(label.astype(np.int64))[None] if label is not None else None
         h, w = img.shape[-2:]
         if self.resize_long:
@@ -139,7 +139,20 @@ def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, nu
     steps = max(1, num_samples // (train_cfg.batch_size * max(world_size, 1)))
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
                            persistent_workers=workers > 0)
-    return loader.with_epoch(steps).with_length(steps)
+    return EpochLoader(loader.with_epoch(steps), steps)
+
+
+class EpochLoader:
+    """An endless WebLoader cut into epochs of exactly ``steps`` batches (the same on every rank)."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 class _ShuffledGroups(torch.utils.data.IterableDataset):
