@@ -171,8 +171,6 @@ def build_backbone(name: str, pretrained: str | None = None) -> nn.Module:
     net = BACKBONES[name]()
     if pretrained:
         load_pretrained(net, pretrained)
-    else:
-        log.warning("backbone %s: no pretrained weights (model.pretrained unset), random init", name)
     return net
 
 

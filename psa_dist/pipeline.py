@@ -99,6 +99,9 @@ def stage_train(run: Run, kind: str) -> dict:
             "seg_full": cfg.train_seg}[kind]
     labels = {"aff": "aff_labels", "seg": "rw"}.get(kind)
     label_urls = [run.out / labels / s.name for s in run.train_shards] if labels else None
+    if kind != "aff" and not cfg.model.pretrained:
+        print(f"[{kind}] backbone {cfg.model.backbone}: no pretrained weights (model.pretrained "
+              f"unset), training from random initialisation", flush=True)
     if kind == "cls":
         model = build_classifier(cfg.model, run.num_classes)
     elif kind == "aff":
