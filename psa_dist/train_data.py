@@ -126,12 +126,15 @@ def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, nu
     aug = Augment(train_cfg.crop_size, tuple(train_cfg.resize_long) if train_cfg.resize_long else None,
                   tuple(train_cfg.color_jitter))
     groups = _groups(urls, label_urls)
+    buf = max(1, min(1000, num_samples // (4 * max(world_size, 1))))
     pipeline = wds.DataPipeline(
         _ShuffledGroups(groups, seed),      # same order on every rank and worker, then split:
         wds.split_by_node,                  # ranks and workers take disjoint shard groups
         wds.split_by_worker,
         lambda src: joined_samples(src, fields),
-        wds.shuffle(200, initial=100, rng=random.Random(seed)),
+        # A buffer larger than a rank's share would hold several passes over the data and repeat
+        # samples within an epoch; a quarter of the share keeps passes apart.
+        wds.shuffle(buf, initial=buf, rng=random.Random(seed)),
         wds.map(ToTraining(kind, num_classes, aug)),
         wds.batched(train_cfg.batch_size, partial=False),
     )
