@@ -29,7 +29,7 @@ class SynthConfig:
     num_val: int = 200
     num_classes: int = 6
     min_objects: int = 1
-    max_objects: int = 2
+    max_objects: int = 3
     body_pattern: float = 0.11      # strength of the class pattern over the whole body (0 = none)
     part_fraction: float = 0.22     # share of the object's length that carries the strong pattern
     clutter_density: float = 1.0    # multiplier on the number of background clutter strokes
