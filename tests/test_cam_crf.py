@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psa_dist import cam_multiscale, cam_multiscale_batch, cam_to_label, crf_refine, rw_to_label
-from psa_dist.crf import crf_available
 
 
 class TinyCamNet(nn.Module):
@@ -73,7 +72,6 @@ def test_cam_and_rw_to_label():
     assert rw_to_label(walked, [4, 7]).tolist() == [[7, 4], [7, 0]]
 
 
-@pytest.mark.skipif(not crf_available(), reason="pydensecrf2 is an optional extra")
 def test_crf_follows_colour_edges_and_cleans_noise():
     h, w = 24, 32
     img = np.zeros((h, w, 3), np.uint8)

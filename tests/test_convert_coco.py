@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("pycocotools")
+import pycocotools  # noqa: F401  (installed by the test command: psa-dist[coco])
 import pycocotools.mask as mask_utils  # noqa: E402
 
 from psa_dist.convert_coco import convert_coco  # noqa: E402
