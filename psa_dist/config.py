@@ -30,7 +30,8 @@ class SynthConfig:
     num_classes: int = 6
     min_objects: int = 1
     max_objects: int = 3
-    body_pattern: float = 0.11      # strength of the class pattern over the whole body (0 = none)
+    mark: str = "colour"            # colour: class pattern in a class colour | texture: luminance only
+    body_pattern: float = 0.11      # strength of the class mark over the whole body (0 = none)
     part_fraction: float = 0.22     # share of the object's length that carries the strong pattern
     clutter_density: float = 1.0    # multiplier on the number of background clutter strokes
     clutter_noise: float = 12.0     # std of per-pixel colour noise over the whole image (0..255)
@@ -115,9 +116,11 @@ class RandomWalkConfig:
 
 @dataclass
 class RayConfig:
+    enabled: bool = True            # label generation on Ray actors (false: in the calling process)
     address: Optional[str] = None   # None: start a local Ray instance
+    num_cpus: int = 0               # CPUs of the local instance (0: all of this machine's)
     num_actors: int = 0             # 0: one per GPU, else one per CPU
-    max_failures: float = 0.0       # share of samples allowed to fail before the stage exits non-zero
+    max_failures: float = 0.001     # share of samples allowed to fail before the stage exits non-zero
 
 
 @dataclass

@@ -41,11 +41,21 @@ def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
                 target = torch.where(keep, target, torch.full_like(target, 255))
                 pred = torch.where(keep, pred, torch.zeros_like(pred))
             cm.update(pred, target)
-    res = {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist()}
+    res = {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist(),
+           **recall_and_leak(cm.mat)}
     if field == "aff":
         res["coverage"] = labelled / max(total, 1)
         res["precision"] = float(cm.mat.diag().sum()) / max(float(cm.mat.sum()), 1.0)
     return res
+
+
+def recall_and_leak(mat: torch.Tensor) -> dict:
+    """The benchmark's diagnostics: share of object pixels labelled with their own class
+    (``fg_recall``) and share of background pixels labelled as some object (``bg_false_pos``)."""
+    m = mat.double()
+    fg = m[1:].sum()
+    return {"fg_recall": float(m[1:, 1:].diag().sum() / fg) if fg > 0 else float("nan"),
+            "bg_false_pos": float(m[0, 1:].sum() / m[0].sum()) if m[0].sum() > 0 else float("nan")}
 
 
 @torch.inference_mode()

@@ -81,13 +81,6 @@ def classifier(run: Run):
     return load_weights(build_classifier(run.cfg.model, run.num_classes), run.out / "cls" / "checkpoint.pth")
 
 
-def affinitynet(run: Run):
-    from .backbones import build_backbone
-    from .models import AffinityNet
-    net = AffinityNet(build_backbone(run.cfg.model.backbone), tuple(run.cfg.model.aff_dims))
-    return load_weights(net, run.out / "aff" / "checkpoint.pth")
-
-
 # ----------------------------------------------------------------------------- stages
 def stage_train(run: Run, kind: str) -> dict:
     from .engine import train
@@ -116,49 +109,27 @@ def stage_train(run: Run, kind: str) -> dict:
                  config_dict=config_to_dict(cfg))
 
 
-def _per_shard(run: Run, stage_dir: str, name: str, fn) -> dict:
-    """Run ``fn(in_shard, out_shard)`` over the train shards whose output is missing."""
+def stage_labels(run: Run, stage: str) -> dict:
+    """A label-generation stage over the train shards: on Ray actors (default), or in this process
+    with ``ray.enabled=false``. Either way, shards whose output exists are skipped."""
+    from .ray_labels import STAGE_DIRS, LabelWorker, ShardedLabelJob, ensure_ray
+    counts = {str(run.root / s["name"]): s["count"]
+              for s in run.info["splits"][run.cfg.data.train_split]["shards"]}
+    if run.cfg.ray.enabled:
+        ensure_ray(run.cfg.ray, run.cfg.ray.num_cpus or None)
+        job = ShardedLabelJob(stage, run.cfg, run.out, run.num_classes, run.cfg.ray.num_actors)
+        return job.run(run.train_shards, counts)
     from .progress import Progress
-    out_dir = run.out / stage_dir
-    bar = Progress(name, total=run.num_train)
-    summaries, failed = [], []
-    for shard in run.train_shards:
-        out = out_dir / shard.name
-        if out.is_file():
-            continue
-        s = fn(shard, out)
-        summaries.append({k: v for k, v in s.items() if k != "failed"})
-        failed += s["failed"]
-        bar.update(s["samples"], failed=len(s["failed"]))
-    stats = bar.close(f"{len(summaries)} shards written to {out_dir}")
-    return {"shards": summaries, "failed": failed, **stats}
-
-
-def stage_cams(run: Run) -> dict:
-    from .labelgen import cam_shard
-    model = classifier(run).to(run.device).eval()
-    c = run.cfg.cams
-    return _per_shard(run, "cams", "cams", lambda i, o: cam_shard(
-        model, i, o, run.num_classes, tuple(c.scales), c.flip, run.device, c.batch_size))
-
-
-def stage_aff_labels(run: Run) -> dict:
-    from .labelgen import aff_label_shard
-    a = run.cfg.aff_labels
-    crf = None
-    if a.crf:
-        crf = {"iters": a.crf_iters, "gauss_sxy": a.crf_gauss_sxy, "gauss_compat": a.crf_gauss_compat,
-               "bi_sxy": a.crf_bi_sxy, "bi_srgb": a.crf_bi_srgb, "bi_compat": a.crf_bi_compat}
-    return _per_shard(run, "aff_labels", "aff-labels", lambda i, o: aff_label_shard(
-        i, run.out / "cams" / i.name, o, a.alpha_lo, a.alpha_hi, crf))
-
-
-def stage_random_walk(run: Run) -> dict:
-    from .labelgen import rw_shard
-    model = affinitynet(run).to(run.device).eval()
-    r = run.cfg.random_walk
-    return _per_shard(run, "rw", "random-walk", lambda i, o: rw_shard(
-        model, i, run.out / "cams" / i.name, o, r.beta, r.t, r.radius, r.bg_alpha, run.device))
+    worker = LabelWorker(stage, run.cfg, str(run.out), run.num_classes, threads=torch.get_num_threads())
+    out_dir = run.out / STAGE_DIRS[stage]
+    todo = [s for s in run.train_shards if not (out_dir / s.name).is_file()]
+    bar = Progress(stage.replace("_", "-"), total=sum(counts[str(s)] for s in todo))
+    failed = []
+    for shard in todo:
+        res = worker.process(str(shard), str(out_dir / shard.name))
+        failed += res["failed"]
+        bar.update(res["samples"], failed=len(res["failed"]))
+    return {**bar.close(f"{len(todo)} shards written to {out_dir}"), "failed": failed}
 
 
 def stage_eval(run: Run) -> dict:
@@ -171,11 +142,15 @@ def stage_eval(run: Run) -> dict:
     res["aff_labels"] = eval_label_shards(run.root, split, run.out / "aff_labels", "aff", run.num_classes)
     res["rw"] = eval_label_shards(run.root, split, run.out / "rw", "pseudo", run.num_classes)
     for kind in ["seg"] + (["seg_full"] if cfg.seg_full else []):
+        if not (run.out / kind / "checkpoint.pth").is_file():
+            print(f"[eval] {kind}: no checkpoint yet (run train-seg), not evaluated", flush=True)
+            continue
         model = load_weights(build_segmenter(cfg.model, run.num_classes + 1),
                              run.out / kind / "checkpoint.pth").to(run.device)
         res[kind] = eval_segmenter(model, run.root, cfg.data.val_split, run.num_classes, run.device)
     for k, v in res.items():
-        print(f"[eval] {k}: mIoU {v['miou']:.1f}" +
+        print(f"[eval] {k}: mIoU {v['miou']:.1f}, object recall {v.get('fg_recall', float('nan')):.2f}, "
+              f"background false positives {v.get('bg_false_pos', float('nan')):.2f}" +
               (f" (coverage {v['coverage']:.2f}, precision {v['precision']:.2f})" if "coverage" in v else ""),
               flush=True)
     return res
@@ -194,12 +169,8 @@ def run_stage(run: Run, stage: str, force: bool = False) -> dict | None:
         summary = {"seg": stage_train(run, "seg")}
         if run.cfg.seg_full:
             summary["seg_full"] = stage_train(run, "seg_full")
-    elif stage == "cams":
-        summary = stage_cams(run)
-    elif stage == "aff_labels":
-        summary = stage_aff_labels(run)
-    elif stage == "random_walk":
-        summary = stage_random_walk(run)
+    elif stage in ("cams", "aff_labels", "random_walk"):
+        summary = stage_labels(run, stage)
     elif stage == "eval":
         summary = stage_eval(run)
     elif stage == "report":

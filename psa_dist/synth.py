@@ -85,7 +85,8 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, phase: float) -> np.ndarra
 
 def _background(rng: np.random.Generator, s: int, cfg: SynthConfig) -> np.ndarray:
     # Smooth low-frequency colour field: a coarse random grid upsampled bilinearly.
-    coarse = rng.uniform(60, 190, size=(4, 4, 3)).astype(np.uint8)
+    grey = rng.uniform(70, 170, size=(4, 4, 1))
+    coarse = (grey + rng.uniform(-35, 35, size=(4, 4, 3))).clip(0, 255).astype(np.uint8)
     img = np.asarray(Image.fromarray(coarse).resize((s, s), Image.BILINEAR), dtype=np.float32)
     # Fine clutter: many short muted strokes and small blobs.
     canvas = Image.fromarray(img.astype(np.uint8))
@@ -144,14 +145,24 @@ def render(cfg: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.nda
                 ok &= ((inst == j) & ~inside).sum() >= 0.6 * a
             if ok:
                 break
-        hue = rng.uniform(0, 1)
-        base = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0)),
-                        np.float32) * 255
-        shade = 1.0 - 0.25 * np.clip(v / (width / 2), -1, 1) ** 2
+        shade = (1.0 - 0.25 * np.clip(v / (width / 2), -1, 1) ** 2)[..., None]
         part = u > length / 2 - cfg.part_fraction * length
-        strength = np.where(part, PART_STRENGTH, cfg.body_pattern).astype(np.float32)
         pat = _pattern(PATTERNS[cls], u, v, rng.uniform(0, PERIOD))
-        colour = base[None, None, :] * (shade * (1 + strength * pat))[..., None]
+        if cfg.mark == "colour":
+            # Body: a soft colour of its own. Mark: the class pattern in the class's own saturated
+            # colour, fully on the part and blended at body_pattern over the rest of the body.
+            base = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.3, 0.55),
+                                                rng.uniform(0.8, 1.0)), np.float32) * 255
+            ink = np.array(colorsys.hsv_to_rgb(cls / len(names), 1.0, 1.0), np.float32) * 255
+            mark = np.where(pat > 0, 1.0, 0.0)[..., None]
+            marked = mark * ink + (1 - mark) * 0.3 * ink
+            strength = np.where(part, 1.0, cfg.body_pattern)[..., None]
+            colour = shade * ((1 - strength) * base + strength * marked)
+        else:
+            base = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.75, 1.0),
+                                                rng.uniform(0.75, 1.0)), np.float32) * 255
+            strength = np.where(part, PART_STRENGTH, cfg.body_pattern)[..., None]
+            colour = base * shade * (1 + strength * pat[..., None])
         img = np.where(inside[..., None], colour, img)
         mask[inside] = cls + 1
         inst[inside] = k

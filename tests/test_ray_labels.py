@@ -1,0 +1,224 @@
+"""Label generation on real Ray clusters: equal results for any number of actors, resume, a worker
+killed mid-run, a node removed mid-run, undecodable samples, and GPU scheduling."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from psa_dist.config import load_config
+from psa_dist.pipeline import Run, run_pipeline
+from psa_dist.ray_labels import ShardedLabelJob, StageFailed
+from psa_dist.shards import iter_shard, write_shard
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CFG = """
+name: raytest
+data: {{root: {root}, shard_size: 3, workers: 1}}
+synth: {{image_size: 48, num_train: 18, num_val: 3}}
+train_cls: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
+train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
+cams: {{scales: [1.0, 0.5], batch_size: 2}}
+aff_labels: {{crf: false}}
+random_walk: {{t: 64}}
+model: {{aff_dims: [8, 8, 16]}}
+ray: {{enabled: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory with a trained classifier and AffinityNet (serial, no Ray)."""
+    base = tmp_path_factory.mktemp("raylabels")
+    p = base / "cfg.yaml"
+    p.write_text(CFG.format(root=base / "data"))
+    cfg = load_config(p, [f"out_dir={base / 'ref'}"])
+    run_pipeline(cfg, stages=["train_cls", "cams", "aff_labels", "train_aff"])
+    return base, p
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clone_run(base, name, stages_to_copy=("cls", "aff", "cams", "aff_labels")):
+    """A fresh run directory holding the trained models (and earlier stage outputs)."""
+    out = base / name
+    for d in stages_to_copy:
+        shutil.copytree(base / "ref" / d, out / d)
+    return out
+
+
+def digests(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).glob("*.tar"))}
+
+
+def job_for(base, cfg_path, out, stage, actors, **over):
+    cfg = load_config(cfg_path, [f"out_dir={out}"] + [f"{k}={v}" for k, v in over.items()])
+    run = Run(cfg)
+    counts = {str(run.root / s["name"]): s["count"] for s in run.info["splits"]["train"]["shards"]}
+    return ShardedLabelJob(stage, cfg, out, run.num_classes, actors), run.train_shards, counts
+
+
+def test_same_outputs_for_1_2_4_actors_and_resume(trained, ray_local):
+    base, cfg_path = trained
+    results = {}
+    for stage, d in (("cams", "cams"), ("random_walk", "rw")):
+        for n in (1, 2, 4):
+            out = clone_run(base, f"{stage}{n}", ("cls", "aff", "cams") if stage != "cams" else ("cls",))
+            job, shards, counts = job_for(base, cfg_path, out, stage, n)
+            assert job.num_actors == n
+            summary = job.run(shards, counts)
+            assert summary["done"] == 18 and summary["failed"] == [] and summary["shards_done"] == 6
+            results[(stage, n)] = digests(out / d)
+        assert len(results[(stage, 1)]) == 6
+        assert results[(stage, 1)] == results[(stage, 2)] == results[(stage, 4)]
+    # per-shard JSON log: one line per shard with timing
+    lines = (base / "random_walk4" / "stages" / "random_walk.shards.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(x)["seconds"] >= 0 for x in lines)
+    # resume: drop two outputs, leave a stale temp file; only the two are redone, same bytes
+    out = base / "random_walk2"
+    (out / "rw" / "train-000001.tar").unlink()
+    (out / "rw" / "train-000004.tar").unlink()
+    (out / "rw" / ".train-000004.tar.123.tmp").write_bytes(b"partial")
+    keep = (out / "rw" / "train-000000.tar").stat().st_mtime_ns
+    job, shards, counts = job_for(base, cfg_path, out, "random_walk", 2)
+    summary = job.run(shards, counts)
+    assert summary["shards_done"] == 2 and summary["shards_skipped"] == 4
+    assert (out / "rw" / "train-000000.tar").stat().st_mtime_ns == keep
+    assert digests(out / "rw") == results[("random_walk", 1)]
+
+
+def _kill_first_worker(log_path, stop):
+    while not stop.is_set():
+        if log_path.is_file() and log_path.read_text().strip():
+            pid = json.loads(log_path.read_text().splitlines()[0])["pid"]
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_run(trained, ray_local):
+    base, cfg_path = trained
+    ref = clone_run(base, "killref", ("cls", "aff", "cams"))
+    job, shards, counts = job_for(base, cfg_path, ref, "random_walk", 2)
+    job.run(shards, counts)
+    out = clone_run(base, "killed", ("cls", "aff", "cams"))
+    job, shards, counts = job_for(base, cfg_path, out, "random_walk", 2)
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_first_worker,
+                              args=(out / "stages" / "random_walk.shards.jsonl", stop))
+    killer.start()
+    summary = job.run(shards, counts)
+    stop.set()
+    killer.join()
+    assert summary["restarts"] >= 1
+    assert digests(out / "rw") == digests(ref / "rw")
+    keys = [r["__key__"] for p in sorted((out / "rw").glob("*.tar")) for r in iter_shard(p)]
+    assert len(keys) == 18 and len(set(keys)) == 18
+
+
+def test_node_removed_mid_run(trained):
+    import ray
+    from ray.cluster_utils import Cluster
+    base, cfg_path = trained
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1},
+                      shutdown_at_exit=True)
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        out = clone_run(base, "noderm", ("cls", "aff", "cams"))
+        job, shards, counts = job_for(base, cfg_path, out, "random_walk", 2)
+        log = out / "stages" / "random_walk.shards.jsonl"
+
+        def remove_when_started():
+            while not (log.is_file() and log.read_text().strip()):
+                time.sleep(0.05)
+            cluster.remove_node(worker)
+        t = threading.Thread(target=remove_when_started)
+        t.start()
+        summary = job.run(shards, counts)
+        t.join()
+        keys = [r["__key__"] for p in sorted((out / "rw").glob("*.tar")) for r in iter_shard(p)]
+        assert summary["shards_done"] == 6 and len(set(keys)) == 18
+        nodes = {json.loads(x)["node"] for x in log.read_text().splitlines()}
+        assert len(nodes) == 2       # work ran on both nodes, and finished on the survivor
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_undecodable_sample_recorded_and_threshold(trained, ray_local):
+    base, cfg_path = trained
+    cfg = load_config(cfg_path)
+    # a dataset copy whose shard 2 holds one corrupt image
+    data = base / "data_bad"
+    shutil.copytree(cfg.data.root, data)
+    samples = list(iter_shard(data / "train-000002.tar"))
+    bad_key = samples[1]["__key__"]
+    samples[1]["jpg"] = samples[1]["jpg"][:100]
+    write_shard(data / "train-000002.tar", samples)
+    out = clone_run(base, "bad", ("cls",))
+    job, shards, counts = job_for(base, cfg_path, out, "cams", 2, **{"data.root": data,
+                                                                     "ray.max_failures": 0.1})
+    summary = job.run(shards, counts)
+    assert [f["key"] for f in summary["failed"]] == [bad_key]
+    assert "image" in summary["failed"][0]["reason"]
+    assert len(list(iter_shard(out / "cams" / "train-000002.tar"))) == 2   # rest of the shard
+    # with no tolerance the stage fails (after finishing every shard)
+    out2 = clone_run(base, "bad2", ("cls",))
+    job, shards, counts = job_for(base, cfg_path, out2, "cams", 2, **{"data.root": data,
+                                                                      "ray.max_failures": 0.0})
+    with pytest.raises(StageFailed, match=bad_key):
+        job.run(shards, counts)
+    assert len(digests(out2 / "cams")) == 6
+
+
+def test_gpu_actors_are_scheduled_one_per_gpu(trained):
+    import ray
+    base, cfg_path = trained
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    try:
+        out = clone_run(base, "gpus", ("cls", "aff", "cams"))
+        job, shards, counts = job_for(base, cfg_path, out, "aff_labels", 0)
+        assert job.gpus == 2 and job.num_actors == 2
+        job.run(shards, counts)
+        lines = [json.loads(x) for x in
+                 (out / "stages" / "aff_labels.shards.jsonl").read_text().splitlines()]
+        gpus = {tuple(x["gpus"]) for x in lines}
+        assert all(len(g) == 1 for g in gpus) and len({g[0] for g in gpus}) == 2
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_pipeline_uses_ray_by_default(trained):
+    base, cfg_path = trained
+    out = clone_run(base, "viaray", ("cls", "aff"))
+    cfg = load_config(cfg_path, [f"out_dir={out}", "ray.enabled=true", "ray.num_cpus=2"])
+    import ray
+    try:
+        run_pipeline(cfg, stages=["cams", "aff_labels", "random_walk"])
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    for stage, d in (("cams", "cams"), ("aff_labels", "aff_labels"), ("random_walk", "rw")):
+        marker = json.loads((out / "stages" / f"{stage}.json").read_text())
+        assert marker["shards_done"] == 6 and marker["actors"] == 2   # ran on two Ray actors
+        keys = [r["__key__"] for p in sorted((out / d).glob("*.tar")) for r in iter_shard(p)]
+        assert len(set(keys)) == 18
