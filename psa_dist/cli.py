@@ -64,6 +64,8 @@ def cmd_run(args) -> int:
 
 def cmd_stage(args) -> int:
     from .pipeline import run_pipeline
+    if getattr(args, "ray_address", None):
+        args.overrides = list(args.overrides) + [f"ray.address={args.ray_address}"]
     return run_pipeline(_load(args), stages=[args.stage], force=args.force)
 
 
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "Reads and writes the config's out_dir, so stages can run on other machines.")
         _add_config_args(p, required=True)
         p.add_argument("--force", action="store_true", help="redo the stage even if marked done")
+        if stage in ("cams", "aff_labels", "random_walk"):
+            p.add_argument("--ray-address", help="run on an existing Ray cluster (same as the "
+                           "override ray.address=HOST:PORT)")
         p.set_defaults(func=cmd_stage, stage=stage)
 
     data = sub.add_parser("data", help="create, convert and look at datasets (WebDataset shards)")
