@@ -33,6 +33,7 @@ class SynthConfig:
     mark: str = "colour"            # colour: class pattern in a class colour | texture: luminance only
     body_pattern: float = 0.11      # strength of the class mark over the whole body (0 = none)
     part_fraction: float = 0.22     # share of the object's length that carries the strong pattern
+    part_prob: float = 0.7          # probability that an object shows its part (else body mark only)
     clutter_density: float = 1.0    # multiplier on the number of background clutter strokes
     clutter_noise: float = 12.0     # std of per-pixel colour noise over the whole image (0..255)
 

@@ -8,6 +8,8 @@ processed.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +30,37 @@ def _summary(shard, out, t0, n, failed) -> dict:
             "seconds": round(time.monotonic() - t0, 3)}
 
 
+def prefetch(iterable, depth: int = 8):
+    """Run ``iterable`` in a background thread, ``depth`` items ahead, so that reading and decoding
+    (which release the GIL in zlib, libjpeg and libpng) overlap with the model's compute."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterable:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _decoded(data_url, *label_urls, fields=("image", "cls"), label_fields=(), failed=None):
-    """Decoded (data, labels) pairs; decode failures go to ``failed`` with key and reason."""
+    """Decoded (data, labels) pairs, read ahead in a thread; decode failures go to ``failed``."""
+    return prefetch(_decode_all(data_url, *label_urls, fields=fields, label_fields=label_fields,
+                                failed=failed))
+
+
+def _decode_all(data_url, *label_urls, fields, label_fields, failed):
     for raw, labs in iter_joined(data_url, *label_urls):
         try:
             s = decode_sample(raw, fields)

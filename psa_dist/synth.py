@@ -14,6 +14,9 @@ Why it looks the way it does (the measured history is in BENCHMARK-NOTES.md and 
   classifier then fires strongly on the part and weakly, but not zero, on the body: the CAM of a
   real network on a real image (head of a person, wheels of a car). BENCHMARK-NOTES.md measured
   that the walk gains only in this regime: body CAM around 0.2-0.3 of the peak.
+* **The part is sometimes hidden** (probability ``1 - part_prob``): then only the faint body mark
+  tells the class, so the classifier must learn it too and its CAM stays weak but non-zero over
+  bodies, as on real images where the most discriminative part is not always in view.
 * **Backgrounds are cluttered**: a smooth low-frequency colour field, many short muted strokes and
   blobs, and per-pixel colour noise (``clutter_noise``). Clutter colours are desaturated so that
   the objects' surfaces stand out without giving away their class.
@@ -147,6 +150,8 @@ def render(cfg: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.nda
                 break
         shade = (1.0 - 0.25 * np.clip(v / (width / 2), -1, 1) ** 2)[..., None]
         part = u > length / 2 - cfg.part_fraction * length
+        if rng.uniform() >= cfg.part_prob:
+            part = np.zeros_like(part)      # part hidden: only the faint body mark tells the class
         pat = _pattern(PATTERNS[cls], u, v, rng.uniform(0, PERIOD))
         if cfg.mark == "colour":
             # Body: a soft colour of its own. Mark: the class pattern in the class's own saturated
