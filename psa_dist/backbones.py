@@ -50,15 +50,19 @@ class SmallNet(nn.Module):
         self.layer2 = _Basic(w[1], w[2], stride=2)
         self.layer3 = _Basic(w[2], w[3], dilation=dilations[0])
         self.layer4 = _Basic(w[3], w[4], dilation=dilations[1])
-        self.taps = {"layer2": w[2], "layer3": w[3], "layer4": w[4]}
+        # layer1 (stride 4, pooled to stride 8) is tapped too: trained from scratch, the deep taps
+        # know classes but little about surfaces; the shallow one gives AffinityNet colour and
+        # texture coherence to follow (a pretrained backbone has this in its deep features).
+        self.taps = {"layer1": w[1], "layer2": w[2], "layer3": w[3], "layer4": w[4]}
+        self.aff_dims = (32, 64, 128, 256)
         self.out_channels = w[4]
 
     def forward(self, x):
-        x = self.layer1(self.stem(x))
-        f2 = self.layer2(x)
+        f1 = self.layer1(self.stem(x))
+        f2 = self.layer2(f1)
         f3 = self.layer3(f2)
         f4 = self.layer4(f3)
-        return {"layer2": f2, "layer3": f3, "layer4": f4}
+        return {"layer1": F.avg_pool2d(f1, 2, ceil_mode=True), "layer2": f2, "layer3": f3, "layer4": f4}
 
 
 # ----------------------------------------------------------------------------- resnet50
@@ -72,6 +76,7 @@ class ResNet50(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.taps = {"layer2": 512, "layer3": 1024, "layer4": 2048}
+        self.aff_dims = (64, 128, 256)
         self.out_channels = 2048
 
     def forward(self, x):
@@ -146,6 +151,7 @@ class ResNet38(nn.Module):
         self.b7 = _PreActBottleneck(2048, 4096, dilation=4, dropout=0.5)
         self.bn7 = nn.BatchNorm2d(4096)
         self.taps = {"conv4": 512, "conv5": 1024, "conv6": 4096}
+        self.aff_dims = (64, 128, 256)          # 448 channels, as the paper
         self.out_channels = 4096
 
     def forward(self, x):

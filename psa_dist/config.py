@@ -54,7 +54,8 @@ class ModelConfig:
     pretrained: Optional[str] = None  # path to a local weights file (None: random init, logged)
     segmenter: str = "light"        # light | deeplabv3_resnet50
     freeze_bn: bool = False
-    aff_dims: tuple = (64, 128, 256)  # AffinityNet reductions per backbone tap (ResNet-38: 448 out)
+    aff_dims: Optional[tuple] = None  # AffinityNet reduction per backbone tap (None: the backbone's
+                                      # default; ResNet-38: 64/128/256 = 448 channels as the paper)
 
 
 @dataclass

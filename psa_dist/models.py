@@ -65,10 +65,11 @@ class AffinityNet(nn.Module):
     outputs 448 channels; ``dims`` sets these for other backbones. Output at stride 8.
     """
 
-    def __init__(self, backbone: nn.Module, dims=(64, 128, 256)):
+    def __init__(self, backbone: nn.Module, dims=None):
         super().__init__()
         self.backbone = backbone
         taps = list(backbone.taps.items())
+        dims = tuple(dims) if dims else backbone.aff_dims
         if len(dims) != len(taps):
             raise ValueError(f"AffinityNet: {len(dims)} reduction dims for {len(taps)} backbone taps")
         self.tap_names = [n for n, _ in taps]
@@ -81,7 +82,7 @@ class AffinityNet(nn.Module):
         # start spread out; kaiming plays the same role here.
 
     @classmethod
-    def from_classifier(cls, classifier: Classifier, dims=(64, 128, 256)) -> "AffinityNet":
+    def from_classifier(cls, classifier: Classifier, dims=None) -> "AffinityNet":
         """Initialised from the trained classifier's backbone, as the paper does."""
         return cls(copy.deepcopy(classifier.backbone), dims)
 

@@ -98,7 +98,7 @@ def stage_train(run: Run, kind: str) -> dict:
     if kind == "cls":
         model = build_classifier(cfg.model, run.num_classes)
     elif kind == "aff":
-        model = AffinityNet.from_classifier(classifier(run), tuple(cfg.model.aff_dims))
+        model = AffinityNet.from_classifier(classifier(run), cfg.model.aff_dims)
     else:
         model = build_segmenter(cfg.model, run.num_classes + 1)
     model.to(run.device)

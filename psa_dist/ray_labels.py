@@ -48,7 +48,7 @@ class LabelWorker:
             else:
                 from .backbones import build_backbone
                 from .models import AffinityNet
-                net = AffinityNet(build_backbone(cfg.model.backbone), tuple(cfg.model.aff_dims))
+                net = AffinityNet(build_backbone(cfg.model.backbone), cfg.model.aff_dims)
                 path = self.out / "aff" / "checkpoint.pth"
             self.model = load_weights(net, path).to(self.device).eval()
 
@@ -103,12 +103,13 @@ class ShardedLabelJob:
     """Runs one label stage over shards on a pool of Ray actors, retrying lost shards."""
 
     def __init__(self, stage: str, cfg, out_dir, num_classes: int, num_actors: int = 0,
-                 max_retries: int = 3, log_path=None):
+                 max_retries: int = 3, log_path=None, start_timeout: float = 600.0):
         import ray
         if stage not in STAGE_DIRS:
             raise ValueError(f"unknown label stage {stage!r} (have {sorted(STAGE_DIRS)})")
         self.ray, self.stage, self.cfg = ray, stage, cfg
         self.out, self.num_classes, self.max_retries = Path(out_dir), num_classes, max_retries
+        self.start_timeout = start_timeout
         res = ray.cluster_resources()
         self.gpus = int(res.get("GPU", 0))
         slots = self.gpus or max(1, int(res.get("CPU", 1)))
@@ -137,37 +138,61 @@ class ShardedLabelJob:
                        total=sum(counts.get(s, 0) for s in todo) or None)
         bar.extra = {"shards": f"0/{len(todo)}", "actors": self.num_actors}
         actors = [self._new_actor() for _ in range(min(self.num_actors, max(len(todo), 1)))]
-        inflight: dict = {}      # ref -> (actor index, shard, the actor it was sent to)
+        live = set(range(len(actors)))   # slots whose actor runs; a replacement joins once started
+        starting: dict = {}      # readiness ref of a replacement actor -> its slot
+        inflight: dict = {}      # task ref -> (slot, shard, the actor it was sent to)
         attempts: dict = {}
         done, failed_samples, failed_shards, restarts = 0, [], [], 0
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        idle_since = None
 
-        def submit(i):
-            shard = todo.popleft()
-            ref = actors[i].process.remote(shard, str(out_dir / Path(shard).name))
-            inflight[ref] = (i, shard, actors[i])
+        def fill():
+            """Two tasks per live actor: one running, one queued behind it."""
+            for i in sorted(live):
+                while todo and sum(1 for a, _, _ in inflight.values() if a == i) < 2:
+                    shard = todo.popleft()
+                    ref = actors[i].process.remote(shard, str(out_dir / Path(shard).name))
+                    inflight[ref] = (i, shard, actors[i])
 
-        for i in range(len(actors)):       # two tasks per actor: one running, one queued behind it
-            for _ in range(2):
-                if todo:
-                    submit(i)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+        fill()
+        while inflight or (todo and starting):
+            if not inflight:   # every live actor lost: wait (bounded) for a replacement to start
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > self.start_timeout:
+                    raise StageFailed(f"{self.stage}: no worker could be started in "
+                                      f"{self.start_timeout:.0f}s; {len(todo)} shards left")
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=5.0)
+            if not ready:
+                continue
             ref = ready[0]
+            if ref in starting:
+                i = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    live.add(i)
+                    idle_since = None
+                except (RayActorError, WorkerCrashedError):
+                    pass           # the replacement died before starting; others carry on
+                fill()
+                continue
             i, shard, actor = inflight.pop(ref)
             try:
                 res = ray.get(ref)
             except (RayActorError, WorkerCrashedError) as e:
-                # The worker process or its node is gone: the shard goes back in the queue.
+                # The worker process or its node is gone: the shard goes back in the queue, and a
+                # replacement is started; it gets work only once running, so a cluster that lost
+                # capacity (a removed node) carries on with the actors it still has.
                 attempts[shard] = attempts.get(shard, 0) + 1
                 if attempts[shard] > self.max_retries:
                     raise StageFailed(f"{shard}: lost its worker {attempts[shard]} times: {e}") from e
                 todo.appendleft(shard)
                 if actors[i] is actor:   # replace a dead actor once (its queued task fails too)
+                    live.discard(i)
                     actors[i] = self._new_actor()
+                    starting[actors[i].pid.remote()] = i
                     restarts += 1
                     print(f"[{self.stage}] worker lost ({type(e).__name__}); {Path(shard).name} "
-                          f"requeued, actor restarted", flush=True)
+                          f"requeued, replacement actor starting", flush=True)
             except RayTaskError as e:
                 # The shard itself is bad (e.g. an unreadable tar): recorded, the stage goes on.
                 reason = str(e.cause if e.cause is not None else e).splitlines()[0]
@@ -181,8 +206,7 @@ class ShardedLabelJob:
                     f.write(json.dumps({k: v for k, v in res.items() if k != "failed"}) + "\n")
                 bar.extra["shards"] = f"{done}/{done + len(todo) + len(inflight)}"
                 bar.update(res["samples"], failed=len(res["failed"]))
-            while todo and sum(1 for a, _, _ in inflight.values() if a == i) < 2:
-                submit(i)
+            fill()
         for a in actors:
             ray.kill(a)
         stats = bar.close(f"{done} shards written, {skipped} already there, {len(failed_shards)} "

@@ -46,12 +46,13 @@ def test_classifier_cams_and_loss_gradients():
 
 def test_affinitynet_from_classifier():
     cls = build_classifier(ModelConfig(backbone="small"), 4)
-    aff = AffinityNet.from_classifier(cls, dims=(16, 32, 48))
+    aff = AffinityNet.from_classifier(cls, dims=(8, 16, 32, 40))
     for (k, v), (k2, v2) in zip(cls.backbone.state_dict().items(), aff.backbone.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     assert aff.backbone is not cls.backbone
     f = aff(torch.randn(2, 3, 33, 47))
     assert f.shape == (2, 96, 5, 6) and aff.out_dim == 96
+    assert AffinityNet.from_classifier(cls).out_dim == sum(cls.backbone.aff_dims)
     with pytest.raises(ValueError, match="taps"):
         AffinityNet(cls.backbone, dims=(1, 2))
 

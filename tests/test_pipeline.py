@@ -18,7 +18,7 @@ train_seg: {{epochs: 1, batch_size: 4, crop_size: 64, resize_long: [56, 72], num
 cams: {{scales: [1.0, 0.5]}}
 aff_labels: {{crf: {crf}}}
 random_walk: {{t: 8}}
-model: {{aff_dims: [8, 8, 16]}}
+model: {{aff_dims: [8, 8, 8, 16]}}
 seg_full: true
 """
 

@@ -28,7 +28,7 @@ train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num
 cams: {{scales: [1.0, 0.5], batch_size: 2}}
 aff_labels: {{crf: false}}
 random_walk: {{t: 64}}
-model: {{aff_dims: [8, 8, 16]}}
+model: {{aff_dims: [8, 8, 8, 16]}}
 ray: {{enabled: false}}
 """
 
@@ -155,8 +155,9 @@ def test_node_removed_mid_run(trained):
         t.join()
         keys = [r["__key__"] for p in sorted((out / "rw").glob("*.tar")) for r in iter_shard(p)]
         assert summary["shards_done"] == 6 and len(set(keys)) == 18
+        assert summary["restarts"] >= 1      # the removed node's actor was lost and replaced
         nodes = {json.loads(x)["node"] for x in log.read_text().splitlines()}
-        assert len(nodes) == 2       # work ran on both nodes, and finished on the survivor
+        assert cluster.head_node.node_id in nodes
     finally:
         ray.shutdown()
         cluster.shutdown()
