@@ -149,8 +149,9 @@ def stage_eval(run: Run) -> dict:
                              run.out / kind / "checkpoint.pth").to(run.device)
         res[kind] = eval_segmenter(model, run.root, cfg.data.val_split, run.num_classes, run.device)
     for k, v in res.items():
-        print(f"[eval] {k}: mIoU {v['miou']:.1f}, object recall {v.get('fg_recall', float('nan')):.2f}, "
-              f"background false positives {v.get('bg_false_pos', float('nan')):.2f}" +
+        print(f"[eval] {k}: mIoU {v['miou']:.1f}" +
+              (f", object recall {v['fg_recall']:.2f}, background false positives "
+               f"{v['bg_false_pos']:.2f}" if "fg_recall" in v else "") +
               (f" (coverage {v['coverage']:.2f}, precision {v['precision']:.2f})" if "coverage" in v else ""),
               flush=True)
     return res
