@@ -8,6 +8,7 @@ processed.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -107,18 +108,19 @@ def aff_label_shard(in_shard, cams_shard, out_shard, alpha_lo=4.0, alpha_hi=32.0
                     crf: dict | None = None) -> dict:
     """Confident-region labels (``aff.png``, image resolution: 0 bg, class id, 255 neutral) from
     the CAMs, with the dense CRF on both score maps when ``crf`` (its settings) is given."""
-    from .crf import crf_refine
     t0, failed, out = time.monotonic(), [], []
     for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed):
         cams = torch.from_numpy(s["cam"].astype(np.float32))
-        refine = None
-        if crf is not None:
-            def refine(scores, image=s["image"]):
-                return crf_refine(image, scores, **crf)
+        refine = None if crf is None else functools.partial(_crf_scores, s["image"], crf)
         lab = affinity_labels(cams, alpha_lo, alpha_hi, refine=refine, class_ids=s["cls"])
         out.append({"__key__": s["key"], "aff.png": encode_mask(lab.numpy().astype(np.uint8))})
     write_shard(out_shard, out)
     return _summary(in_shard, out_shard, t0, len(out), failed)
+
+
+def _crf_scores(image, crf: dict, scores):
+    from .crf import crf_refine
+    return crf_refine(image, scores, **crf)
 
 
 @torch.inference_mode()

@@ -1,8 +1,8 @@
 """report.json, report.md and per-sample panels of a finished run."""
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,7 +49,6 @@ def panels(run, seg_model=None, count: int = PANEL_SAMPLES) -> list[str]:
         img = np.concatenate([x for r in row for x in (r, gap)][:-1], 1)
         path = out_dir / f"{s['key']}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        import io
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())

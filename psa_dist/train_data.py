@@ -9,7 +9,6 @@ rank run the same number of steps, so DDP never waits on a rank with fewer sampl
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -172,7 +171,3 @@ class _ShuffledGroups(torch.utils.data.IterableDataset):
             yield from order
             random.Random(self.seed + self.epoch).shuffle(order)
             self.epoch += 1
-
-
-def shard_urls(paths) -> list[str]:
-    return [str(Path(p)) for p in paths]

@@ -1,7 +1,6 @@
 import hashlib
 
 import numpy as np
-import pytest
 
 from psa_dist.config import SynthConfig
 from psa_dist.inspect_data import inspect_dataset, preview_dataset
