@@ -70,13 +70,16 @@ class TrainConfig:
     resize_long: tuple = (256, 512)
     color_jitter: tuple = (0.3, 0.3, 0.3, 0.1)
     num_workers: int = 2
+    resample: bool = False          # draw shards with replacement (else each epoch splits them)
     log_every: int = 20             # steps between JSON log lines
-    checkpoint_every: int = 500     # steps between checkpoints
+    checkpoint_every: int = 500     # steps between checkpoints (and one at every epoch end)
     amp: str = "bf16"               # bf16 | fp16 | none (CUDA only; ignored on CPU)
-    launcher: str = "inline"        # inline | torchrun | local | slurm
+    # Where the trainer runs: inline (this process), torchrun (ranks from its environment),
+    # local (submitit's local executor, tasks_per_node processes) or slurm (submitit, sbatch).
+    launcher: str = "inline"
     nodes: int = 1
-    gpus_per_node: int = 1
-    tasks_per_node: int = 1
+    gpus_per_node: int = 1          # 0 on CPU-only clusters (and the local test cluster)
+    tasks_per_node: Optional[int] = None    # DDP ranks per node; None: one per GPU (1 without)
     cpus_per_task: int = 2
     partition: Optional[str] = None
     account: Optional[str] = None

@@ -1,9 +1,14 @@
 """The one training loop shared by the classifier, AffinityNet and segmenter trainers.
 
-SGD with the authors' parameter groups and a poly schedule; one JSON line of metrics every
-``log_every`` steps and per epoch; a checkpoint (a plain dict) written atomically at the end of every
-epoch and every ``checkpoint_every`` steps; one resume path: a run finding ``checkpoint.pth`` in its
-directory continues from it.
+SGD with the authors' parameter groups and a poly schedule, DDP across ranks (``dist.py``), AMP
+(bf16/fp16) on CUDA only; one JSON line of metrics every ``log_every`` steps and per epoch, from
+rank 0 only; a checkpoint written atomically by rank 0 every ``checkpoint_every`` steps and at every
+epoch end. A checkpoint is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step,
+step in epoch, RNG states, config) and there is one resume path: a run finding ``checkpoint.pth``
+in its directory continues from it, the loader skipping the batches the epoch already trained on.
+Since the loader's batches are a pure function of (seed, epoch, rank, worker), a run stopped at any
+point and resumed ends with the weights of an uninterrupted run (on deterministic kernels; tested
+on CPU), having redone at most ``checkpoint_every`` steps.
 """
 from __future__ import annotations
 
@@ -12,12 +17,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .affinity import affinity_loss
+from .dist import DistInfo, all_reduce_sum, wrap_ddp
 from .models import Classifier, set_bn_eval
 from .optim import build_optimizer, build_poly_scheduler
 
@@ -60,68 +65,125 @@ class JsonLog:
             f.write(line + "\n")
 
 
-def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, device: torch.device,
-          new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
-          is_main: bool = True, ddp_model: nn.Module | None = None, config_dict: dict | None = None):
-    """Train ``model`` for ``train_cfg.epochs`` epochs of ``len(loader)`` steps; returns a summary.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
-    ``ddp_model`` (a DistributedDataParallel wrapper of ``model``) is what the forward pass uses
-    when given; checkpoints always hold the bare model's state.
-    """
+
+def amp_dtype(amp: str, device: torch.device):
+    """The autocast dtype: bf16/fp16 on CUDA, None (full precision) on CPU or with ``none``."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"train.amp: expected one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    return AMP_DTYPES[amp] if device.type == "cuda" else None
+
+
+def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radius: int = 5):
+    """One optimisation step on one batch; returns the (detached) loss."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = loss_for(kind, net, x, y, radius)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss.detach()
+
+
+def _rng_state() -> dict:
+    # Only torch's generators: the loader draws from its own seeded generators (train_data.py),
+    # and a checkpoint must load with weights_only (tensors, no numpy or pickled objects).
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: DistInfo,
+          new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
+          config_dict: dict | None = None) -> dict:
+    """Train ``model`` (already on ``info.device``) for ``train_cfg.epochs`` epochs of
+    ``len(loader)`` steps on every rank; returns a summary. Checkpoints hold the bare model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
-    net = ddp_model or model
+    net = wrap_ddp(model, info)
     steps_per_epoch = len(loader)
     max_steps = train_cfg.epochs * steps_per_epoch
-    if freeze_bn:
-        set_bn_eval(model)
+    dtype = amp_dtype(train_cfg.amp, info.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum, new_modules)
     sched = build_poly_scheduler(opt, max_steps)
-    step, start_epoch = 0, 0
+    step, epoch0, skip = 0, 0, 0
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        step, start_epoch = ck["step"], ck["epoch"]
-        if is_main:
-            print(f"[{kind}] resumed from {ckpt_path} at epoch {start_epoch}, step {step}", flush=True)
-    log = JsonLog(out_dir / "log.jsonl", enabled=is_main)
-    t_start = time.monotonic()
-    images_seen = 0
-    for epoch in range(start_epoch, train_cfg.epochs):
+        scaler.load_state_dict(ck["scaler"])
+        step, epoch0, skip = ck["step"], ck["epoch"], ck["step_in_epoch"]
+        _set_rng_state(ck["rng"])
+        if info.is_main:
+            print(f"[{kind}] resumed from {ckpt_path} at epoch {epoch0}, step {step}", flush=True)
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        if info.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
+                "config": config_dict or {}, "world_size": info.world_size})
+
+    log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
+    t_start, images_seen = time.monotonic(), 0
+    for epoch in range(epoch0, train_cfg.epochs):
         net.train()
         if freeze_bn:
             set_bn_eval(model)
-        t0, losses, n_img = time.monotonic(), [], 0
+        loader.set_epoch(epoch, skip)
+        k = skip
+        t0 = t_log = time.monotonic()
+        ep_loss = torch.zeros(2, dtype=torch.float64, device=info.device)   # sum, count
+        win_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
+        n_img = n_win = 0
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_for(kind, net, x, y, radius)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            n_img += x.shape[0]
+            x = x.to(info.device, non_blocking=True)
+            y = y.to(info.device, non_blocking=True)
+            loss = train_step(net, kind, x, y, opt, sched, scaler, dtype, radius)
+            step, k = step + 1, k + 1
+            win_loss += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
+            n_img, n_win = n_img + x.shape[0], n_win + x.shape[0]
             if step % train_cfg.log_every == 0:
+                ep_loss += win_loss
+                mean = all_reduce_sum(win_loss)
+                now = time.monotonic()
                 log.write({"kind": kind, "epoch": epoch, "step": step, "of": max_steps,
-                           "loss": float(np.mean(losses[-train_cfg.log_every:])),
-                           "lr": opt.param_groups[0]["lr"],
-                           "images_per_s": n_img / max(time.monotonic() - t0, 1e-9)})
-        images_seen += n_img
+                           "loss": float(mean[0] / mean[1]), "lr": opt.param_groups[0]["lr"],
+                           "images_per_s": round(n_win * info.world_size / max(now - t_log, 1e-9), 2),
+                           "eta_seconds": round((max_steps - step) * (now - t0) / max(k - skip, 1))})
+                win_loss.zero_()
+                t_log, n_win = now, 0
+            if step % train_cfg.checkpoint_every == 0 and k < steps_per_epoch:
+                save(epoch, k)
+        ep_loss += win_loss
+        ep_loss = all_reduce_sum(ep_loss)
+        images_seen += n_img * info.world_size
         dt = time.monotonic() - t0
-        remaining = (train_cfg.epochs - epoch - 1) * dt
-        log.write({"kind": kind, "epoch": epoch, "step": step, "loss": float(np.mean(losses)),
-                   "lr": opt.param_groups[0]["lr"], "images_per_s": n_img / max(dt, 1e-9),
-                   "epoch_seconds": round(dt, 2), "eta_seconds": round(remaining, 1)})
-        if is_main:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict(), "step": step,
-                                        "epoch": epoch + 1, "config": config_dict or {}})
+        log.write({"kind": kind, "epoch": epoch, "step": step,
+                   "loss": float(ep_loss[0] / ep_loss[1].clamp(min=1)),
+                   "lr": opt.param_groups[0]["lr"],
+                   "images_per_s": round(n_img * info.world_size / max(dt, 1e-9), 2),
+                   "epoch_seconds": round(dt, 2),
+                   "eta_seconds": round((train_cfg.epochs - epoch - 1) * dt * steps_per_epoch
+                                        / max(k - skip, 1), 1)})
+        skip = 0
+        save(epoch + 1, 0)
     seconds = time.monotonic() - t_start
-    if is_main:
+    if info.is_main:
         print(f"[{kind}] done: {train_cfg.epochs} epochs, {step} steps, {images_seen} images in "
-              f"{seconds:.0f}s", flush=True)
-    return {"steps": step, "seconds": round(seconds, 2), "images": images_seen}
+              f"{seconds:.0f}s on {info.world_size} rank(s)", flush=True)
+    return {"steps": step, "seconds": round(seconds, 2), "images": images_seen,
+            "world_size": info.world_size}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, config_to_dict
+from .config import Config
 from .runinfo import write_run_info
 from .shards import atomic_write_json, read_dataset_json, split_shards
 
@@ -83,30 +83,9 @@ def classifier(run: Run):
 
 # ----------------------------------------------------------------------------- stages
 def stage_train(run: Run, kind: str) -> dict:
-    from .engine import train
-    from .models import AffinityNet, build_classifier, build_segmenter
-    from .train_data import make_train_loader
-    cfg = run.cfg
-    torch.manual_seed(cfg.seed)
-    tcfg = {"cls": cfg.train_cls, "aff": cfg.train_aff, "seg": cfg.train_seg,
-            "seg_full": cfg.train_seg}[kind]
-    labels = {"aff": "aff_labels", "seg": "rw"}.get(kind)
-    label_urls = [run.out / labels / s.name for s in run.train_shards] if labels else None
-    if kind != "aff" and not cfg.model.pretrained:
-        print(f"[{kind}] backbone {cfg.model.backbone}: no pretrained weights (model.pretrained "
-              f"unset), training from random initialisation", flush=True)
-    if kind == "cls":
-        model = build_classifier(cfg.model, run.num_classes)
-    elif kind == "aff":
-        model = AffinityNet.from_classifier(classifier(run), cfg.model.aff_dims)
-    else:
-        model = build_segmenter(cfg.model, run.num_classes + 1)
-    model.to(run.device)
-    loader = make_train_loader(kind, run.train_shards, label_urls, run.num_classes, tcfg,
-                               run.num_train, seed=cfg.seed)
-    return train(model, kind, loader, tcfg, run.out / kind, run.device, model.new_modules(),
-                 freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
-                 config_dict=config_to_dict(cfg))
+    """A trainer, started by its configured launcher (inline, torchrun, local or SLURM job)."""
+    from .submit import launch_training
+    return launch_training(run.cfg, kind)
 
 
 def stage_labels(run: Run, stage: str) -> dict:

@@ -122,6 +122,12 @@ class ShardedLabelJob:
         self.actor_cls = ray.remote(LabelWorker).options(
             num_cpus=1, num_gpus=1 if self.gpus else 0, max_concurrency=1)
 
+    def _raise_if_init_failed(self, e: Exception) -> None:
+        # A worker whose constructor raised (bad checkpoint, missing file) fails the same way on
+        # every retry: stop with its error instead of restarting it.
+        if getattr(e, "actor_init_failed", False):
+            raise StageFailed(f"{self.stage}: a worker failed to start: {e}") from e
+
     def _new_actor(self):
         return self.actor_cls.remote(self.stage, self.cfg, str(self.out), self.num_classes)
 
@@ -171,7 +177,8 @@ class ShardedLabelJob:
                     ray.get(ref)
                     live.add(i)
                     idle_since = None
-                except (RayActorError, WorkerCrashedError):
+                except (RayActorError, WorkerCrashedError) as e:
+                    self._raise_if_init_failed(e)
                     pass           # the replacement died before starting; others carry on
                 fill()
                 continue
@@ -179,6 +186,7 @@ class ShardedLabelJob:
             try:
                 res = ray.get(ref)
             except (RayActorError, WorkerCrashedError) as e:
+                self._raise_if_init_failed(e)
                 # The worker process or its node is gone: the shard goes back in the queue, and a
                 # replacement is started; it gets work only once running, so a cluster that lost
                 # capacity (a removed node) carries on with the actors it still has.
@@ -191,7 +199,8 @@ class ShardedLabelJob:
                     actors[i] = self._new_actor()
                     starting[actors[i].pid.remote()] = i
                     restarts += 1
-                    print(f"[{self.stage}] worker lost ({type(e).__name__}); {Path(shard).name} "
+                    why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    print(f"[{self.stage}] worker lost ({type(e).__name__}: {why}); {Path(shard).name} "
                           f"requeued, replacement actor starting", flush=True)
             except RayTaskError as e:
                 # The shard itself is bad (e.g. an unreadable tar): recorded, the stage goes on.
@@ -209,6 +218,9 @@ class ShardedLabelJob:
             fill()
         for a in actors:
             ray.kill(a)
+        if todo:   # every worker was lost and none could be restarted: never report success
+            raise StageFailed(f"{self.stage}: no worker left to run {len(todo)} shards "
+                              f"({restarts} restarts); first: {todo[0]}")
         stats = bar.close(f"{done} shards written, {skipped} already there, {len(failed_shards)} "
                           f"shards failed, {restarts} workers restarted")
         summary = {**stats, "shards_done": done, "shards_skipped": skipped, "restarts": restarts,

@@ -1,13 +1,21 @@
-"""Training data: WebDataset pipelines over shards (optionally joined with a stage's label shards).
+"""Training data: WebDataset shards (optionally joined with a stage's label shards) as batches.
 
 A training set is a list of shard *groups*: the dataset shard and, for AffinityNet and the segmenter,
-the label shard a stage wrote for it (same keys, same order). Groups are split across nodes (DDP
-ranks) and loader workers by WebDataset, shuffled in a buffer, decoded, augmented as the paper does
-(random resize of the long side, flip, colour jitter, crop) and batched. ``with_epoch`` makes every
-rank run the same number of steps, so DDP never waits on a rank with fewer samples.
+the label shard a stage wrote for it (same keys, same order). Each epoch the groups are shuffled the
+same way on every rank, split across ranks (DDP) and loader workers, read as raw samples, shuffled
+in a buffer, decoded, augmented as the paper does (random resize of the long side, flip, colour
+jitter, crop) and batched.
+
+Every rank runs exactly ``steps`` batches an epoch, whatever its share of the shards (a short share
+is read again), so DDP never waits on a rank that ran out. And an epoch's batches are a pure
+function of (seed, epoch, rank, worker): shuffles and augmentations draw from generators seeded by
+those, never from global state. A run resumed from a checkpoint taken after step k of an epoch
+skips the first k batches without decoding them and then sees exactly what an uninterrupted run
+sees (see ``engine.py``).
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -20,26 +28,8 @@ from .models import normalize
 from .shards import SampleError, decode_sample, iter_joined
 
 IGNORE = 255
-
-
-def joined_samples(groups, fields=("image", "cls")):
-    """Yield decoded samples from shard groups ``{"url": dataset shard, "labels": label shard?}``.
-
-    Label-shard fields (``aff``, ``pseudo``) are joined by key (:func:`iter_joined`). An
-    undecodable sample is reported and skipped (training goes on), never silently.
-    """
-    own = [f for f in fields if f in ("image", "cls", "mask", "meta")]
-    extra = [f for f in fields if f in ("aff", "pseudo")]
-    for g in groups:
-        for raw, labs in iter_joined(g["url"], *([g["labels"]] if g.get("labels") else [])):
-            try:
-                s = decode_sample(raw, own)
-                for lab in labs:
-                    s.update({k: v for k, v in decode_sample(lab, extra).items() if k != "key"})
-            except SampleError as e:
-                print(f"[data] skipping undecodable sample: {e}", flush=True)
-                continue
-            yield s
+FIELDS = {"cls": ("image", "cls"), "aff": ("image", "aff"), "seg": ("image", "pseudo"),
+          "seg_full": ("image", "mask")}
 
 
 class Augment:
@@ -52,43 +42,62 @@ class Augment:
 
     def __init__(self, crop: int, resize_long=None, jitter=(0.3, 0.3, 0.3, 0.1), flip=True):
         self.crop, self.resize_long, self.flip = crop, resize_long, flip
-        self.jitter = None
-        if jitter and any(jitter):
-            from torchvision.transforms import ColorJitter
-            self.jitter = ColorJitter(*jitter)
+        self.jitter = tuple(jitter) if jitter and any(jitter) else None
 
-    def __call__(self, image: np.ndarray, label: np.ndarray | None = None):
+    def __call__(self, image: np.ndarray, label: np.ndarray | None = None,
+                 rng: random.Random | None = None):
+        """``rng``: where every random choice is drawn from (a fresh one when None)."""
+        rng = rng or random.Random()
         img = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # uint8 (3, H, W)
         lab = torch.from_numpy(label.astype(np.int64))[None] if label is not None else None
         h, w = img.shape[-2:]
         if self.resize_long:
-            target = random.randint(*self.resize_long)
+            target = rng.randint(*self.resize_long)
             s = target / max(h, w)
             size = (max(1, round(h * s)), max(1, round(w * s)))
             img = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0]
             img = img.round().clamp(0, 255).to(torch.uint8)
             if lab is not None:
                 lab = F.interpolate(lab[None].float(), size=size, mode="nearest")[0].long()
-        if self.flip and random.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             img = img.flip(-1)
             lab = lab.flip(-1) if lab is not None else None
         if self.jitter is not None:
-            img = self.jitter(img)
+            img = self._jitter(img, rng)
         x = normalize(img[None])[0]
         h, w = x.shape[-2:]
         ch, cw = max(self.crop, h), max(self.crop, w)
-        oy, ox = random.randint(0, ch - h), random.randint(0, cw - w)   # where the image lands
+        oy, ox = rng.randint(0, ch - h), rng.randint(0, cw - w)   # where the image lands
         canvas = x.new_zeros(3, ch, cw)
         canvas[:, oy:oy + h, ox:ox + w] = x
         lcanvas = None
         if lab is not None:
             lcanvas = torch.full((1, ch, cw), IGNORE, dtype=torch.long)
             lcanvas[:, oy:oy + h, ox:ox + w] = lab
-        cy, cx = random.randint(0, ch - self.crop), random.randint(0, cw - self.crop)
+        cy, cx = rng.randint(0, ch - self.crop), rng.randint(0, cw - self.crop)
         x = canvas[:, cy:cy + self.crop, cx:cx + self.crop]
         if lcanvas is None:
             return x, None
         return x, lcanvas[0, cy:cy + self.crop, cx:cx + self.crop]
+
+
+    def _jitter(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """torchvision's ColorJitter, with its factors and order drawn from ``rng``."""
+        from torchvision.transforms import functional as TF
+        b, c, s, h = self.jitter
+        ops = []
+        if b:
+            ops.append((TF.adjust_brightness, rng.uniform(max(0.0, 1 - b), 1 + b)))
+        if c:
+            ops.append((TF.adjust_contrast, rng.uniform(max(0.0, 1 - c), 1 + c)))
+        if s:
+            ops.append((TF.adjust_saturation, rng.uniform(max(0.0, 1 - s), 1 + s)))
+        if h:
+            ops.append((TF.adjust_hue, rng.uniform(-h, h)))
+        rng.shuffle(ops)
+        for fn, f in ops:
+            img = fn(img, f)
+        return img
 
 
 class ToTraining:
@@ -97,77 +106,133 @@ class ToTraining:
     def __init__(self, kind: str, num_classes: int, augment: Augment):
         self.kind, self.num_classes, self.augment = kind, num_classes, augment
 
-    def __call__(self, s: dict):
+    def __call__(self, s: dict, rng: random.Random | None = None):
         if self.kind == "cls":
-            x, _ = self.augment(s["image"])
+            x, _ = self.augment(s["image"], None, rng)
             y = torch.zeros(self.num_classes)
             y[torch.tensor(s["cls"], dtype=torch.long) - 1] = 1.0
             return x, y
         field = {"aff": "aff", "seg": "pseudo", "seg_full": "mask"}[self.kind]
         if field not in s:
             raise SampleError(f"sample {s['key']!r} has no {field!r} field for {self.kind} training")
-        x, y = self.augment(s["image"], s[field])
-        return x, y
+        return self.augment(s["image"], s[field], rng)
 
 
-def _groups(urls: Sequence, label_urls: Sequence | None):
+
+def _groups(urls: Sequence, label_urls: Sequence | None) -> list[dict]:
     if label_urls is not None and len(label_urls) != len(urls):
         raise ValueError(f"{len(urls)} dataset shards but {len(label_urls)} label shards")
     return [{"url": str(u), "labels": str(label_urls[i]) if label_urls else None}
             for i, u in enumerate(urls)]
 
 
-def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, num_classes: int,
-                      train_cfg, num_samples: int, world_size: int = 1, seed: int = 0):
-    """A WebLoader yielding (images, targets) batches; ``len`` = steps per epoch on every rank."""
-    fields = {"cls": ("image", "cls"), "aff": ("image", "aff"), "seg": ("image", "pseudo"),
-              "seg_full": ("image", "mask")}[kind]
-    aug = Augment(train_cfg.crop_size, tuple(train_cfg.resize_long) if train_cfg.resize_long else None,
-                  tuple(train_cfg.color_jitter))
-    groups = _groups(urls, label_urls)
-    buf = max(1, min(1000, num_samples // (4 * max(world_size, 1))))
-    pipeline = wds.DataPipeline(
-        _ShuffledGroups(groups, seed),      # same order on every rank and worker, then split:
-        wds.split_by_node,                  # ranks and workers take disjoint shard groups
-        wds.split_by_worker,
-        lambda src: joined_samples(src, fields),
-        # A buffer larger than a rank's share would hold several passes over the data and repeat
-        # samples within an epoch; a quarter of the share keeps passes apart.
-        wds.shuffle(buf, initial=buf, rng=random.Random(seed)),
-        wds.map(ToTraining(kind, num_classes, aug)),
-        wds.batched(train_cfg.batch_size, partial=False),
-    )
-    workers = train_cfg.num_workers
-    steps = max(1, num_samples // (train_cfg.batch_size * max(world_size, 1)))
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
-                           persistent_workers=workers > 0)
-    return EpochLoader(loader.with_epoch(steps), steps)
+class ShardStream(torch.utils.data.IterableDataset):
+    """The batches of one epoch for one rank and loader worker.
+
+    Shard groups are shuffled by (seed, epoch), identically on every rank, then rank r takes every
+    world-th group and worker w of that every workers-th (WebDataset's split_by_node and
+    split_by_worker, done here with explicit ranks so the split never depends on global state).
+    With fewer groups than rank x worker slots the list is repeated first; with ``resample`` each
+    worker draws groups with replacement instead (for datasets with a few huge shards). Worker w
+    makes global batches w, w + workers, ... of the epoch, the order in which the DataLoader
+    interleaves them; the first ``skip`` of the epoch are read but not decoded.
+    """
+
+    def __init__(self, groups: list[dict], kind: str, to_training: ToTraining, batch_size: int,
+                 steps: int, rank: int, world: int, seed: int, shuffle_buffer: int,
+                 resample: bool = False):
+        self.groups, self.fields, self.to_training = groups, FIELDS[kind], to_training
+        self.batch_size, self.steps, self.rank, self.world = batch_size, steps, rank, world
+        self.seed, self.shuffle_buffer, self.resample = seed, shuffle_buffer, resample
+        self.epoch, self.skip = 0, 0
+
+    def _my_groups(self, worker: int, workers: int, rng: random.Random):
+        order = list(self.groups)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        if self.resample:
+            while True:
+                yield rng.choice(order)
+        slots = self.world * workers
+        order = order * math.ceil(slots / len(order))
+        mine = order[self.rank::self.world][worker::workers]
+        while True:             # passes over this worker's share until the epoch has its batches
+            yield from mine
+            rng.shuffle(mine)
+
+    def _raw(self, worker: int, workers: int, rng: random.Random):
+        """Raw samples (bytes, joined with their labels) of this worker, shuffled in a buffer."""
+        def samples():
+            for g in self._my_groups(worker, workers, rng):
+                labels = [g["labels"]] if g["labels"] else []
+                yield from iter_joined(g["url"], *labels)
+        buf = max(1, self.shuffle_buffer // workers)
+        return iter(wds.shuffle(buf, initial=buf, rng=rng)(samples()))
+
+    def _decode(self, raw: dict, labs: list[dict]) -> dict:
+        own = [f for f in self.fields if f in ("image", "cls", "mask")]
+        extra = [f for f in self.fields if f in ("aff", "pseudo")]
+        s = decode_sample(raw, own)
+        for lab in labs:
+            s.update({k: v for k, v in decode_sample(lab, extra).items() if k != "key"})
+        return s
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = range(worker, self.steps, workers)           # global batch indices made here
+        n_skip = sum(1 for j in mine if j < self.skip)
+        tag = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
+        raw = self._raw(worker, workers, random.Random(tag))
+        n = 0                                               # raw samples taken: seeds augmentation
+        for _ in range(n_skip * self.batch_size):
+            next(raw)
+            n += 1
+        for _ in range(len(mine) - n_skip):
+            xs, ys = [], []
+            while len(xs) < self.batch_size:
+                sample, labs = next(raw)
+                n += 1
+                try:
+                    x, y = self.to_training(self._decode(sample, labs), random.Random(f"{tag}/{n}"))
+                except SampleError as e:    # reported and passed over; training goes on
+                    print(f"[data] skipping undecodable sample: {e}", flush=True)
+                    continue
+                xs.append(x)
+                ys.append(y)
+            yield torch.stack(xs), torch.stack(ys)
 
 
 class EpochLoader:
-    """An endless WebLoader cut into epochs of exactly ``steps`` batches (the same on every rank)."""
+    """Batches of one epoch at a time: ``set_epoch(e, skip)`` then iterate; ``len`` = steps."""
 
-    def __init__(self, loader, steps: int):
-        self.loader, self.steps = loader, steps
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
 
     def __len__(self) -> int:
-        return self.steps
+        return self.stream.steps
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.stream.epoch, self.stream.skip = epoch, skip
 
     def __iter__(self):
-        return iter(self.loader)
+        # Fresh workers each epoch: they start from this epoch's state (epoch, skip).
+        return iter(wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=self.pin_memory))
 
 
-class _ShuffledGroups(torch.utils.data.IterableDataset):
-    """Single-process shard source: every shard group once per epoch, in a fresh random order."""
-
-    def __init__(self, groups, seed):
-        self.groups, self.seed, self.epoch = groups, seed, 0
-
-    def __iter__(self):
-        order = list(self.groups)
-        random.Random(self.seed + self.epoch).shuffle(order)
-        self.epoch += 1
-        while True:  # repeat: with_epoch cuts the stream into equal epochs
-            yield from order
-            random.Random(self.seed + self.epoch).shuffle(order)
-            self.epoch += 1
+def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, num_classes: int,
+                      train_cfg, num_samples: int, rank: int = 0, world_size: int = 1,
+                      seed: int = 0, pin_memory: bool = False) -> EpochLoader:
+    """The loader of one rank; every rank gets ``num_samples // (batch_size * world_size)`` steps."""
+    if kind not in FIELDS:
+        raise ValueError(f"unknown trainer kind {kind!r} (have {sorted(FIELDS)})")
+    aug = Augment(train_cfg.crop_size, tuple(train_cfg.resize_long) if train_cfg.resize_long else None,
+                  tuple(train_cfg.color_jitter))
+    steps = max(1, num_samples // (train_cfg.batch_size * world_size))
+    # A buffer larger than a rank's share would hold several passes over its shards and repeat
+    # samples within an epoch; a quarter of the share keeps passes apart.
+    buf = max(1, min(1000, num_samples // (4 * world_size)))
+    stream = ShardStream(_groups(urls, label_urls), kind, ToTraining(kind, num_classes, aug),
+                         train_cfg.batch_size, steps, rank, world_size, seed, buf,
+                         resample=getattr(train_cfg, "resample", False))
+    return EpochLoader(stream, train_cfg.num_workers, pin_memory)
