@@ -40,7 +40,10 @@ SOCK=$B/munge/munge.socket.2
   --pid-file="$B/run/munged.pid" --seed-file="$B/munge/munged.seed" >"$B/log/munged.out" 2>&1 &
 echo $! > "$B/run/munged.bgpid"
 for _ in $(seq 50); do munge -S "$SOCK" -n </dev/null >/dev/null 2>&1 && break; sleep 0.1; done
-munge -S "$SOCK" -n </dev/null | unmunge -S "$SOCK" >/dev/null
+if ! munge -S "$SOCK" -n </dev/null | unmunge -S "$SOCK" >/dev/null 2>&1; then
+  echo "[slurm] munged did not start (every directory above $B must be world-executable):" >&2
+  cat "$B/log/munged.log" "$B/log/munged.out" >&2 2>/dev/null; exit 1
+fi
 
 # accounting database
 MYPORT=$((PORT + 3))

@@ -59,14 +59,28 @@ def cmd_data_preview(args) -> int:
 # ----------------------------------------------------------------------------- pipeline
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
+    _launcher_overrides(args)
     return run_pipeline(_load(args), force=args.force)
+
+
+def _launcher_overrides(args) -> None:
+    if getattr(args, "launcher", None):
+        args.overrides = list(args.overrides) + [f"train_{k}.launcher={args.launcher}"
+                                                 for k in ("cls", "aff", "seg")]
 
 
 def cmd_stage(args) -> int:
     from .pipeline import run_pipeline
     if getattr(args, "ray_address", None):
         args.overrides = list(args.overrides) + [f"ray.address={args.ray_address}"]
+    _launcher_overrides(args)
     return run_pipeline(_load(args), stages=[args.stage], force=args.force)
+
+
+def _add_launcher_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launcher", choices=["inline", "torchrun", "local", "slurm"],
+                   help="where the trainers run (sets train_*.launcher): in this process, as a "
+                        "torchrun rank, as a submitit job on this machine, or as a SLURM job")
 
 
 STAGE_HELP = {
@@ -93,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "skipped, so a rerun resumes where the last one stopped.")
     _add_config_args(p, required=True)
     p.add_argument("--force", action="store_true", help="redo stages even if marked done")
+    _add_launcher_arg(p)
     p.set_defaults(func=cmd_run)
 
     for name, (stage, text) in STAGE_HELP.items():
@@ -103,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         if stage in ("cams", "aff_labels", "random_walk"):
             p.add_argument("--ray-address", help="run on an existing Ray cluster (same as the "
                            "override ray.address=HOST:PORT)")
+        if stage.startswith("train_"):
+            _add_launcher_arg(p)
         p.set_defaults(func=cmd_stage, stage=stage)
 
     data = sub.add_parser("data", help="create, convert and look at datasets (WebDataset shards)")
@@ -160,7 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .dataset_writer import BuildError
     from .shards import ShardError
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options (`train-cls cfg.yaml --launcher local a.b=1`)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ShardError, BuildError, FileNotFoundError, ImportError) as e:

@@ -110,6 +110,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
+    if freeze_bn:   # before DDP: it registers only the parameters that require grad
+        set_bn_eval(model)
     net = wrap_ddp(model, info)
     steps_per_epoch = len(loader)
     max_steps = train_cfg.epochs * steps_per_epoch

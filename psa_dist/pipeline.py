@@ -13,6 +13,7 @@ label shards that are missing (shards are written atomically, so an existing one
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -65,7 +66,12 @@ class Run:
         return self.marker(stage).is_file()
 
     def finish(self, stage: str, summary: dict) -> None:
-        atomic_write_json(self.marker(stage), summary)
+        if is_main_process():   # under torchrun every rank runs the stage; one marks it done
+            atomic_write_json(self.marker(stage), summary)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def load_weights(model, path: Path):
@@ -166,7 +172,8 @@ def run_stage(run: Run, stage: str, force: bool = False) -> dict | None:
 def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False) -> int:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, cfg)
+    if is_main_process():
+        write_run_info(out, cfg)
     run = Run(cfg)
     print(f"[run] {cfg.name}: {run.num_train} train images, {run.num_classes} classes, device "
           f"{run.device}, outputs in {out}", flush=True)

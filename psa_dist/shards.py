@@ -223,7 +223,11 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
                     pass
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ShardError(f"shard {url} is truncated or not a tar file: {e}") from e
-    ds = wds.WebDataset(url, shardshuffle=False, empty_check=False)
+    # One named shard, read whole wherever this runs: no node or worker splitting of its own (the
+    # callers split shard lists; inside a loader worker the default splitter would hand this
+    # single shard to worker 0 only and leave the others reading nothing).
+    ds = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
+                        workersplitter=None)
     try:
         for sample in ds:
             sample["__url__"] = url

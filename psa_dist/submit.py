@@ -99,7 +99,7 @@ def launch_training(cfg: Config, kind: str) -> dict:
           f"{tcfg.tasks_per_node or max(tcfg.gpus_per_node, 1)} task(s)); logs in {folder}",
           flush=True)
     follow(job, out / "log.jsonl")
-    return job.result()
+    return job.results()[0]     # every rank's result (raises the first failure); rank 0's summary
 
 
 def follow(job, log_path: Path, poll_s: float = 1.0) -> None:

@@ -178,7 +178,11 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        workers = info.num_workers if info else 1
+        # The DataLoader takes batches from its workers in turn starting with worker 0; after a
+        # resume the first batch due is ``skip``, made by logical worker skip % workers, so the
+        # DataLoader's worker i plays logical worker (i + skip) % workers.
+        worker = ((info.id if info else 0) + self.skip) % workers
         mine = range(worker, self.steps, workers)           # global batch indices made here
         n_skip = sum(1 for j in mine if j < self.skip)
         tag = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"

@@ -2,6 +2,9 @@
 run the shared engine. Every launcher ends up here (``submit.py`` picks how the ranks start)."""
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 
 from .config import Config, config_to_dict
@@ -34,6 +37,9 @@ def run_trainer(cfg: Config, kind: str) -> dict:
     if kind not in KINDS:
         raise ValueError(f"unknown trainer {kind!r} (have {KINDS})")
     info = init_distributed(cfg.device)
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"[{kind}] rank {info.rank}/{info.world_size} on node {node}, device {info.device}",
+          flush=True)   # one line per rank; after this only rank 0 speaks
     try:
         run = Run(cfg)
         tcfg = train_config(cfg, kind)

@@ -223,3 +223,15 @@ def test_pipeline_uses_ray_by_default(trained):
         assert marker["shards_done"] == 6 and marker["actors"] == 2   # ran on two Ray actors
         keys = [r["__key__"] for p in sorted((out / d).glob("*.tar")) for r in iter_shard(p)]
         assert len(set(keys)) == 18
+
+
+def test_worker_that_cannot_start_fails_the_stage(trained, ray_local):
+    """A worker whose constructor raises (here: a corrupt classifier checkpoint) fails the same way
+    on every restart: the stage stops with that error instead of reporting success."""
+    base, cfg_path = trained
+    out = clone_run(base, "badckpt", ("cls",))
+    (out / "cls" / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    job, shards, counts = job_for(base, cfg_path, out, "cams", 2)
+    with pytest.raises(StageFailed, match="failed to start"):
+        job.run(shards, counts)
+    assert not list((out / "cams").glob("*.tar"))

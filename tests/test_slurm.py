@@ -1,0 +1,154 @@
+"""Training jobs on a real SLURM cluster, submitted through submitit.
+
+The fixture installs (if needed) and starts a two-node cluster on this machine with
+``launch/slurm_up.sh``: munged, MariaDB + slurmdbd, slurmctld and two slurmd (n1, n2), and stops
+it by recorded PIDs afterwards. The tests: a 2-task DDP job; the same on two nodes; a job preempted
+with USR2 that submitit requeues and that resumes from its checkpoint to the uninterrupted weights;
+a failing job whose error reaches the caller."""
+import json
+import os
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from psa_dist.config import SynthConfig, load_config
+from psa_dist.engine import load_checkpoint
+from psa_dist.pipeline import run_pipeline
+from psa_dist.submit import TrainJob, make_executor
+from psa_dist.synth import write_synth
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+
+CFG = """
+name: slurmtest
+device: cpu
+data: {{root: {root}, shard_size: 6, workers: 1}}
+synth: {{image_size: 48, num_train: 48, num_val: 4}}
+train_cls: {{epochs: {epochs}, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0,
+            log_every: 2, checkpoint_every: 2, lr: 0.02, launcher: slurm, partition: debug,
+            gpus_per_node: 0, tasks_per_node: 2, cpus_per_task: 1, time_min: 10}}
+model: {{freeze_bn: true}}
+ray: {{enabled: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    # not under pytest's 0700 temp root: munged needs every directory above its socket executable
+    base = Path(tempfile.mkdtemp(prefix="psa-slurm-", dir="/tmp"))
+    env = {**os.environ, "SLURM_BASE": str(base), "NODES": "n1 n2",
+           "SLURM_PORT_BASE": str(random.Random().randrange(20000, 30000, 20))}
+    up = subprocess.run(["bash", str(REPO / "launch" / "slurm_up.sh")], env=env, text=True,
+                        capture_output=True)
+    assert up.returncode == 0, f"slurm_up.sh failed:\n{up.stdout}\n{up.stderr}"
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PSA_MASTER_ADDR")}
+    # the simulated nodes' names do not resolve: rendezvous on this host
+    os.environ.update(SLURM_CONF=str(base / "slurm.conf"), PSA_MASTER_ADDR="127.0.0.1",
+                      OMP_NUM_THREADS="1")
+    yield base
+    subprocess.run(["bash", str(REPO / "launch" / "slurm_down.sh")], env={**env, "PURGE": "1"},
+                   capture_output=True)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def cfg_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurmcfg")
+    write_synth(SynthConfig(image_size=48, num_train=48, num_val=4), d / "data", shard_size=6,
+                workers=1, progress=False)
+    p = d / "cfg.yaml"
+    p.write_text(CFG.format(root=d / "data", epochs=6))
+    return p
+
+
+def weights(out):
+    return load_checkpoint(out / "cls" / "checkpoint.pth")["model"]
+
+
+def sacct_ids(base):
+    r = subprocess.run(["sacct", "-n", "-X", "-o", "JobID,State"], capture_output=True, text=True,
+                       env={**os.environ, "SLURM_CONF": str(base / "slurm.conf")})
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, cfg_path, tmp_path_factory):
+    """A 2-task DDP classifier job on one node, run to the end."""
+    out = tmp_path_factory.mktemp("slurm_ref")
+    run_pipeline(load_config(cfg_path, [f"out_dir={out}"]), stages=["train_cls"])
+    return out
+
+
+def test_two_task_ddp_job(uninterrupted):
+    marker = json.loads((uninterrupted / "stages" / "train_cls.json").read_text())
+    assert marker["world_size"] == 2 and marker["steps"] == 36     # 48 / (4 x 2) x 6 epochs
+    ck = load_checkpoint(uninterrupted / "cls" / "checkpoint.pth")
+    assert ck["step"] == 36 and ck["world_size"] == 2
+    logs = list((uninterrupted / "cls" / "submitit").glob("*/*_0_log.out"))
+    assert logs and "done: 6 epochs" in logs[0].read_text()
+
+
+def test_two_node_job_matches_one_node(cfg_path, uninterrupted, tmp_path):
+    out = tmp_path / "two_nodes"
+    cfg = load_config(cfg_path, [f"out_dir={out}", "train_cls.nodes=2", "train_cls.tasks_per_node=1"])
+    run_pipeline(cfg, stages=["train_cls"])
+    hosts = {line.split(" on node ")[1].split(",")[0]
+             for p in (out / "cls" / "submitit").glob("*/*_log.out")
+             for line in p.read_text().splitlines() if line.startswith("[cls] rank ")}
+    ref, got = weights(uninterrupted), weights(out)
+    assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+    assert json.loads((out / "stages" / "train_cls.json").read_text())["world_size"] == 2
+    assert hosts == {"n1", "n2"}, hosts
+
+
+def test_preempted_job_is_requeued_and_resumes(slurm, cfg_path, uninterrupted, tmp_path):
+    out = tmp_path / "preempted"
+    cfg = load_config(cfg_path, [f"out_dir={out}"])
+    folder = out / "cls" / "submitit" / "job"
+    job = make_executor(cfg.train_cls, "slurm", folder, "preempt").submit(TrainJob(cfg, "cls"))
+    log = out / "cls" / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not job.done():
+        steps = [json.loads(x)["step"] for x in log.read_text().splitlines()] if log.is_file() else []
+        if steps and max(steps) >= 6:
+            break
+        time.sleep(0.05)
+    assert not job.done(), "the job ended before it could be preempted"
+    # what a preempting scheduler does: USR2 to the job's tasks; submitit checkpoints and requeues
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    # SLURM holds a requeued job ~2 minutes (Reason=BeginTime); release it as an operator would
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], text=True,
+                            capture_output=True).stdout.split()
+        if st[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+            break
+        time.sleep(0.2)
+    result = job.results()[0]
+    assert result["steps"] == 36
+    text = "\n".join(p.read_text() for p in folder.glob("*_0_log.*"))
+    assert "Caught signal SIGUSR2" in text and "resumed from" in text, text[-3000:]
+    ref, got = weights(uninterrupted), weights(out)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_failing_job_error_reaches_the_caller(cfg_path, slurm, tmp_path):
+    # AffinityNet needs the classifier's checkpoint, which this run directory does not have
+    cfg = load_config(cfg_path, [f"out_dir={tmp_path / 'fails'}", "train_aff.launcher=slurm",
+                                 "train_aff.gpus_per_node=0", "train_aff.cpus_per_task=1",
+                                 "train_aff.partition=debug", "train_aff.time_min=5"])
+    with pytest.raises(Exception, match=r"cls/checkpoint.pth not found"):
+        run_pipeline(cfg, stages=["train_aff"])
+    assert not (tmp_path / "fails" / "stages" / "train_aff.json").exists()
