@@ -83,6 +83,12 @@ def _add_launcher_arg(p: argparse.ArgumentParser) -> None:
                         "torchrun rank, as a submitit job on this machine, or as a SLURM job")
 
 
+def cmd_bench_loader(args) -> int:
+    from .bench import bench_loader
+    bench_loader(_load(args), args.kind, args.batches, args.workers)
+    return 0
+
+
 STAGE_HELP = {
     "train-cls": ("train_cls", "train the classifier on image-level labels"),
     "cams": ("cams", "multi-scale CAMs of the train split (shards in out_dir/cams)"),
@@ -121,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.startswith("train_"):
             _add_launcher_arg(p)
         p.set_defaults(func=cmd_stage, stage=stage)
+
+    bench = sub.add_parser("bench", help="speed benchmarks, as ratios against a baseline")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("loader", help="training loader samples/s vs what a training step consumes")
+    _add_config_args(p, required=True)
+    p.add_argument("--kind", default="cls", choices=["cls", "aff", "seg", "seg_full"])
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--workers", type=int, help="loader workers (default: the trainer's)")
+    p.set_defaults(func=cmd_bench_loader)
 
     data = sub.add_parser("data", help="create, convert and look at datasets (WebDataset shards)")
     dsub = data.add_subparsers(dest="data_command", required=True)

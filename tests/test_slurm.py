@@ -152,3 +152,24 @@ def test_failing_job_error_reaches_the_caller(cfg_path, slurm, tmp_path):
     with pytest.raises(Exception, match=r"cls/checkpoint.pth not found"):
         run_pipeline(cfg, stages=["train_aff"])
     assert not (tmp_path / "fails" / "stages" / "train_aff.json").exists()
+
+
+def test_ray_cluster_in_allocation_runs_a_label_stage(slurm, cfg_path, tmp_path):
+    """launch/ray_slurm.sbatch on two nodes: a Ray head and a worker, CAMs on both."""
+    out = tmp_path / "raycams"
+    cfg = load_config(cfg_path, [f"out_dir={out}", "train_cls.launcher=inline", "train_cls.epochs=1"])
+    run_pipeline(cfg, stages=["train_cls"])
+    venv_bin = Path(os.sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "PYTHON": os.sys.executable,
+           "PSA_RAY_HEAD_IP": "127.0.0.1"}
+    res = subprocess.run(
+        ["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1", "--time=10",
+         f"--output={tmp_path / 'ray-%j.out'}", str(REPO / "launch" / "ray_slurm.sbatch"),
+         str(cfg_path), "cams", f"out_dir={out}", "train_cls.launcher=inline", "ray.enabled=true"],
+        env=env, text=True, capture_output=True, timeout=400)
+    log = "\n".join(p.read_text() for p in tmp_path.glob("ray-*.out"))
+    assert res.returncode == 0, log[-4000:]
+    assert "2 nodes up" in log
+    shards = [json.loads(x) for x in (out / "stages" / "cams.shards.jsonl").read_text().splitlines()]
+    assert len(shards) == 8 and len(list((out / "cams").glob("*.tar"))) == 8
+    assert len({s["node"] for s in shards}) == 2, shards      # actors on both Ray nodes
