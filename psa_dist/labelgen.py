@@ -26,14 +26,24 @@ from .shards import (SampleError, decode_sample, encode_json, encode_mask, encod
                      write_shard)
 
 
-def _summary(shard, out, t0, n, failed) -> dict:
+def _summary(shard, out, t0, n, failed, io: dict) -> dict:
+    """A shard's result; ``io``: seconds the worker sat waiting for decoded input
+    (``read_wait_seconds``: the read-ahead thread fell behind) and writing its output shard."""
     return {"shard": str(shard), "out": str(out), "samples": n, "failed": failed,
-            "seconds": round(time.monotonic() - t0, 3)}
+            "seconds": round(time.monotonic() - t0, 3),
+            **{f"{k}_seconds": round(v, 3) for k, v in io.items()}}
 
 
-def prefetch(iterable, depth: int = 8):
+def _write(out_shard, samples, io: dict) -> None:
+    t = time.monotonic()
+    write_shard(out_shard, samples)
+    io["write"] = io.get("write", 0.0) + time.monotonic() - t
+
+
+def prefetch(iterable, depth: int = 8, io: dict | None = None):
     """Run ``iterable`` in a background thread, ``depth`` items ahead, so that reading and decoding
-    (which release the GIL in zlib, libjpeg and libpng) overlap with the model's compute."""
+    (which release the GIL in zlib, libjpeg and libpng) overlap with the model's compute. Time
+    spent blocked on the queue is added to ``io["read_wait"]``."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
@@ -46,8 +56,12 @@ def prefetch(iterable, depth: int = 8):
             q.put(e)
 
     threading.Thread(target=produce, daemon=True).start()
+    io = io if io is not None else {}
+    io.setdefault("read_wait", 0.0)
     while True:
+        t = time.monotonic()
         item = q.get()
+        io["read_wait"] += time.monotonic() - t
         if item is done:
             return
         if isinstance(item, BaseException):
@@ -55,10 +69,11 @@ def prefetch(iterable, depth: int = 8):
         yield item
 
 
-def _decoded(data_url, *label_urls, fields=("image", "cls"), label_fields=(), failed=None):
+def _decoded(data_url, *label_urls, fields=("image", "cls"), label_fields=(), failed=None,
+             io=None):
     """Decoded (data, labels) pairs, read ahead in a thread; decode failures go to ``failed``."""
     return prefetch(_decode_all(data_url, *label_urls, fields=fields, label_fields=label_fields,
-                                failed=failed))
+                                failed=failed), io=io)
 
 
 def _decode_all(data_url, *label_urls, fields, label_fields, failed):
@@ -78,7 +93,7 @@ def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.
               flip: bool = True, device="cpu", batch_size: int = 8) -> dict:
     """Multi-scale CAMs of every image; ``cam.npy`` float16 (K, H, W) for the K classes in
     ``cls.json`` (in that order), at image resolution."""
-    t0, failed, out = time.monotonic(), [], []
+    t0, failed, out, io = time.monotonic(), [], [], {}
     batch: list[dict] = []
 
     def flush():
@@ -95,27 +110,27 @@ def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.
                         "cam.npy": encode_npy(cam[keep].numpy())})
         batch.clear()
 
-    for s in _decoded(in_shard, failed=failed):
+    for s in _decoded(in_shard, failed=failed, io=io):
         if batch and (s["image"].shape != batch[0]["image"].shape or len(batch) >= batch_size):
             flush()                      # batch only images of one size (VOC/COCO sizes vary)
         batch.append(s)
     flush()
-    write_shard(out_shard, out)
-    return _summary(in_shard, out_shard, t0, len(out), failed)
+    _write(out_shard, out, io)
+    return _summary(in_shard, out_shard, t0, len(out), failed, io)
 
 
 def aff_label_shard(in_shard, cams_shard, out_shard, alpha_lo=4.0, alpha_hi=32.0,
                     crf: dict | None = None) -> dict:
     """Confident-region labels (``aff.png``, image resolution: 0 bg, class id, 255 neutral) from
     the CAMs, with the dense CRF on both score maps when ``crf`` (its settings) is given."""
-    t0, failed, out = time.monotonic(), [], []
-    for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed):
+    t0, failed, out, io = time.monotonic(), [], [], {}
+    for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed, io=io):
         cams = torch.from_numpy(s["cam"].astype(np.float32))
         refine = None if crf is None else functools.partial(_crf_scores, s["image"], crf)
         lab = affinity_labels(cams, alpha_lo, alpha_hi, refine=refine, class_ids=s["cls"])
         out.append({"__key__": s["key"], "aff.png": encode_mask(lab.numpy().astype(np.uint8))})
-    write_shard(out_shard, out)
-    return _summary(in_shard, out_shard, t0, len(out), failed)
+    _write(out_shard, out, io)
+    return _summary(in_shard, out_shard, t0, len(out), failed, io)
 
 
 def _crf_scores(image, crf: dict, scores):
@@ -146,13 +161,13 @@ def walk_image(aff_model, image: np.ndarray, cams: torch.Tensor, class_ids, beta
 def rw_shard(aff_model, in_shard, cams_shard, out_shard, beta=8.0, t=256, radius=5,
              bg_alpha=16.0, device="cpu") -> dict:
     """Random-walk pseudo labels (``pseudo.png``, image resolution) for every image of a shard."""
-    t0, failed, out = time.monotonic(), [], []
-    for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed):
+    t0, failed, out, io = time.monotonic(), [], [], {}
+    for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed, io=io):
         cams = torch.from_numpy(s["cam"].astype(np.float32))
         lab = walk_image(aff_model, s["image"], cams, s["cls"], beta, t, radius, bg_alpha, device)
         out.append({"__key__": s["key"], "pseudo.png": encode_mask(lab.cpu().numpy().astype(np.uint8))})
-    write_shard(out_shard, out)
-    return _summary(in_shard, out_shard, t0, len(out), failed)
+    _write(out_shard, out, io)
+    return _summary(in_shard, out_shard, t0, len(out), failed, io)
 
 
 def output_path(stage_dir, in_shard) -> Path:

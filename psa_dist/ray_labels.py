@@ -149,6 +149,7 @@ class ShardedLabelJob:
         inflight: dict = {}      # task ref -> (slot, shard, the actor it was sent to)
         attempts: dict = {}
         done, failed_samples, failed_shards, restarts = 0, [], [], 0
+        busy_s = io_s = 0.0     # worker seconds on shards, and of those waiting on input/output
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         idle_since = None
 
@@ -211,6 +212,8 @@ class ShardedLabelJob:
             else:
                 done += 1
                 failed_samples += res["failed"]
+                busy_s += res["seconds"]
+                io_s += res.get("read_wait_seconds", 0.0) + res.get("write_seconds", 0.0)
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps({k: v for k, v in res.items() if k != "failed"}) + "\n")
                 bar.extra["shards"] = f"{done}/{done + len(todo) + len(inflight)}"
@@ -221,9 +224,12 @@ class ShardedLabelJob:
         if todo:   # every worker was lost and none could be restarted: never report success
             raise StageFailed(f"{self.stage}: no worker left to run {len(todo)} shards "
                               f"({restarts} restarts); first: {todo[0]}")
+        io_share = io_s / busy_s if busy_s else 0.0
         stats = bar.close(f"{done} shards written, {skipped} already there, {len(failed_shards)} "
-                          f"shards failed, {restarts} workers restarted")
+                          f"shards failed, {restarts} workers restarted; workers waited on I/O "
+                          f"{100 * io_share:.1f}% of their time")
         summary = {**stats, "shards_done": done, "shards_skipped": skipped, "restarts": restarts,
+                   "io_wait_share": round(io_share, 4),
                    "failed": failed_samples, "failed_shards": failed_shards}
         lost = len(failed_samples) + sum(counts.get(f["shard"], 1) for f in failed_shards)
         if lost > self.cfg.ray.max_failures * (total_samples or 1):

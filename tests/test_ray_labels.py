@@ -89,6 +89,8 @@ def test_same_outputs_for_1_2_4_actors_and_resume(trained, ray_local):
     # per-shard JSON log: one line per shard with timing
     lines = (base / "random_walk4" / "stages" / "random_walk.shards.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(x)["seconds"] >= 0 for x in lines)
+    for x in map(json.loads, lines):   # I/O wait is part of the shard's time, never more
+        assert 0 <= x["read_wait_seconds"] + x["write_seconds"] <= x["seconds"] + 1e-3
     # resume: drop two outputs, leave a stale temp file; only the two are redone, same bytes
     out = base / "random_walk2"
     (out / "rw" / "train-000001.tar").unlink()
