@@ -126,6 +126,20 @@ class RayConfig:
     num_cpus: int = 0               # CPUs of the local instance (0: all of this machine's)
     num_actors: int = 0             # 0: one per GPU, else one per CPU
     max_failures: float = 0.001     # share of samples allowed to fail before the stage exits non-zero
+    # Where the Ray cluster comes from: inline (ray.init here, or ray.address) | local | slurm (a
+    # submitit job that starts Ray on its nodes and runs the stage there; the knobs below)
+    launcher: str = "inline"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: Optional[int] = 1   # one Ray node per task; keep 1
+    cpus_per_task: int = 8
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 240
+    mem_gb: Optional[int] = None
+    sbatch_extra: list = field(default_factory=list)
 
 
 @dataclass

@@ -100,6 +100,9 @@ def stage_labels(run: Run, stage: str) -> dict:
     from .ray_labels import STAGE_DIRS, LabelWorker, ShardedLabelJob, ensure_ray
     counts = {str(run.root / s["name"]): s["count"]
               for s in run.info["splits"][run.cfg.data.train_split]["shards"]}
+    if run.cfg.ray.enabled and run.cfg.ray.launcher != "inline":
+        from .ray_job import submit_label_stage    # a job that brings its own Ray cluster
+        return submit_label_stage(run.cfg, stage)
     if run.cfg.ray.enabled:
         ensure_ray(run.cfg.ray, run.cfg.ray.num_cpus or None)
         job = ShardedLabelJob(stage, run.cfg, run.out, run.num_classes, run.cfg.ray.num_actors)

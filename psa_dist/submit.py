@@ -98,13 +98,20 @@ def launch_training(cfg: Config, kind: str) -> dict:
     print(f"[{kind}] submitted {launcher} job {job.job_id} ({tcfg.nodes} node(s) x "
           f"{tcfg.tasks_per_node or max(tcfg.gpus_per_node, 1)} task(s)); logs in {folder}",
           flush=True)
-    follow(job, out / "log.jsonl")
-    return job.results()[0]     # every rank's result (raises the first failure); rank 0's summary
+    return follow_job(job, out / "log.jsonl")
+
+
+def follow_job(job, log_path: Path | None):
+    """Wait for ``job``, echoing ``log_path``'s new lines; rank 0's result, or the job's error
+    (``results()`` raises the first failed task's traceback)."""
+    if log_path is not None:
+        follow(job, log_path)
+    return job.results()[0]
 
 
 def follow(job, log_path: Path, poll_s: float = 1.0) -> None:
     """Echo the trainer's new JSON log lines until the job ends (the job's own progress view)."""
-    pos = log_path.stat().st_size if log_path.is_file() else 0
+    pos = log_path.stat().st_size if log_path.is_file() else 0   # only what this job adds
     while True:
         finished = job.done()
         if log_path.is_file():

@@ -173,3 +173,19 @@ def test_ray_cluster_in_allocation_runs_a_label_stage(slurm, cfg_path, tmp_path)
     shards = [json.loads(x) for x in (out / "stages" / "cams.shards.jsonl").read_text().splitlines()]
     assert len(shards) == 8 and len(list((out / "cams").glob("*.tar"))) == 8
     assert len({s["node"] for s in shards}) == 2, shards      # actors on both Ray nodes
+
+
+def test_label_stage_as_a_submitit_job_with_its_own_ray_cluster(slurm, cfg_path, tmp_path):
+    """ray.launcher=slurm: the stage runs in a 2-node job that starts Ray on both nodes."""
+    out = tmp_path / "rayjob"
+    base = [f"out_dir={out}", "train_cls.launcher=inline", "train_cls.epochs=1"]
+    run_pipeline(load_config(cfg_path, base), stages=["train_cls"])
+    cfg = load_config(cfg_path, base + ["ray.enabled=true", "ray.launcher=slurm", "ray.nodes=2",
+                                        "ray.cpus_per_task=1", "ray.partition=debug",
+                                        "ray.time_min=10"])
+    run_pipeline(cfg, stages=["cams"])
+    marker = json.loads((out / "stages" / "cams.json").read_text())
+    assert marker["shards_done"] == 8 and marker["actors"] == 2
+    shards = [json.loads(x) for x in (out / "stages" / "cams.shards.jsonl").read_text().splitlines()]
+    assert len({s["node"] for s in shards}) == 2               # actors on both Ray nodes
+    assert 0 <= marker["io_wait_share"] < 1
