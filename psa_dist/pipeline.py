@@ -30,7 +30,8 @@ def ensure_dataset(cfg: Config) -> Path:
     """The dataset directory of the config; the synthetic one is generated when missing."""
     root = Path(cfg.data.root)
     if (root / "dataset.json").is_file():
-        return root
+        if cfg.data.source != "synth" or _synth_matches(root, cfg):
+            return root
     if cfg.data.source != "synth":
         raise FileNotFoundError(f"data.root={root} has no dataset.json: convert the dataset first "
                                 f"(psa-dist data convert-{cfg.data.source})")
@@ -38,6 +39,27 @@ def ensure_dataset(cfg: Config) -> Path:
     write_synth(cfg.synth, root, shard_size=cfg.data.shard_size, workers=cfg.data.workers,
                 config=cfg)
     return root
+
+
+def _synth_matches(root: Path, cfg: Config) -> bool:
+    """Whether ``root`` holds the synthetic dataset of ``cfg.synth``; a generated dataset made
+    with other settings (e.g. an older demo config) is removed so it is generated anew."""
+    import dataclasses
+    import json
+    import shutil
+    src = read_dataset_json(root).get("source", {})
+    if src.get("kind") != "synth":
+        raise FileExistsError(f"data.root={root} holds a dataset that is not synthetic "
+                              f"({src.get('kind')!r}); set data.source or another data.root")
+    want = json.loads(json.dumps(dataclasses.asdict(cfg.synth)))
+    have = src.get("synth") or {}
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if not diff:
+        return True
+    print(f"[data] {root} was generated with other synth settings ({', '.join(diff)}): "
+          f"generating it anew", flush=True)
+    shutil.rmtree(root)
+    return False
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -172,12 +194,27 @@ def run_stage(run: Run, stage: str, force: bool = False) -> dict | None:
     return summary
 
 
+def check_same_dataset(run: Run, force: bool) -> None:
+    """A run directory belongs to one dataset: cached stages made from another one (say, the
+    synthetic data generated anew with other settings) must not be reused silently."""
+    import hashlib
+    digest = hashlib.sha256((run.root / "dataset.json").read_bytes()).hexdigest()
+    mark = run.out / "stages" / "dataset.sha256"
+    if mark.is_file() and mark.read_text().strip() != digest and not force:
+        raise FileExistsError(f"{run.out} holds stages made from another dataset than "
+                              f"{run.root} (dataset.json changed): use a new out_dir, or --force")
+    if is_main_process():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(digest + "\n")
+
+
 def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False) -> int:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_run_info(out, cfg)
     run = Run(cfg)
+    check_same_dataset(run, force)
     print(f"[run] {cfg.name}: {run.num_train} train images, {run.num_classes} classes, device "
           f"{run.device}, outputs in {out}", flush=True)
     t0 = time.monotonic()

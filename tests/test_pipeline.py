@@ -96,3 +96,20 @@ def test_paper_configs_validate():
         assert cfg.random_walk.beta == 8.0 and cfg.random_walk.t == 256
         if name != "demo.yaml":
             assert cfg.aff_labels.crf and cfg.cams.scales == (1.0, 0.5, 1.5, 2.0)
+
+
+def test_synth_data_follows_its_settings_and_stale_runs_are_refused(tiny_cfg, tmp_path, capsys):
+    from psa_dist.pipeline import Run, check_same_dataset
+    out = tmp_path / "run"
+    run = Run(load_config(tiny_cfg, [f"out_dir={out}"]))
+    check_same_dataset(run, force=False)
+    check_same_dataset(run, force=False)           # same data: fine
+    # other generator settings: the generated dataset is made anew, not reused
+    run2 = Run(load_config(tiny_cfg, [f"out_dir={out}", "synth.body_pattern=0.2"]))
+    assert "generating it anew" in capsys.readouterr().out
+    assert read_dataset_json(tmp_path / "data")["source"]["synth"]["body_pattern"] == 0.2
+    # ... and the run directory made from the old data is not silently reused
+    with pytest.raises(FileExistsError, match="another dataset"):
+        check_same_dataset(run2, force=False)
+    check_same_dataset(run2, force=True)
+    check_same_dataset(run2, force=False)
