@@ -111,7 +111,7 @@ def _background(rng: np.random.Generator, s: int, cfg: SynthConfig) -> np.ndarra
 
 def _place_object(rng: np.random.Generator, s: int, cfg: SynthConfig):
     length = rng.uniform(0.45, 0.85) * s
-    width = rng.uniform(0.15, 0.24) * s
+    width = rng.uniform(*cfg.object_width) * s
     theta = rng.uniform(0, 2 * math.pi)     # direction of the discriminative end
     # Keep the centre where most of the object stays inside the image.
     half = 0.5 * length * 0.6
@@ -120,8 +120,12 @@ def _place_object(rng: np.random.Generator, s: int, cfg: SynthConfig):
     return length, width, theta, cx, cy
 
 
-def render(cfg: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One sample: (image uint8 HxWx3, mask uint8 HxW with 0 = background, 1..C classes, class ids)."""
+def render(cfg: SynthConfig, split: str, index: int, objects: list | None = None
+           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One sample: (image uint8 HxWx3, mask uint8 HxW with 0 = background, 1..C classes, class ids).
+
+    ``objects``, when given a list, receives one dict per painted object (class id, whether its
+    part is shown, its instance mask before later objects covered it): for diagnostics."""
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split {split!r} (expected one of {sorted(SPLIT_IDS)})")
     rng = np.random.default_rng([cfg.seed, SPLIT_IDS[split], index])
@@ -169,6 +173,8 @@ def render(cfg: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.nda
             strength = np.where(part, PART_STRENGTH, cfg.body_pattern)[..., None]
             colour = base * shade * (1 + strength * pat[..., None])
         img = np.where(inside[..., None], colour, img)
+        if objects is not None:
+            objects.append({"cls": cls + 1, "part_shown": bool(part.any()), "inside": inside})
         mask[inside] = cls + 1
         inst[inside] = k
         areas.append(float(inside.sum()))
