@@ -34,6 +34,7 @@ class SynthConfig:
     body_pattern: float = 0.11      # strength of the class mark over the whole body (0 = none)
     part_fraction: float = 0.22     # share of the object's length that carries the strong pattern
     part_prob: float = 0.7          # probability that an object shows its part (else body mark only)
+    object_width: tuple = (0.15, 0.24)  # object width range, as a share of the image size
     clutter_density: float = 1.0    # multiplier on the number of background clutter strokes
     clutter_noise: float = 12.0     # std of per-pixel colour noise over the whole image (0..255)
 

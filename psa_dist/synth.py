@@ -2,8 +2,10 @@
 
 Why it looks the way it does (the measured history is in BENCHMARK-NOTES.md and docs/benchmark.md):
 
-* **Objects are large and elongated** (a rotated capsule spanning 45-85 % of the image), so at
-  stride 8 an object covers 10-20 feature cells and a CAM blob around one end cannot cover it.
+* **Objects are large and elongated** (a rotated capsule spanning 45-85 % of the image, its width
+  ``object_width`` of the image), so at stride 8 an object covers 10-20 feature cells and a CAM blob
+  around one end cannot cover it. The demo uses 1-2 objects 22-32 % wide (3.5-5 cells at 128 px):
+  thinner objects are nearly all boundary cells at stride 8 (psa_dist/BENCHMARK.md).
 * **Each object has one smooth, saturated colour of its own** (random hue per object, never tied to
   the class), with soft cylinder shading. Its surface is coherent and distinct from the clutter,
   which is what a learned affinity can follow; since colour says nothing about the class, the
@@ -13,7 +15,9 @@ Why it looks the way it does (the measured history is in BENCHMARK-NOTES.md and 
   discriminative part) and only *faintly* over the rest of the body (``body_pattern``). A
   classifier then fires strongly on the part and weakly, but not zero, on the body: the CAM of a
   real network on a real image (head of a person, wheels of a car). BENCHMARK-NOTES.md measured
-  that the walk gains only in this regime: body CAM around 0.2-0.3 of the peak.
+  that the walk gains only in this regime: body CAM around 0.2-0.3 of the peak. With the colour
+  mark at 128 px, ``body_pattern`` 0.3 gives part-shown bodies a CAM median of 0.12 and 0.4 gives
+  0.30 (psa_dist/BENCHMARK.md, variants A and B).
 * **The part is sometimes hidden** (probability ``1 - part_prob``): then only the faint body mark
   tells the class, so the classifier must learn it too and its CAM stays weak but non-zero over
   bodies, as on real images where the most discriminative part is not always in view.
@@ -111,7 +115,7 @@ def _background(rng: np.random.Generator, s: int, cfg: SynthConfig) -> np.ndarra
 
 def _place_object(rng: np.random.Generator, s: int, cfg: SynthConfig):
     length = rng.uniform(0.45, 0.85) * s
-    width = rng.uniform(0.15, 0.24) * s
+    width = rng.uniform(*cfg.object_width) * s
     theta = rng.uniform(0, 2 * math.pi)     # direction of the discriminative end
     # Keep the centre where most of the object stays inside the image.
     half = 0.5 * length * 0.6
@@ -120,8 +124,12 @@ def _place_object(rng: np.random.Generator, s: int, cfg: SynthConfig):
     return length, width, theta, cx, cy
 
 
-def render(cfg: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One sample: (image uint8 HxWx3, mask uint8 HxW with 0 = background, 1..C classes, class ids)."""
+def render(cfg: SynthConfig, split: str, index: int, objects: list | None = None
+           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One sample: (image uint8 HxWx3, mask uint8 HxW with 0 = background, 1..C classes, class ids).
+
+    ``objects``, when given a list, receives one dict per painted object (class id, whether its
+    part is shown, its instance mask before later objects covered it): for diagnostics."""
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split {split!r} (expected one of {sorted(SPLIT_IDS)})")
     rng = np.random.default_rng([cfg.seed, SPLIT_IDS[split], index])
@@ -169,6 +177,8 @@ def render(cfg: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.nda
             strength = np.where(part, PART_STRENGTH, cfg.body_pattern)[..., None]
             colour = base * shade * (1 + strength * pat[..., None])
         img = np.where(inside[..., None], colour, img)
+        if objects is not None:
+            objects.append({"cls": cls + 1, "part_shown": bool(part.any()), "inside": inside})
         mask[inside] = cls + 1
         inst[inside] = k
         areas.append(float(inside.sum()))

@@ -89,3 +89,17 @@ def test_inspect_and_preview(tmp_path):
     out = preview_dataset(tmp_path / "d", tmp_path / "p.png", count=6, cols=3, size=32)
     from PIL import Image
     assert Image.open(out).size == (3 * 64, 2 * 32)
+
+
+def test_object_width_and_object_report():
+    # synth.object_width sets how wide objects are; asking render for the per-object report
+    # leaves the sample unchanged.
+    narrow = SynthConfig(image_size=96, max_objects=1, object_width=(0.15, 0.15))
+    wide = SynthConfig(image_size=96, max_objects=1, object_width=(0.3, 0.3))
+    area = lambda c: np.mean([(render(c, "train", i)[1] > 0).sum() for i in range(10)])
+    assert area(wide) > 1.5 * area(narrow)
+    objs: list = []
+    a, b = render(wide, "train", 4), render(wide, "train", 4, objs)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert len(objs) == 1 and objs[0]["cls"] in a[2] and isinstance(objs[0]["part_shown"], bool)
