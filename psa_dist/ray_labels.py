@@ -155,11 +155,14 @@ class ShardedLabelJob:
 
         def fill():
             """Two tasks per live actor: one running, one queued behind it."""
-            for i in sorted(live):
-                while todo and sum(1 for a, _, _ in inflight.values() if a == i) < 2:
-                    shard = todo.popleft()
-                    ref = actors[i].process.remote(shard, str(out_dir / Path(shard).name))
-                    inflight[ref] = (i, shard, actors[i])
+            # breadth first: every actor gets its first shard before any gets a second (with as
+            # few shards as actors, depth first would queue them all behind the first actor)
+            for depth in (1, 2):
+                for i in sorted(live):
+                    if todo and sum(1 for a, _, _ in inflight.values() if a == i) < depth:
+                        shard = todo.popleft()
+                        ref = actors[i].process.remote(shard, str(out_dir / Path(shard).name))
+                        inflight[ref] = (i, shard, actors[i])
 
         fill()
         while inflight or (todo and starting):
