@@ -1,7 +1,7 @@
 """Backbones with output stride 8 and named multi-level feature taps.
 
-Every backbone maps (B, 3, H, W) to a dict of feature maps at stride 8 (``ceil(H / 8)`` ×
-``ceil(W / 8)``), and declares ``taps`` (name -> channels) for AffinityNet and ``out_channels`` for
+Every backbone maps (B, 3, H, W) to a dict of feature maps whose last one is at stride 8
+(``ceil(H / 8)`` × ``ceil(W / 8)``; earlier taps may be finer), and declares ``taps`` (name -> channels) for AffinityNet and ``out_channels`` for
 the last one, which the classifier and segmenter use.
 
 * ``small``: a compact residual network that trains on 2 CPU cores, for the embedded demo.
@@ -50,9 +50,10 @@ class SmallNet(nn.Module):
         self.layer2 = _Basic(w[1], w[2], stride=2)
         self.layer3 = _Basic(w[2], w[3], dilation=dilations[0])
         self.layer4 = _Basic(w[3], w[4], dilation=dilations[1])
-        # layer1 (stride 4, pooled to stride 8) is tapped too: trained from scratch, the deep taps
-        # know classes but little about surfaces; the shallow one gives AffinityNet colour and
-        # texture coherence to follow (a pretrained backbone has this in its deep features).
+        # layer1 (stride 4) is tapped too: trained from scratch, the deep taps know classes but
+        # little about surfaces; the shallow one gives AffinityNet colour and texture coherence to
+        # follow (a pretrained backbone has this in its deep features). AffinityNet brings every
+        # tap to its own output grid (stride 8, or 4 with model.aff_stride).
         self.taps = {"layer1": w[1], "layer2": w[2], "layer3": w[3], "layer4": w[4]}
         self.aff_dims = (32, 64, 128, 256)
         self.out_channels = w[4]
@@ -62,7 +63,7 @@ class SmallNet(nn.Module):
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
         f4 = self.layer4(f3)
-        return {"layer1": F.avg_pool2d(f1, 2, ceil_mode=True), "layer2": f2, "layer3": f3, "layer4": f4}
+        return {"layer1": f1, "layer2": f2, "layer3": f3, "layer4": f4}
 
 
 # ----------------------------------------------------------------------------- resnet50

@@ -57,6 +57,7 @@ class ModelConfig:
     freeze_bn: bool = False
     aff_dims: Optional[tuple] = None  # AffinityNet reduction per backbone tap (None: the backbone's
                                       # default; ResNet-38: 64/128/256 = 448 channels as the paper)
+    aff_stride: int = 8               # AffinityNet's output grid, where the walk runs: 8 (paper) or 4
 
 
 @dataclass
@@ -252,7 +253,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = loaded
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
-        return _build(Config, tree)
+        cfg = _build(Config, tree)
+        if cfg.model.aff_stride not in (4, 8):
+            raise ConfigError(f"model.aff_stride: must be 4 or 8, got {cfg.model.aff_stride}")
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 

@@ -142,15 +142,17 @@ def _crf_scores(image, crf: dict, scores):
 def walk_image(aff_model, image: np.ndarray, cams: torch.Tensor, class_ids, beta=8.0, t=256,
                radius=5, bg_alpha=16.0, device="cpu") -> torch.Tensor:
     """Pseudo label of one image, as the authors' ``infer_aff``: background score at full
-    resolution, zero-pad to a multiple of 8, average-pool 8×8 to the feature grid, walk, upsample
-    bilinearly, argmax, crop. Only the present classes and background are propagated."""
+    resolution, zero-pad to a multiple of 8, average-pool to AffinityNet's grid (8×8 cells, or 4×4
+    with model.aff_stride 4), walk, upsample bilinearly, argmax, crop. Only the present classes and
+    background are propagated."""
     h, w = image.shape[:2]
     ph, pw = (-h) % 8, (-w) % 8
     x = normalize(torch.from_numpy(image)[None].to(device))
     x = F.pad(x, (0, pw, 0, ph))
     feats = aff_model(x)[0]
     maps = F.pad(rw_inputs(cams.to(device), bg_alpha), (0, pw, 0, ph))
-    maps = F.avg_pool2d(maps[None], 8, 8)[0]
+    cell = (h + ph) // feats.shape[-2]
+    maps = F.avg_pool2d(maps[None], cell, cell)[0]
     if maps.shape[-2:] != feats.shape[-2:]:
         raise ValueError(f"feature grid {tuple(feats.shape[-2:])} != CAM grid {tuple(maps.shape[-2:])}")
     walked = random_walk(maps, feats, beta=beta, t=t, radius=radius)

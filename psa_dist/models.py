@@ -62,12 +62,17 @@ class AffinityNet(nn.Module):
     """Multi-level head of PAPER.md: a 1×1 conv + ELU per backbone tap, concat, 1×1 conv + ELU.
 
     For ResNet-38 the taps (512, 1024, 4096 channels) are reduced to 64 / 128 / 256 and the head
-    outputs 448 channels; ``dims`` sets these for other backbones. Output at stride 8.
+    outputs 448 channels; ``dims`` sets these for other backbones. Output at ``stride`` 8 (the
+    paper), or 4 where the backbone has a stride-4 tap: finer taps are average-pooled to the output
+    grid, coarser ones upsampled bilinearly.
     """
 
-    def __init__(self, backbone: nn.Module, dims=None):
+    def __init__(self, backbone: nn.Module, dims=None, stride: int = 8):
         super().__init__()
+        if stride not in (4, 8):
+            raise ValueError(f"model.aff_stride must be 4 or 8, got {stride}")
         self.backbone = backbone
+        self.stride = stride
         taps = list(backbone.taps.items())
         dims = tuple(dims) if dims else backbone.aff_dims
         if len(dims) != len(taps):
@@ -82,19 +87,22 @@ class AffinityNet(nn.Module):
         # start spread out; kaiming plays the same role here.
 
     @classmethod
-    def from_classifier(cls, classifier: Classifier, dims=None) -> "AffinityNet":
+    def from_classifier(cls, classifier: Classifier, dims=None, stride: int = 8) -> "AffinityNet":
         """Initialised from the trained classifier's backbone, as the paper does."""
-        return cls(copy.deepcopy(classifier.backbone), dims)
+        return cls(copy.deepcopy(classifier.backbone), dims, stride)
 
     def new_modules(self) -> list[nn.Module]:
         return [*self.reduce, self.head]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
-        size = feats[self.tap_names[-1]].shape[-2:]
+        size = (-(-x.shape[-2] // self.stride), -(-x.shape[-1] // self.stride))
         parts = []
         for name, conv in zip(self.tap_names, self.reduce):
             f = feats[name]
+            k = round(f.shape[-2] / size[0])
+            if k >= 2:              # a finer tap (stride 4 into stride 8): mean over each cell
+                f = F.avg_pool2d(f, k, k, ceil_mode=True)
             if f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             parts.append(F.elu(conv(f)))

@@ -48,7 +48,8 @@ class LabelWorker:
             else:
                 from .backbones import build_backbone
                 from .models import AffinityNet
-                net = AffinityNet(build_backbone(cfg.model.backbone), cfg.model.aff_dims)
+                net = AffinityNet(build_backbone(cfg.model.backbone), cfg.model.aff_dims,
+                                  cfg.model.aff_stride)
                 path = self.out / "aff" / "checkpoint.pth"
             self.model = load_weights(net, path).to(self.device).eval()
 

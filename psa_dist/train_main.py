@@ -24,7 +24,7 @@ def build_model(run, kind: str):
     if kind == "cls":
         return build_classifier(cfg.model, run.num_classes)
     if kind == "aff":
-        return AffinityNet.from_classifier(classifier(run), cfg.model.aff_dims)
+        return AffinityNet.from_classifier(classifier(run), cfg.model.aff_dims, cfg.model.aff_stride)
     return build_segmenter(cfg.model, run.num_classes + 1)
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from psa_dist.backbones import build_backbone
 from psa_dist.config import ModelConfig
@@ -23,7 +24,9 @@ def test_backbone_stride8_taps(name):
         feats = net(x)
     assert list(feats) == list(net.taps)
     for tap, ch in net.taps.items():
-        assert feats[tap].shape == (1, ch, ceil8(41), ceil8(35)), tap
+        # the last tap is at stride 8; earlier ones at 8 or (small's layer1) at 4
+        shapes = [(1, ch, ceil8(41), ceil8(35)), (1, ch, -(-41 // 4), -(-35 // 4))]
+        assert feats[tap].shape in shapes[:1 if tap == list(net.taps)[-1] else 2], tap
     assert list(net.taps.values())[-1] == net.out_channels
 
 
@@ -55,6 +58,31 @@ def test_affinitynet_from_classifier():
     assert AffinityNet.from_classifier(cls).out_dim == sum(cls.backbone.aff_dims)
     with pytest.raises(ValueError, match="taps"):
         AffinityNet(cls.backbone, dims=(1, 2))
+
+
+def test_affinitynet_stride4_and_stride8_grids():
+    torch.manual_seed(0)
+    cls = build_classifier(ModelConfig(backbone="small"), 4).eval()
+    a8 = AffinityNet.from_classifier(cls, dims=(8, 16, 32, 40)).eval()
+    a4 = AffinityNet.from_classifier(cls, dims=(8, 16, 32, 40), stride=4).eval()
+    a4.load_state_dict(a8.state_dict())
+    x = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        f8, f4 = a8(x), a4(x)
+        assert f8.shape == (1, 96, 5, 6) and f4.shape == (1, 96, 9, 12)
+        # independent check of the stride-8 head: the stride-4 tap averaged over each 2x2 cell
+        # (partial cells at the border over what they hold), the others used as they are
+        taps = a8.backbone(x)
+        l1 = taps["layer1"]
+        pooled = torch.zeros(1, l1.shape[1], 5, 6)
+        for i in range(5):
+            for j in range(6):
+                pooled[0, :, i, j] = l1[0, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(dim=(1, 2))
+        parts = [F.elu(a8.reduce[0](pooled))] + [
+            F.elu(conv(taps[n])) for n, conv in zip(a8.tap_names[1:], a8.reduce[1:])]
+        torch.testing.assert_close(f8, F.elu(a8.head(torch.cat(parts, 1))), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="aff_stride"):
+        AffinityNet(cls.backbone, stride=2)
 
 
 def test_resnet38_affinity_head_is_448():
