@@ -119,6 +119,7 @@ class RandomWalkConfig:
     t: int = 256
     radius: int = 5
     bg_alpha: float = 16.0
+    batch_size: int = 8             # images walked together (exact: see random_walk_many)
 
 
 @dataclass

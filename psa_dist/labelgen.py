@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .affinity import affinity_labels
 from .cam import cam_multiscale_batch, rw_inputs, rw_to_label
 from .models import normalize
-from .random_walk import random_walk
+from .random_walk import random_walk_many
 from .shards import (SampleError, decode_sample, encode_json, encode_mask, encode_npy, iter_joined,
                      write_shard)
 
@@ -139,35 +139,64 @@ def _crf_scores(image, crf: dict, scores):
 
 
 @torch.inference_mode()
+def walk_images(aff_model, images: list, cams: list, class_ids: list, beta=8.0, t=256, radius=5,
+                bg_alpha=16.0, device="cpu") -> list:
+    """Pseudo labels of several images, as the authors' ``infer_aff`` does one: background score
+    at full resolution, zero-pad to a multiple of 8, average-pool to AffinityNet's grid (8×8 cells,
+    or 4×4 with model.aff_stride 4), walk, upsample bilinearly, argmax, crop. Only the present
+    classes and background are propagated. The walks of all images run as one batch
+    (``random_walk_many``: exact, whatever their sizes)."""
+    maps, feats, sizes = [], [], []
+    for image, cam in zip(images, cams):
+        h, w = image.shape[:2]
+        ph, pw = (-h) % 8, (-w) % 8
+        x = normalize(torch.from_numpy(image)[None].to(device))
+        f = aff_model(F.pad(x, (0, pw, 0, ph)))[0]
+        m = F.pad(rw_inputs(cam.to(device), bg_alpha), (0, pw, 0, ph))
+        cell = (h + ph) // f.shape[-2]
+        m = F.avg_pool2d(m[None], cell, cell)[0]
+        if m.shape[-2:] != f.shape[-2:]:
+            raise ValueError(f"feature grid {tuple(f.shape[-2:])} != CAM grid {tuple(m.shape[-2:])}")
+        maps.append(m)
+        feats.append(f)
+        sizes.append((h, w, ph, pw))
+    labels = []
+    for walked, (h, w, ph, pw), ids in zip(random_walk_many(maps, feats, beta, t, radius), sizes,
+                                          class_ids):
+        up = F.interpolate(walked[None], size=(h + ph, w + pw), mode="bilinear",
+                           align_corners=False)[0]
+        labels.append(rw_to_label(up[:, :h, :w], ids))
+    return labels
+
+
 def walk_image(aff_model, image: np.ndarray, cams: torch.Tensor, class_ids, beta=8.0, t=256,
                radius=5, bg_alpha=16.0, device="cpu") -> torch.Tensor:
-    """Pseudo label of one image, as the authors' ``infer_aff``: background score at full
-    resolution, zero-pad to a multiple of 8, average-pool to AffinityNet's grid (8×8 cells, or 4×4
-    with model.aff_stride 4), walk, upsample bilinearly, argmax, crop. Only the present classes and
-    background are propagated."""
-    h, w = image.shape[:2]
-    ph, pw = (-h) % 8, (-w) % 8
-    x = normalize(torch.from_numpy(image)[None].to(device))
-    x = F.pad(x, (0, pw, 0, ph))
-    feats = aff_model(x)[0]
-    maps = F.pad(rw_inputs(cams.to(device), bg_alpha), (0, pw, 0, ph))
-    cell = (h + ph) // feats.shape[-2]
-    maps = F.avg_pool2d(maps[None], cell, cell)[0]
-    if maps.shape[-2:] != feats.shape[-2:]:
-        raise ValueError(f"feature grid {tuple(feats.shape[-2:])} != CAM grid {tuple(maps.shape[-2:])}")
-    walked = random_walk(maps, feats, beta=beta, t=t, radius=radius)
-    up = F.interpolate(walked[None], size=(h + ph, w + pw), mode="bilinear", align_corners=False)[0]
-    return rw_to_label(up[:, :h, :w], class_ids)
+    """The pseudo label of one image (:func:`walk_images` of a batch of one)."""
+    return walk_images(aff_model, [image], [cams], [class_ids], beta, t, radius, bg_alpha, device)[0]
 
 
 def rw_shard(aff_model, in_shard, cams_shard, out_shard, beta=8.0, t=256, radius=5,
-             bg_alpha=16.0, device="cpu") -> dict:
-    """Random-walk pseudo labels (``pseudo.png``, image resolution) for every image of a shard."""
+             bg_alpha=16.0, device="cpu", batch_size: int = 8) -> dict:
+    """Random-walk pseudo labels (``pseudo.png``, image resolution) for every image of a shard,
+    walked ``batch_size`` images at a time."""
     t0, failed, out, io = time.monotonic(), [], [], {}
+    batch: list = []
+
+    def flush():
+        labels = walk_images(aff_model, [s["image"] for s in batch],
+                             [torch.from_numpy(s["cam"].astype(np.float32)) for s in batch],
+                             [s["cls"] for s in batch], beta, t, radius, bg_alpha, device)
+        for s, lab in zip(batch, labels):
+            out.append({"__key__": s["key"],
+                        "pseudo.png": encode_mask(lab.cpu().numpy().astype(np.uint8))})
+        batch.clear()
+
     for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed, io=io):
-        cams = torch.from_numpy(s["cam"].astype(np.float32))
-        lab = walk_image(aff_model, s["image"], cams, s["cls"], beta, t, radius, bg_alpha, device)
-        out.append({"__key__": s["key"], "pseudo.png": encode_mask(lab.cpu().numpy().astype(np.uint8))})
+        batch.append(s)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
     _write(out_shard, out, io)
     return _summary(in_shard, out_shard, t0, len(out), failed, io)
 

@@ -73,6 +73,35 @@ def random_walk(cams: torch.Tensor, features: torch.Tensor, beta: float = 8.0, t
     return out if batched else out[0]
 
 
+def random_walk_many(cams: list, features: list, beta: float = 8.0, t: int = 256,
+                     radius: int = 5) -> list:
+    """:func:`random_walk` of several images of different sizes and channel counts in one batch.
+
+    Each image's transition weights are computed on its own grid, then zero-padded to the batch's
+    largest grid; maps are zero-padded in size and channels. The result is exact: a padded cell has
+    no links (its row of T is zero, so it stays 0), and no real cell links to it (its weights toward
+    cells outside its own image are already 0). Batching turns the walk's 69 small shifted
+    multiply-adds per step into a few large ones (fewer kernel calls per image; on a GPU, one
+    launch serves the batch)."""
+    if len(cams) != len(features):
+        raise ValueError(f"{len(cams)} CAM maps for {len(features)} feature maps")
+    if not cams:
+        return []
+    h = max(c.shape[-2] for c in cams)
+    w = max(c.shape[-1] for c in cams)
+    ch = max(c.shape[0] for c in cams)
+    wts, maps = [], []
+    for c, f in zip(cams, features):
+        if c.shape[-2:] != f.shape[-2:]:
+            raise ValueError(f"cams {tuple(c.shape)} and features {tuple(f.shape)} must share "
+                             f"spatial size")
+        pad = (0, w - c.shape[-1], 0, h - c.shape[-2])
+        wts.append(F.pad(transition_weights(f[None].to(c.dtype), beta, radius), pad))
+        maps.append(F.pad(c[None], pad + (0, ch - c.shape[0])))
+    out = apply_transition(torch.cat(wts), torch.cat(maps), radius, steps=t)
+    return [o[:c.shape[0], :c.shape[-2], :c.shape[-1]] for o, c in zip(out, cams)]
+
+
 def transition_matrix_dense(features: torch.Tensor, beta: float = 8.0, radius: int = 5) -> torch.Tensor:
     """The dense N×N ``T`` of one image (features (D, H, W)), row-major pixels. For tests and the
     benchmark against the authors' method only: O(N^2) memory."""

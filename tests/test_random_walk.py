@@ -67,6 +67,24 @@ def test_batched_equals_per_image():
         torch.testing.assert_close(batched[i], random_walk(cams[i], feat[i], t=20))
 
 
+def test_walk_of_images_of_different_sizes_in_one_batch_matches_naive():
+    # random_walk_many pads the batch: each image must still get exactly its own T^t (naive matrix).
+    from psa_dist.random_walk import random_walk_many
+    g = torch.Generator().manual_seed(11)
+    shapes = [(2, 5, 7), (4, 8, 6), (1, 3, 9)]          # (channels, h, w): all three differ
+    feats = [torch.randn(5, h, w, generator=g, dtype=torch.float64) * 0.5 for _, h, w in shapes]
+    cams = [torch.rand(c, h, w, generator=g, dtype=torch.float64) for c, h, w in shapes]
+    got = random_walk_many(cams, feats, beta=6.0, t=19, radius=4)
+    for out, f, c in zip(got, feats, cams):
+        tm = naive_transition(f.numpy(), 6.0, 4)
+        exp = (np.linalg.matrix_power(tm, 19) @ c.reshape(c.shape[0], -1).numpy().T).T
+        assert out.shape == c.shape
+        np.testing.assert_allclose(out.numpy(), exp.reshape(c.shape), rtol=1e-9, atol=1e-12)
+    assert random_walk_many([], []) == []
+    with pytest.raises(ValueError, match="spatial"):
+        random_walk_many([cams[0]], [feats[1]])
+
+
 def test_walk_stays_inside_an_affinity_region():
     # Two regions of identical features separated by a sharp feature edge: mass spreads within the
     # left region and barely crosses.
@@ -82,3 +100,23 @@ def test_walk_stays_inside_an_affinity_region():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="spatial"):
         random_walk(torch.rand(2, 5, 5), torch.rand(3, 5, 6))
+
+
+@pytest.mark.parametrize("stride", [8, 4])
+def test_walk_images_batch_equals_one_by_one(stride):
+    # The label stage walks several images together; sizes not multiples of 8 exercise the padding.
+    from psa_dist.config import ModelConfig
+    from psa_dist.labelgen import walk_image, walk_images
+    from psa_dist.models import AffinityNet, build_classifier
+    torch.manual_seed(0)
+    aff = AffinityNet.from_classifier(build_classifier(ModelConfig(backbone="small"), 3),
+                                      dims=(4, 4, 4, 4), stride=stride).eval()
+    rng = np.random.default_rng(0)
+    sizes, ids = [(37, 50), (64, 41), (24, 24)], [[1], [2, 3], [3]]
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    cams = [torch.rand(len(c), h, w) for c, (h, w) in zip(ids, sizes)]
+    together = walk_images(aff, images, cams, ids, t=12)
+    for img, cam, c, lab in zip(images, cams, ids, together):
+        alone = walk_image(aff, img, cam, c, t=12)
+        assert lab.shape == img.shape[:2] and torch.equal(lab, alone)
+        assert set(lab.unique().tolist()) <= {0, *c}
