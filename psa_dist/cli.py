@@ -89,6 +89,26 @@ def cmd_bench_loader(args) -> int:
     return 0
 
 
+def cmd_bench_random_walk(args) -> int:
+    from .bench_walk import SIZES, bench_random_walk
+    bench_random_walk(args.out, args.beta, args.t, args.radius, tuple(args.channels), args.batch,
+                      tuple(args.sizes or SIZES))
+    return 0
+
+
+def cmd_bench_cams(args) -> int:
+    from .bench_labels import bench_cams
+    bench_cams(_load(args), args.images)
+    return 0
+
+
+def cmd_bench_scaling(args) -> int:
+    from .bench_labels import bench_scaling
+    bench_scaling(_load(args), tuple(args.actors), args.images, args.shards,
+                  tuple(args.tiny_shards))
+    return 0
+
+
 STAGE_HELP = {
     "train-cls": ("train_cls", "train the classifier on image-level labels"),
     "cams": ("cams", "multi-scale CAMs of the train split (shards in out_dir/cams)"),
@@ -136,6 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--workers", type=int, help="loader workers (default: the trainer's)")
     p.set_defaults(func=cmd_bench_loader)
+    p = bsub.add_parser("random-walk", help="sparse random walk vs the authors' dense one, same "
+                        "inputs: time per image, peak memory, max difference")
+    p.add_argument("--out", default="runs/bench", help="writes OUT/bench/random_walk.json")
+    p.add_argument("--beta", type=float, default=8.0)
+    p.add_argument("--t", type=int, default=256)
+    p.add_argument("--radius", type=int, default=5)
+    p.add_argument("--channels", type=int, nargs="+", default=[3, 21],
+                   help="maps propagated: present classes + background (3), all of VOC (21)")
+    p.add_argument("--batch", type=int, default=8, help="images walked together (exact)")
+    p.add_argument("--sizes", nargs="+", help="feature grids: voc-s8 (47x63), coco-s8 (60x80), "
+                   "coco-s4 (120x160) or HxW (default: the three named)")
+    p.set_defaults(func=cmd_bench_random_walk)
+    p = bsub.add_parser("cams", help="the CAM stage end to end vs bare forward passes on the same "
+                        "images in memory")
+    _add_config_args(p, required=True)
+    p.add_argument("--images", type=int, default=48)
+    p.set_defaults(func=cmd_bench_cams)
+    p = bsub.add_parser("scaling", help="Ray label generation with 1, 2, ... actors; per-shard "
+                        "overhead and driver memory on many tiny shards")
+    _add_config_args(p, required=True)
+    p.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--shards", type=int, default=8, help="shards the images are split into")
+    p.add_argument("--tiny-shards", type=int, nargs="+", default=[250, 1000, 2000])
+    p.set_defaults(func=cmd_bench_scaling)
 
     data = sub.add_parser("data", help="create, convert and look at datasets (WebDataset shards)")
     dsub = data.add_subparsers(dest="data_command", required=True)

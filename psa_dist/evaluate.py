@@ -5,20 +5,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cam import cam_to_label
+from .cam import cam_to_label, rw_inputs, rw_to_label
 from .labelgen import output_path
 from .metrics import ConfusionMatrix
 from .models import normalize
 from .shards import decode_sample, iter_joined, split_shards
 
 
+def perfect_walk_label(cams: torch.Tensor, class_ids, gt: torch.Tensor,
+                       bg_alpha: float = 16.0) -> torch.Tensor:
+    """What a random walk with a perfect affinity would make of these CAMs: W = 1 inside each
+    ground-truth region (one per label value) and 0 across, walked to convergence, replaces every
+    input map (background ``(1 - max)^bg_alpha`` and the CAMs) by its mean over the region; then
+    the walk's argmax. A diagnostic of the CAMs (how much a walk could recover from them), not of
+    AffinityNet: it reads the ground truth."""
+    maps = rw_inputs(cams, bg_alpha)
+    out = torch.empty_like(maps)
+    for r in gt.unique():
+        inside = gt == r
+        out[:, inside] = maps[:, inside].mean(dim=1, keepdim=True)
+    return rw_to_label(out, class_ids)
+
+
 def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
-                      bg_score: float = 0.2) -> dict:
+                      bg_score: float = 0.2, bg_alpha: float = 16.0) -> dict:
     """Score a stage's outputs against the ground-truth masks of ``split``.
 
     ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
     evaluation); "pseudo": the random-walk labels; "aff": confident-region labels, where neutral
-    pixels are left out and the share of labelled pixels is reported as ``coverage``.
+    pixels are left out and the share of labelled pixels is reported as ``coverage``;
+    "perfect_walk": :func:`perfect_walk_label` of the CAMs (the walk's ceiling on these CAMs).
     """
     cm = ConfusionMatrix(num_classes + 1)
     labelled = total = 0
@@ -27,13 +43,16 @@ def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
             gt = decode_sample(raw, ["mask"]).get("mask")
             if gt is None:
                 continue
-            out = decode_sample(lab, [field])
-            if field == "cam":
+            out = decode_sample(lab, ["cam" if field == "perfect_walk" else field])
+            target = torch.from_numpy(gt.astype(np.int64))
+            if field == "perfect_walk":
+                pred = perfect_walk_label(torch.from_numpy(out["cam"].astype(np.float32)),
+                                          decode_sample(raw, ["cls"])["cls"], target, bg_alpha)
+            elif field == "cam":
                 pred = cam_to_label(torch.from_numpy(out["cam"].astype(np.float32)),
                                     decode_sample(raw, ["cls"])["cls"], bg_score)
             else:
                 pred = torch.from_numpy(out[field].astype(np.int64))
-            target = torch.from_numpy(gt.astype(np.int64))
             if field == "aff":
                 keep = pred != 255
                 labelled += int(keep.sum())

@@ -151,6 +151,8 @@ def stage_eval(run: Run) -> dict:
                                    cfg.cams.eval_bg_score)
     res["aff_labels"] = eval_label_shards(run.root, split, run.out / "aff_labels", "aff", run.num_classes)
     res["rw"] = eval_label_shards(run.root, split, run.out / "rw", "pseudo", run.num_classes)
+    res["perfect_walk"] = eval_label_shards(run.root, split, run.out / "cams", "perfect_walk",
+                                            run.num_classes, bg_alpha=cfg.random_walk.bg_alpha)
     for kind in ["seg"] + (["seg_full"] if cfg.seg_full else []):
         if not (run.out / kind / "checkpoint.pth").is_file():
             print(f"[eval] {kind}: no checkpoint yet (run train-seg), not evaluated", flush=True)

@@ -103,17 +103,23 @@ def random_walk_many(cams: list, features: list, beta: float = 8.0, t: int = 256
 
 
 def transition_matrix_dense(features: torch.Tensor, beta: float = 8.0, radius: int = 5) -> torch.Tensor:
-    """The dense N×N ``T`` of one image (features (D, H, W)), row-major pixels. For tests and the
-    benchmark against the authors' method only: O(N^2) memory."""
-    d, h, w = features.shape
-    f = features.reshape(d, h * w)
+    """The dense N×N ``T`` of one image (features (D, H, W)), row-major pixels, built as the
+    authors' code does: affinities of the neighbour pairs only, scattered into a dense matrix. For
+    tests and the benchmark against the authors' method only: O(N^2) memory."""
+    return dense_from_weights(transition_weights(features[None], beta, radius)[0], radius)
+
+
+def dense_from_weights(weights: torch.Tensor, radius: int) -> torch.Tensor:
+    """The (K, H, W) weight maps of :func:`transition_weights` as the dense N×N matrix."""
+    _, h, w = weights.shape
+    n = h * w
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.reshape(-1), xs.reshape(-1)
-    near = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2 < radius * radius
-    dist = (f[:, :, None] - f[:, None, :]).abs().mean(0) if h * w <= 4096 else torch.cdist(
-        f.T[None], f.T[None], p=1)[0] / d
-    wmat = torch.exp(-dist).pow(beta) * near.to(f.dtype)
-    return wmat / wmat.sum(dim=1, keepdim=True)
+    tm = weights.new_zeros((n, n))
+    for k, (dy, dx) in enumerate(_full_offsets(radius)):
+        y2, x2 = ys + dy, xs + dx
+        ok = (y2 >= 0) & (y2 < h) & (x2 >= 0) & (x2 < w)
+        tm[(ys * w + xs)[ok], (y2 * w + x2)[ok]] = weights[k][ok]
+    return tm
 
 
 def random_walk_dense(cams: torch.Tensor, features: torch.Tensor, beta: float = 8.0, t: int = 256,

@@ -71,6 +71,9 @@ def write_report(run) -> dict:
         "affinity_labels": {k: round(ev["aff_labels"][k], 4) for k in ("coverage", "precision", "miou")},
         "stage_seconds": {},
     }
+    if "perfect_walk" in ev:    # the walk's ceiling on these CAMs (reads the ground truth)
+        report["perfect_walk"] = {k: round(ev["perfect_walk"][k], 4)
+                                  for k in ("miou", "fg_recall", "bg_false_pos")}
     for stage in ("train_cls", "cams", "aff_labels", "train_aff", "random_walk", "train_seg", "eval"):
         if run.done(stage):
             report["stage_seconds"][stage] = json.loads(run.marker(stage).read_text())["seconds"]
@@ -103,6 +106,10 @@ def markdown(report: dict, name: str) -> str:
         lines.append(f"Random walk gain over the CAM: **{report['rw_gain']:+.1f}** mIoU points.")
     if "seg_vs_full" in report:
         lines.append(f"Segmenter on pseudo labels / fully supervised: **{100 * report['seg_vs_full']:.0f}%**.")
+    if "perfect_walk" in report:
+        lines.append(f"A walk with a perfect affinity (1 inside each ground-truth region, 0 across) "
+                     f"would reach **{report['perfect_walk']['miou']:.1f}** on these CAMs: the "
+                     f"ceiling of what AffinityNet can recover.")
     a = report["affinity_labels"]
     lines += [f"Affinity labels: {100 * a['coverage']:.0f}% of pixels confident, "
               f"{100 * a['precision']:.0f}% of those correct.", "",

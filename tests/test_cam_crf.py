@@ -102,3 +102,22 @@ def test_crf_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(ImportError, match=r"psa-dist\[crf\]"):
         crf_refine(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.5, np.float32))
+
+
+def test_perfect_walk_label_is_the_region_mean_argmax():
+    from psa_dist.evaluate import perfect_walk_label
+    g = torch.Generator().manual_seed(3)
+    gt = torch.zeros(6, 8, dtype=torch.long)
+    gt[1:5, 1:4] = 2          # object of class 2: CAM weak on most of it, strong on one pixel
+    gt[2:4, 5:8] = 5
+    cams = torch.rand(2, 6, 8, generator=g) * 0.3     # channels: classes 2 and 5
+    cams[0, 1, 1] = 1.0
+    got = perfect_walk_label(cams, [2, 5], gt, bg_alpha=4.0)
+    # naive: per pixel, average each map over all pixels sharing its ground-truth value
+    maps = torch.cat([(1 - cams.max(0).values)[None] ** 4.0, cams])
+    lut = [0, 2, 5]
+    for y in range(6):
+        for x in range(8):
+            same = [(yy, xx) for yy in range(6) for xx in range(8) if gt[yy, xx] == gt[y, x]]
+            mean = [sum(float(maps[c, yy, xx]) for yy, xx in same) / len(same) for c in range(3)]
+            assert int(got[y, x]) == lut[max(range(3), key=lambda c: mean[c])]
