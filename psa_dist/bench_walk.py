@@ -59,8 +59,7 @@ def _peak_rss_mb() -> float:
 def run_case(method: str, size: str, channels: int, batch: int, beta: float, t: int, radius: int,
              out: str) -> dict:
     """One measurement, in this process: time per image and the peak RSS it added."""
-    from .random_walk import (apply_transition, dense_from_weights, random_walk_many,
-                              transition_weights)
+    from .random_walk import dense_from_weights, random_walk_many, transition_weights
     torch.set_num_threads(int(os.environ.get("PSA_BENCH_THREADS", torch.get_num_threads())))
     h, w = grid_of(size)
     inputs = [synthetic_inputs(h, w, channels, seed=i) for i in range(batch)]
