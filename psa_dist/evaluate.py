@@ -13,7 +13,7 @@ from .shards import decode_sample, iter_joined, split_shards
 
 
 def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
-                      bg_score: float = 0.2) -> dict:
+                      bg_score: float = 0.2, shard_url: str | None = None) -> dict:
     """Score a stage's outputs against the ground-truth masks of ``split``.
 
     ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
@@ -22,7 +22,7 @@ def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
     """
     cm = ConfusionMatrix(num_classes + 1)
     labelled = total = 0
-    for shard in split_shards(root, split):
+    for shard in split_shards(root, split, url=shard_url):
         for raw, (lab,) in iter_joined(shard, output_path(stage_dir, shard)):
             gt = decode_sample(raw, ["mask"]).get("mask")
             if gt is None:
@@ -59,11 +59,12 @@ def recall_and_leak(mat: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def eval_segmenter(model, root, split, num_classes: int, device="cpu", batch_size: int = 8) -> dict:
+def eval_segmenter(model, root, split, num_classes: int, device="cpu", batch_size: int = 8,
+                   shard_url: str | None = None) -> dict:
     """Single-scale prediction at image resolution on every image of ``split``."""
     model.eval()
     cm = ConfusionMatrix(num_classes + 1)
-    for shard in split_shards(root, split):
+    for shard in split_shards(root, split, url=shard_url):
         for raw, _ in iter_joined(shard):
             s = decode_sample(raw, ["image", "mask"])
             if "mask" not in s:
