@@ -233,7 +233,12 @@ def test_submitted_chain_runs_every_stage_to_the_report(slurm, cfg_path, tmp_pat
     assert [j["step"] for j in rec["jobs"]] == ["train-cls", "cams", "aff-labels", "train-aff",
                                                 "random-walk", "train-seg", "eval-report"]
     assert [j["dependency"] for j in rec["jobs"]] == [None] + [f"afterok:{i}" for i in ids[:-1]]
-    rows = sacct_rows(ids)
+    deadline = time.monotonic() + 120   # the result exists before the last job has ended
+    while time.monotonic() < deadline:
+        rows = sacct_rows(ids)
+        if all(r[0] not in ("RUNNING", "COMPLETING", "PENDING") for r in rows):
+            break
+        time.sleep(1)
     assert [r[0] for r in rows] == ["COMPLETED"] * 7, rows
     for prev, nxt in zip(rows, rows[1:]):  # each job started once the one before it had ended
         assert nxt[1] >= prev[2], rows
