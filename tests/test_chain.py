@@ -1,10 +1,14 @@
 """`psa-dist submit` without a cluster: the chain covers every stage in order, each job asks for
 its section's shape, and --dry-run prints the sbatch parameters. (The chain on a real SLURM
 cluster: tests/test_slurm.py.)"""
+from pathlib import Path
+
 from psa_dist.chain import ALL_STAGES, CHAIN, job_shape, sbatch_lines, submit_chain
 from psa_dist.cli import main
 from psa_dist.config import load_config
 from psa_dist.pipeline import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_chain_is_the_pipeline_in_order():
@@ -38,7 +42,7 @@ def test_sbatch_lines():
 
 def test_dry_run_prints_every_job_and_submits_nothing(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["submit", "configs/voc_resnet38.yaml", "--dry-run", f"out_dir={out}",
+    rc = main(["submit", str(REPO / "configs" / "voc_resnet38.yaml"), "--dry-run", f"out_dir={out}",
                "train_cls.partition=gpu", "train_cls.sbatch_extra=[--mail-type=END]"])
     text = capsys.readouterr().out
     assert rc == 0 and not out.exists()
