@@ -4,7 +4,8 @@ The fixture installs (if needed) and starts a two-node cluster on this machine w
 ``launch/slurm_up.sh``: munged, MariaDB + slurmdbd, slurmctld and two slurmd (n1, n2), and stops
 it by recorded PIDs afterwards. The tests: a 2-task DDP job; the same on two nodes; a job preempted
 with USR2 that submitit requeues and that resumes from its checkpoint to the uninterrupted weights;
-a failing job whose error reaches the caller."""
+a failing job whose error reaches the caller; `psa-dist submit`'s chain of dependent jobs run to
+the report, and a chain whose first job fails leaving the later ones never run."""
 import json
 import os
 import random
