@@ -77,6 +77,13 @@ def cmd_stage(args) -> int:
     return run_pipeline(_load(args), stages=[args.stage], force=args.force)
 
 
+def cmd_submit(args) -> int:
+    from .chain import submit_chain
+    submit_chain(_load(args), args.config, dry_run=args.dry_run, force=args.force,
+                 keep_blocked=args.keep_blocked)
+    return 0
+
+
 def _add_launcher_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", choices=["inline", "torchrun", "local", "slurm"],
                    help="where the trainers run (sets train_*.launcher): in this process, as a "
@@ -135,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo stages even if marked done")
     _add_launcher_arg(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="submit the whole pipeline as dependent SLURM jobs and exit",
+                       description="Submit one SLURM job per step (train-cls, cams, aff-labels, "
+                                   "train-aff, random-walk, train-seg, eval-report), each starting "
+                                   "when the previous one succeeded; steps already done are left "
+                                   "out. Job ids go to out_dir/stages/submitted.json.")
+    _add_config_args(p, required=True)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each job's sbatch parameters without submitting")
+    p.add_argument("--force", action="store_true",
+                   help="submit even if jobs of an earlier submission are still queued")
+    p.add_argument("--keep-blocked", action="store_true",
+                   help="when a step fails, leave the later jobs pending (DependencyNeverSatisfied) "
+                        "instead of letting SLURM cancel them")
+    p.set_defaults(func=cmd_submit)
 
     for name, (stage, text) in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=f"Run one stage of the pipeline: {text}. "
@@ -234,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .chain import ChainError
     from .config import ConfigError
     from .dataset_writer import BuildError
     from .shards import ShardError
@@ -247,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardError, BuildError, FileNotFoundError, ImportError) as e:
+    except (ConfigError, ShardError, BuildError, ChainError, FileNotFoundError, ImportError) as e:
         print(f"psa-dist: error: {e}", file=sys.stderr)
         return 2
 

@@ -42,6 +42,9 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     root: str = "data/synth"        # dataset directory: {split}-NNNNNN.tar shards + dataset.json
+    # Read the shards from elsewhere: a WebDataset URL template with {name} (and {root}), e.g.
+    # "pipe:aws s3 cp s3://bucket/voc/{name} -"; dataset.json is still read from root. None: root/name
+    shard_url: Optional[str] = None
     source: str = "synth"           # synth | voc | coco (synth: generated into root when missing)
     train_split: str = "train"
     val_split: str = "val"
@@ -129,6 +132,8 @@ class RayConfig:
     num_cpus: int = 0               # CPUs of the local instance (0: all of this machine's)
     num_actors: int = 0             # 0: one per GPU, else one per CPU
     max_failures: float = 0.001     # share of samples allowed to fail before the stage exits non-zero
+    dashboard: bool = False         # start Ray's dashboard on the head (local instance or job's head)
+    dashboard_host: str = "127.0.0.1"   # where it listens: local only (all interfaces: anyone)
     # Where the Ray cluster comes from: inline (ray.init here, or ray.address) | local | slurm (a
     # submitit job that starts Ray on its nodes and runs the stage there; the knobs below)
     launcher: str = "inline"

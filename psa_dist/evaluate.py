@@ -28,7 +28,8 @@ def perfect_walk_label(cams: torch.Tensor, class_ids, gt: torch.Tensor,
 
 
 def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
-                      bg_score: float = 0.2, bg_alpha: float = 16.0) -> dict:
+                      bg_score: float = 0.2, bg_alpha: float = 16.0,
+                      shard_url: str | None = None) -> dict:
     """Score a stage's outputs against the ground-truth masks of ``split``.
 
     ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
@@ -38,7 +39,7 @@ def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
     """
     cm = ConfusionMatrix(num_classes + 1)
     labelled = total = 0
-    for shard in split_shards(root, split):
+    for shard in split_shards(root, split, url=shard_url):
         for raw, (lab,) in iter_joined(shard, output_path(stage_dir, shard)):
             gt = decode_sample(raw, ["mask"]).get("mask")
             if gt is None:
@@ -78,11 +79,12 @@ def recall_and_leak(mat: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def eval_segmenter(model, root, split, num_classes: int, device="cpu", batch_size: int = 8) -> dict:
+def eval_segmenter(model, root, split, num_classes: int, device="cpu", batch_size: int = 8,
+                   shard_url: str | None = None) -> dict:
     """Single-scale prediction at image resolution on every image of ``split``."""
     model.eval()
     cm = ConfusionMatrix(num_classes + 1)
-    for shard in split_shards(root, split):
+    for shard in split_shards(root, split, url=shard_url):
         for raw, _ in iter_joined(shard):
             s = decode_sample(raw, ["image", "mask"])
             if "mask" not in s:

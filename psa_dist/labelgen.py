@@ -23,7 +23,7 @@ from .cam import cam_multiscale_batch, rw_inputs, rw_to_label
 from .models import normalize
 from .random_walk import random_walk_many
 from .shards import (SampleError, decode_sample, encode_json, encode_mask, encode_npy, iter_joined,
-                     write_shard)
+                     shard_basename, write_shard)
 
 
 def _summary(shard, out, t0, n, failed, io: dict) -> dict:
@@ -202,5 +202,6 @@ def rw_shard(aff_model, in_shard, cams_shard, out_shard, beta=8.0, t=256, radius
 
 
 def output_path(stage_dir, in_shard) -> Path:
-    """A stage's output shard for an input shard: same file name in the stage's directory."""
-    return Path(stage_dir) / Path(in_shard).name
+    """A stage's output shard for an input shard (a path or a URL such as ``pipe:cat ...``): the
+    same file name, as a local file in the stage's directory."""
+    return Path(stage_dir) / shard_basename(in_shard)

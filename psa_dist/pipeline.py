@@ -78,7 +78,8 @@ class Run:
         self.info = read_dataset_json(self.root)
         self.num_classes = self.info["num_classes"]
         self.device = resolve_device(cfg)
-        self.train_shards = split_shards(self.root, cfg.data.train_split, self.info)
+        # paths under data.root, or URLs from data.shard_url (outputs stay local files)
+        self.train_shards = split_shards(self.root, cfg.data.train_split, self.info, cfg.data.shard_url)
         self.num_train = self.info["splits"][cfg.data.train_split]["count"]
 
     def marker(self, stage: str) -> Path:
@@ -120,8 +121,8 @@ def stage_labels(run: Run, stage: str) -> dict:
     """A label-generation stage over the train shards: on Ray actors (default), or in this process
     with ``ray.enabled=false``. Either way, shards whose output exists are skipped."""
     from .ray_labels import STAGE_DIRS, LabelWorker, ShardedLabelJob, ensure_ray
-    counts = {str(run.root / s["name"]): s["count"]
-              for s in run.info["splits"][run.cfg.data.train_split]["shards"]}
+    counts = {str(url): s["count"] for url, s in
+              zip(run.train_shards, run.info["splits"][run.cfg.data.train_split]["shards"])}
     if run.cfg.ray.enabled and run.cfg.ray.launcher != "inline":
         from .ray_job import submit_label_stage    # a job that brings its own Ray cluster
         return submit_label_stage(run.cfg, stage)
@@ -147,19 +148,24 @@ def stage_eval(run: Run) -> dict:
     from .models import build_segmenter
     cfg, res = run.cfg, {}
     split = cfg.data.train_split
+    url = cfg.data.shard_url
     res["cam"] = eval_label_shards(run.root, split, run.out / "cams", "cam", run.num_classes,
-                                   cfg.cams.eval_bg_score)
-    res["aff_labels"] = eval_label_shards(run.root, split, run.out / "aff_labels", "aff", run.num_classes)
-    res["rw"] = eval_label_shards(run.root, split, run.out / "rw", "pseudo", run.num_classes)
+                                   cfg.cams.eval_bg_score, shard_url=url)
+    res["aff_labels"] = eval_label_shards(run.root, split, run.out / "aff_labels", "aff",
+                                          run.num_classes, shard_url=url)
+    res["rw"] = eval_label_shards(run.root, split, run.out / "rw", "pseudo", run.num_classes,
+                                  shard_url=url)
     res["perfect_walk"] = eval_label_shards(run.root, split, run.out / "cams", "perfect_walk",
-                                            run.num_classes, bg_alpha=cfg.random_walk.bg_alpha)
+                                            run.num_classes, bg_alpha=cfg.random_walk.bg_alpha,
+                                            shard_url=url)
     for kind in ["seg"] + (["seg_full"] if cfg.seg_full else []):
         if not (run.out / kind / "checkpoint.pth").is_file():
             print(f"[eval] {kind}: no checkpoint yet (run train-seg), not evaluated", flush=True)
             continue
         model = load_weights(build_segmenter(cfg.model, run.num_classes + 1),
                              run.out / kind / "checkpoint.pth").to(run.device)
-        res[kind] = eval_segmenter(model, run.root, cfg.data.val_split, run.num_classes, run.device)
+        res[kind] = eval_segmenter(model, run.root, cfg.data.val_split, run.num_classes, run.device,
+                                   shard_url=url)
     for k, v in res.items():
         print(f"[eval] {k}: mIoU {v['miou']:.1f}" +
               (f", object recall {v['fg_recall']:.2f}, background false positives "

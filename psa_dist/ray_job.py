@@ -24,6 +24,18 @@ def _ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def ray_start_command(rc, is_head: bool, head: str, port: int, cpus: str, gpus: str,
+                      tmp: str) -> list[str]:
+    """``ray start`` for one node of the job. The head's dashboard is off unless ``ray.dashboard``,
+    and listens on ``ray.dashboard_host`` (127.0.0.1 by default: reach it through an SSH tunnel)."""
+    common = [f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--block"]
+    if not is_head:
+        return [_ray_cli(), "start", f"--address={head}:{port}", *common]
+    return [_ray_cli(), "start", "--head", f"--node-ip-address={head}", f"--port={port}",
+            f"--include-dashboard={str(rc.dashboard).lower()}",
+            f"--dashboard-host={rc.dashboard_host}", f"--temp-dir={tmp}", *common]
+
+
 class RayStageJob:
     """Picklable: a config, a stage and the folder where task 0 leaves its "finished" marker."""
 
@@ -39,12 +51,7 @@ class RayStageJob:
         gpus = str(len([g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]))
         tmp = f"/tmp/ray-psa-{env.job_id}"          # short: Ray's socket paths are length-limited
         os.environ.setdefault("RAY_TMPDIR", tmp)
-        common = [f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--block"]
-        if env.global_rank == 0:
-            cmd = [_ray_cli(), "start", "--head", f"--node-ip-address={head}", f"--port={self.port}",
-                   "--include-dashboard=false", f"--temp-dir={tmp}", *common]
-        else:
-            cmd = [_ray_cli(), "start", f"--address={address}", *common]
+        cmd = ray_start_command(self.cfg.ray, env.global_rank == 0, head, self.port, cpus, gpus, tmp)
         ray_proc = subprocess.Popen(cmd)
         done = self.folder / f"{env.job_id}.stage-finished"
         try:
@@ -59,9 +66,13 @@ class RayStageJob:
             ray_proc.terminate()            # `ray start --block` stops this node's Ray on SIGTERM
             ray_proc.wait(timeout=60)
 
+    def run_stage(self, cfg: Config) -> dict:
+        """The work of task 0 once the cluster is up (``cfg.ray.address`` points at it)."""
+        from .pipeline import Run, stage_labels
+        return stage_labels(Run(cfg), self.stage)
+
     def _drive(self, address: str, nodes: int, done: Path) -> dict:
         import ray
-        from .pipeline import Run, stage_labels
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -81,7 +92,7 @@ class RayStageJob:
         cfg = copy.deepcopy(self.cfg)
         cfg.ray.launcher, cfg.ray.address = "inline", address
         try:
-            return stage_labels(Run(cfg), self.stage)
+            return self.run_stage(cfg)
         finally:
             ray.shutdown()
             done.touch()

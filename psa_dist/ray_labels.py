@@ -20,8 +20,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .labelgen import aff_label_shard, cam_shard, rw_shard
+from .labelgen import aff_label_shard, cam_shard, output_path, rw_shard
 from .progress import Progress
+from .shards import shard_basename
 
 STAGE_DIRS = {"cams": "cams", "aff_labels": "aff_labels", "random_walk": "rw"}
 
@@ -58,7 +59,7 @@ class LabelWorker:
 
     def process(self, in_shard: str, out_shard: str) -> dict:
         cfg, stage = self.cfg, self.stage
-        cams_in = self.out / "cams" / Path(in_shard).name
+        cams_in = output_path(self.out / "cams", in_shard)
         if stage == "cams":
             c = cfg.cams
             res = cam_shard(self.model, in_shard, out_shard, self.num_classes, tuple(c.scales), c.flip,
@@ -87,7 +88,8 @@ def crf_settings(cfg) -> dict | None:
 
 
 def ensure_ray(ray_cfg, num_cpus: int | None = None):
-    """Connect to ``ray.address`` or start a local instance (dashboard off, bound to localhost)."""
+    """Connect to ``ray.address`` or start a local instance (dashboard off unless ``ray.dashboard``;
+    bound to ``ray.dashboard_host``, 127.0.0.1 by default)."""
     import ray
     if ray.is_initialized():
         return ray
@@ -95,8 +97,8 @@ def ensure_ray(ray_cfg, num_cpus: int | None = None):
     if ray_cfg.address:
         ray.init(address=ray_cfg.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 dashboard_host="127.0.0.1", log_to_driver=False)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=ray_cfg.dashboard,
+                 dashboard_host=ray_cfg.dashboard_host, log_to_driver=False)
     return ray
 
 
@@ -139,7 +141,7 @@ class ShardedLabelJob:
         from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
         ray = self.ray
         out_dir = self.out / STAGE_DIRS[self.stage]
-        todo = deque(str(s) for s in shards if not (out_dir / Path(s).name).is_file())
+        todo = deque(str(s) for s in shards if not output_path(out_dir, s).is_file())
         skipped = len(shards) - len(todo)
         bar = Progress(self.stage.replace("_", "-"),
                        total=sum(counts.get(s, 0) for s in todo) or None)
@@ -162,7 +164,7 @@ class ShardedLabelJob:
                 for i in sorted(live):
                     if todo and sum(1 for a, _, _ in inflight.values() if a == i) < depth:
                         shard = todo.popleft()
-                        ref = actors[i].process.remote(shard, str(out_dir / Path(shard).name))
+                        ref = actors[i].process.remote(shard, str(output_path(out_dir, shard)))
                         inflight[ref] = (i, shard, actors[i])
 
         fill()
@@ -205,7 +207,7 @@ class ShardedLabelJob:
                     starting[actors[i].pid.remote()] = i
                     restarts += 1
                     why = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    print(f"[{self.stage}] worker lost ({type(e).__name__}: {why}); {Path(shard).name} "
+                    print(f"[{self.stage}] worker lost ({type(e).__name__}: {why}); {shard_basename(shard)} "
                           f"requeued, replacement actor starting", flush=True)
             except RayTaskError as e:
                 # The shard itself is bad (e.g. an unreadable tar): recorded, the stage goes on.

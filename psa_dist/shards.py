@@ -23,8 +23,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -236,6 +238,52 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
         raise ShardError(f"shard {url}: {type(e).__name__}: {e}") from e
 
 
+def shard_basename(url: str | Path) -> str:
+    """A shard's file name, whether given as a path or a WebDataset URL: ``train-000003.tar`` for
+    ``/d/train-000003.tar``, ``pipe:cat /d/train-000003.tar``,
+    ``pipe:aws s3 cp s3://bucket/d/train-000003.tar -`` or ``https://host/d/train-000003.tar?sig``.
+    Stage outputs take this name, so they stay local files whatever the input's URL."""
+    text = str(url)
+    if text.startswith("pipe:"):
+        try:
+            words = shlex.split(text[len("pipe:"):])
+        except ValueError as e:
+            raise ShardError(f"shard URL {text!r}: cannot split the command: {e}") from e
+        tars = [w for w in words if ".tar" in w]
+        if not tars:
+            raise ShardError(f"shard URL {text!r}: the pipe command names no .tar file")
+        text = tars[-1]
+    if "://" in text:
+        text = urlsplit(text).path
+    name = PurePosixPath(text).name
+    if not name:
+        raise ShardError(f"shard URL {str(url)!r}: no file name in it")
+    return name
+
+
+class ShardURL(str):
+    """A shard given as a WebDataset URL (``pipe:...``, ``https://...``): a string, with the
+    ``.name`` a :class:`~pathlib.Path` has (the shard's file name) so callers treat both alike."""
+
+    @property
+    def name(self) -> str:
+        return shard_basename(self)
+
+
+def shard_locations(root: str | Path, names: list[str], template: str | None = None) -> list:
+    """Where to read shards ``names``: ``root/name`` paths, or ``template.format(name=, root=)`` as
+    URLs (``data.shard_url``, e.g. ``"pipe:aws s3 cp s3://bucket/voc/{name} -"``)."""
+    if not template:
+        return [Path(root) / n for n in names]
+    if "{name}" not in template:
+        raise ShardError(f"data.shard_url={template!r} has no {{name}} placeholder")
+    try:
+        return [ShardURL(template.format(name=n, root=root)) for n in names]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ShardError(f"data.shard_url={template!r}: only {{name}} and {{root}} can be "
+                         f"filled in ({type(e).__name__}: {e})") from e
+
+
 def read_dataset_json(root: str | Path) -> dict:
     path = Path(root) / "dataset.json"
     if not path.is_file():
@@ -244,11 +292,14 @@ def read_dataset_json(root: str | Path) -> dict:
         return json.load(f)
 
 
-def split_shards(root: str | Path, split: str, info: dict | None = None) -> list[Path]:
+def split_shards(root: str | Path, split: str, info: dict | None = None,
+                 url: str | None = None) -> list:
+    """The shards of ``split`` as paths under ``root``, or as URLs from the template ``url``
+    (:func:`shard_locations`); ``dataset.json`` itself is always read from ``root``."""
     info = info or read_dataset_json(root)
     if split not in info["splits"]:
         raise ShardError(f"{root}/dataset.json has no split {split!r} (has {sorted(info['splits'])})")
-    return [Path(root) / s["name"] for s in info["splits"][split]["shards"]]
+    return shard_locations(root, [s["name"] for s in info["splits"][split]["shards"]], url)
 
 
 def iter_split(root: str | Path, split: str) -> Iterator[dict]:

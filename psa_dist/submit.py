@@ -53,11 +53,10 @@ def sbatch_extra(lines: list) -> dict:
     return out
 
 
-def make_executor(tcfg, launcher: str, folder: Path, name: str):
-    import submitit
+def executor_params(tcfg, launcher: str, name: str) -> dict:
+    """submitit's ``update_parameters`` for a job of shape ``tcfg`` (a train_* or the ray section)."""
     gpus = tcfg.gpus_per_node
     tasks = tcfg.tasks_per_node or max(gpus, 1)
-    ex = submitit.AutoExecutor(folder=folder, cluster="local" if launcher == "local" else "slurm")
     params = {"name": name, "timeout_min": tcfg.time_min, "nodes": tcfg.nodes,
               "tasks_per_node": tasks, "cpus_per_task": tcfg.cpus_per_task}
     if gpus:
@@ -73,7 +72,14 @@ def make_executor(tcfg, launcher: str, folder: Path, name: str):
                 params[f"slurm_{key}"] = getattr(tcfg, key)
         if tcfg.sbatch_extra:
             params["slurm_additional_parameters"] = sbatch_extra(tcfg.sbatch_extra)
-    ex.update_parameters(**params)
+    return params
+
+
+def make_executor(tcfg, launcher: str, folder: Path, name: str, **extra):
+    """A submitit executor for ``tcfg``'s job shape; ``extra``: more submitit parameters."""
+    import submitit
+    ex = submitit.AutoExecutor(folder=folder, cluster="local" if launcher == "local" else "slurm")
+    ex.update_parameters(**{**executor_params(tcfg, launcher, name), **extra})
     return ex
 
 

@@ -4,7 +4,8 @@ The fixture installs (if needed) and starts a two-node cluster on this machine w
 ``launch/slurm_up.sh``: munged, MariaDB + slurmdbd, slurmctld and two slurmd (n1, n2), and stops
 it by recorded PIDs afterwards. The tests: a 2-task DDP job; the same on two nodes; a job preempted
 with USR2 that submitit requeues and that resumes from its checkpoint to the uninterrupted weights;
-a failing job whose error reaches the caller."""
+a failing job whose error reaches the caller; `psa-dist submit`'s chain of dependent jobs run to
+the report, and a chain whose first job fails leaving the later ones never run."""
 import json
 import os
 import random
@@ -189,3 +190,101 @@ def test_label_stage_as_a_submitit_job_with_its_own_ray_cluster(slurm, cfg_path,
     shards = [json.loads(x) for x in (out / "stages" / "cams.shards.jsonl").read_text().splitlines()]
     assert len({s["node"] for s in shards}) == 2               # actors on both Ray nodes
     assert 0 <= marker["io_wait_share"] < 1
+
+
+# ----------------------------------------------------------------------------- psa-dist submit
+# The whole pipeline as dependent jobs (psa_dist/chain.py), every stage on the real cluster:
+# trainers as 2-task / 1-task DDP jobs, label stages on a Ray cluster started in their job.
+CHAIN_OVERRIDES = ["train_cls.epochs=1", "train_cls.checkpoint_every=50", "aff_labels.crf=false",
+                   "random_walk.t=16", "ray.enabled=true", "ray.nodes=1", "ray.cpus_per_task=1",
+                   "ray.partition=debug", "ray.time_min=10"] + [
+    f"{k}.{v}" for k in ("train_aff", "train_seg")
+    for v in ("launcher=slurm", "partition=debug", "gpus_per_node=0", "tasks_per_node=1",
+              "cpus_per_task=1", "time_min=10", "epochs=1", "batch_size=4", "crop_size=48",
+              "resize_long=[40,56]", "num_workers=0", "log_every=2")]
+
+
+def sacct_rows(ids):
+    r = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(ids)],
+                       capture_output=True, text=True, check=True)
+    rows = {line.split("|")[0]: line.split("|")[1:] for line in r.stdout.split()}
+    return [rows.get(i, ["?", "?", "?"]) for i in ids]
+
+
+@pytest.fixture
+def own_ray_token(monkeypatch):
+    # submit_chain puts the chain's Ray token in this process's environment: not for later tests
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_submitted_chain_runs_every_stage_to_the_report(slurm, cfg_path, tmp_path, own_ray_token):
+    from psa_dist.chain import submit_chain
+    from psa_dist.pipeline import STAGES
+    out = tmp_path / "chain"
+    cfg = load_config(cfg_path, [f"out_dir={out}", *CHAIN_OVERRIDES])
+    t0 = time.monotonic()
+    jobs = submit_chain(cfg, str(cfg_path))
+    assert len(jobs) == 7
+    jobs[-1].result()                      # the eval-report job; raises if it did not complete
+    print(f"chain of 7 jobs: {time.monotonic() - t0:.0f} s from submission to the report")
+    rec = json.loads((out / "stages" / "submitted.json").read_text())
+    ids = [j["job_id"] for j in rec["jobs"]]
+    assert ids == [j.job_id for j in jobs]
+    assert [j["step"] for j in rec["jobs"]] == ["train-cls", "cams", "aff-labels", "train-aff",
+                                                "random-walk", "train-seg", "eval-report"]
+    assert [j["dependency"] for j in rec["jobs"]] == [None] + [f"afterok:{i}" for i in ids[:-1]]
+    deadline = time.monotonic() + 120   # the result exists before the last job has ended
+    while time.monotonic() < deadline:
+        rows = sacct_rows(ids)
+        if all(r[0] not in ("RUNNING", "COMPLETING", "PENDING") for r in rows):
+            break
+        time.sleep(1)
+    assert [r[0] for r in rows] == ["COMPLETED"] * 7, rows
+    for prev, nxt in zip(rows, rows[1:]):  # each job started once the one before it had ended
+        assert nxt[1] >= prev[2], rows
+    assert all((out / "stages" / f"{s}.json").is_file() for s in STAGES)
+    assert json.loads((out / "stages" / "train_cls.json").read_text())["world_size"] == 2
+    assert json.loads((out / "stages" / "cams.json").read_text())["shards_done"] == 8
+    assert len(list((out / "rw").glob("*.tar"))) == 8
+    assert {"cam", "rw", "seg"} <= set(json.loads((out / "report.json").read_text())["miou"])
+    assert (out / "report.md").is_file()
+    assert submit_chain(cfg, str(cfg_path)) == []      # all done: the same command submits nothing
+
+
+def test_failing_step_leaves_the_later_ones_never_run(slurm, cfg_path, tmp_path, own_ray_token):
+    from psa_dist.chain import ChainError, submit_chain
+    # a file that exists but holds no weights: train-cls fails inside its job, not at submission
+    broken = [*CHAIN_OVERRIDES, f"model.pretrained={cfg_path}"]
+    cfg = load_config(cfg_path, [f"out_dir={tmp_path / 'cancelled'}", *broken])
+    jobs = submit_chain(cfg, str(cfg_path))
+    ids = [j.job_id for j in jobs]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        rows = sacct_rows(ids)
+        if rows[0][0] == "FAILED" and all(r[0] == "CANCELLED" for r in rows[1:]):
+            break
+        time.sleep(1)
+    assert rows[0][0] == "FAILED" and all(r[0] == "CANCELLED" for r in rows[1:]), rows
+    assert all(r[1] in ("None", "Unknown") for r in rows[1:]), rows       # never started
+    marks = {p.name for p in (tmp_path / "cancelled" / "stages").glob("*.json")}
+    assert marks == {"submitted.json"}, f"a stage left its marker: {marks}"
+    for j in json.loads((tmp_path / "cancelled" / "stages" / "submitted.json").read_text())["jobs"][1:]:
+        assert not list(Path(j["folder"]).glob("*_log.*")), j         # no job output at all
+    # --keep-blocked: the later jobs stay pending, DependencyNeverSatisfied; resubmitting refuses
+    cfg = load_config(cfg_path, [f"out_dir={tmp_path / 'blocked'}", *broken])
+    ids = [j.job_id for j in submit_chain(cfg, str(cfg_path), keep_blocked=True)]
+    deadline = time.monotonic() + 240
+    reason = ""
+    while time.monotonic() < deadline and reason != "DependencyNeverSatisfied":
+        reason = subprocess.run(["squeue", "-h", "-j", ids[1], "-o", "%r"], capture_output=True,
+                                text=True).stdout.strip()
+        time.sleep(1)
+    try:
+        assert reason == "DependencyNeverSatisfied"
+        assert sacct_rows(ids)[0][0] == "FAILED"
+        assert all(r[0] == "PENDING" for r in sacct_rows(ids[1:])), sacct_rows(ids)
+        with pytest.raises(ChainError, match="still queued"):
+            submit_chain(cfg, str(cfg_path))
+    finally:
+        subprocess.run(["scancel", *ids[1:]], check=False)

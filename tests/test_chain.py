@@ -1,0 +1,63 @@
+"""`psa-dist submit` without a cluster: the chain covers every stage in order, each job asks for
+its section's shape, and --dry-run prints the sbatch parameters. (The chain on a real SLURM
+cluster: tests/test_slurm.py.)"""
+from pathlib import Path
+
+from psa_dist.chain import ALL_STAGES, CHAIN, job_shape, sbatch_lines, submit_chain
+from psa_dist.cli import main
+from psa_dist.config import load_config
+from psa_dist.pipeline import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_chain_is_the_pipeline_in_order():
+    assert ALL_STAGES == STAGES
+    assert [name for name, _ in CHAIN] == ["train-cls", "cams", "aff-labels", "train-aff",
+                                           "random-walk", "train-seg", "eval-report"]
+
+
+def test_each_job_takes_its_sections_shape():
+    cfg = load_config(None, ["train_cls.nodes=2", "train_cls.gpus_per_node=4", "ray.nodes=3",
+                             "train_seg.gpus_per_node=8", "train_seg.partition=big"])
+    shapes = {name: job_shape(cfg, name, stages) for name, stages in CHAIN}
+    assert (shapes["train-cls"].nodes, shapes["train-cls"].gpus_per_node) == (2, 4)
+    assert shapes["cams"].nodes == shapes["random-walk"].nodes == 3
+    ev = shapes["eval-report"]
+    assert (ev.nodes, ev.tasks_per_node, ev.gpus_per_node, ev.partition) == (1, 1, 1, "big")
+    cfg.ray.enabled = False      # a label stage without Ray: one task
+    assert job_shape(cfg, "cams", ["cams"]).nodes == 1
+
+
+def test_sbatch_lines():
+    lines = sbatch_lines({"name": "j", "timeout_min": 30, "tasks_per_node": 4, "mem_gb": 64,
+                          "slurm_partition": "gpu", "slurm_dependency": "afterok:7",
+                          "slurm_additional_parameters": {"kill_on_invalid_dep": "yes",
+                                                          "exclusive": True}})
+    assert lines == ["#SBATCH --job-name=j", "#SBATCH --time=30", "#SBATCH --ntasks-per-node=4",
+                     "#SBATCH --mem=64GB", "#SBATCH --partition=gpu",
+                     "#SBATCH --dependency=afterok:7", "#SBATCH --kill-on-invalid-dep=yes",
+                     "#SBATCH --exclusive"]
+
+
+def test_dry_run_prints_every_job_and_submits_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["submit", str(REPO / "configs" / "voc_resnet38.yaml"), "--dry-run", f"out_dir={out}",
+               "train_cls.partition=gpu", "train_cls.sbatch_extra=[--mail-type=END]"])
+    text = capsys.readouterr().out
+    assert rc == 0 and not out.exists()
+    assert text.count("#SBATCH --job-name=psa-voc_resnet38-") == 7
+    assert "#SBATCH --dependency=afterok:<train-seg>" in text
+    assert "#SBATCH --partition=gpu" in text and "#SBATCH --mail-type=END" in text
+    assert text.count("#SBATCH --kill-on-invalid-dep=yes") == 7
+
+
+def test_dry_run_leaves_out_finished_stages(tmp_path):
+    out = tmp_path / "run"
+    (out / "stages").mkdir(parents=True)
+    for s in ("train_cls", "cams"):
+        (out / "stages" / f"{s}.json").write_text("{}")
+    rows = submit_chain(load_config(None, [f"out_dir={out}"]), dry_run=True)
+    assert [r["step"] for r in rows] == ["aff-labels", "train-aff", "random-walk", "train-seg",
+                                         "eval-report"]
+    assert not any("dependency" in line for line in rows[0]["sbatch"])
