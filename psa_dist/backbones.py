@@ -188,8 +188,13 @@ def load_pretrained(net: nn.Module, path: str) -> None:
     state = torch.load(p, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
     missing, unexpected = net.load_state_dict(state, strict=False)
-    loaded = len(net.state_dict()) - len(missing)
-    if loaded == 0:
-        raise ValueError(f"model.pretrained: {p} matches none of the backbone's parameters")
+    # BN's num_batches_tracked counters carry no weights: a file that matches only those (or a
+    # few stray names) is the wrong file, and training would silently start from random weights.
+    real = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
+    loaded = len([k for k in real if k not in set(missing)])
+    if loaded < len(real) / 2:
+        raise ValueError(f"model.pretrained: {p} matches {loaded} of the {len(real)} weight tensors "
+                         f"of this {type(net).__name__} (e.g. missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}): wrong file or naming?")
     log.warning("loaded %d tensors from %s (%d missing, %d unexpected)", loaded, p, len(missing),
                 len(unexpected))

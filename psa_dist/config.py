@@ -56,6 +56,9 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "small"         # small | resnet50 | resnet38
     pretrained: Optional[str] = None  # path to a local weights file (None: random init, logged)
+    seg_pretrained: Optional[str] = None  # weights of the segmenter's backbone when it is not
+                                          # model.backbone (deeplabv3_resnet50: a ResNet-50 file);
+                                          # None: model.pretrained where the backbones match
     segmenter: str = "light"        # light | deeplabv3_resnet50
     freeze_bn: bool = False
     aff_dims: Optional[tuple] = None  # AffinityNet reduction per backbone tap (None: the backbone's

@@ -160,7 +160,10 @@ def build_classifier(model_cfg, num_classes: int) -> Classifier:
 
 def build_segmenter(model_cfg, num_classes_with_bg: int) -> nn.Module:
     if model_cfg.segmenter == "deeplabv3_resnet50":
-        return DeepLabV3(num_classes_with_bg, model_cfg.pretrained)
+        # its ResNet-50 takes model.pretrained only when that is a ResNet-50 file too
+        weights = model_cfg.seg_pretrained or (
+            model_cfg.pretrained if model_cfg.backbone == "resnet50" else None)
+        return DeepLabV3(num_classes_with_bg, weights)
     if model_cfg.segmenter == "light":
         return LightSegmenter(build_backbone(model_cfg.backbone, model_cfg.pretrained),
                               num_classes_with_bg)

@@ -186,3 +186,25 @@ def test_confusion_reduces_across_processes():
     mp.spawn(_reduce_worker, args=(port, pred, gt, out), nprocs=2, join=True)
     full = confusion_matrix(pred, gt, 4)
     assert torch.equal(out[0], full) and torch.equal(out[1], full)
+
+
+def test_pretrained_file_of_another_network_is_an_error(tmp_path):
+    # ResNet-38 names into the small net (and vice versa) match nothing but BN counters: refuse.
+    from psa_dist.backbones import load_pretrained
+    small = build_backbone("small")
+    wrong = {f"other.{k}": v for k, v in small.state_dict().items()}
+    wrong.update({k: v for k, v in small.state_dict().items() if k.endswith("num_batches_tracked")})
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match=r"matches 0 of the \d+ weight tensors"):
+        load_pretrained(build_backbone("small"), str(tmp_path / "wrong.pth"))
+    torch.save(small.state_dict(), tmp_path / "right.pth")
+    net = build_backbone("small")
+    load_pretrained(net, str(tmp_path / "right.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), small.state_dict().values()))
+    # the ResNet-50 segmenter never reads a ResNet-38 file (absent here: no error), but its own
+    cfg = ModelConfig(backbone="resnet38", pretrained=str(tmp_path / "r38.pth"),
+                      segmenter="deeplabv3_resnet50")
+    build_segmenter(cfg, 3)
+    cfg.seg_pretrained = str(tmp_path / "r50.pth")
+    with pytest.raises(FileNotFoundError, match="r50.pth"):
+        build_segmenter(cfg, 3)
