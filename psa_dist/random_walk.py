@@ -3,8 +3,8 @@
 ``T = D^-1 W^{∘beta}`` where W links every pixel to each pixel closer than ``radius`` (the 34
 half-plane offsets, their mirror images, and itself with W_ii = 1). Each row of T has at most 69
 non-zeros, so instead of the authors' dense N×N matrix (squared log2(t) times: O(N^3) time, O(N^2)
-memory) we keep T as 69 weight maps and apply it t times by shifted multiply-adds: O(t·N·69·C) time
-and O(N·69) memory, exactly the same operator. Pairs whose partner would leave the image are absent
+memory) we keep T as 69 weight maps and apply it t times by shifted multiply-adds over contiguous
+memory (see ``apply_transition``): O(t·N·69·C) time and O(N·69) memory, exactly the same operator. Pairs whose partner would leave the image are absent
 (no links dropped at the border, unlike the authors' code), and each row is normalised over the
 links it has.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .affinity import neighbor_offsets, pair_affinity, pair_slices
+from .affinity import neighbor_offsets, pair_slices
 
 
 def _full_offsets(radius: int) -> list[tuple[int, int]]:
@@ -21,41 +21,72 @@ def _full_offsets(radius: int) -> list[tuple[int, int]]:
     return [(0, 0)] + half + [(-dy, -dx) for dy, dx in half]
 
 
+def _flat_padded(x: torch.Tensor, p: int) -> tuple[torch.Tensor, int, int]:
+    """(B, C, H, W) -> a zero buffer (B, C, L) holding x with p zero rows and columns around it,
+    row after row, plus a margin of p at each end; returns (buffer, row length, index of the first
+    output element). Neighbour (dy, dx) of flat position q is at q + dy * row + dx."""
+    b, c, h, w = x.shape
+    row = w + 2 * p
+    start = p + p * row
+    buf = x.new_zeros((b, c, start + h * row + p * row + p))
+    buf[:, :, start:start + h * row] = F.pad(x, (p, p)).reshape(b, c, h * row)
+    return buf, row, start
+
+
 def transition_weights(features: torch.Tensor, beta: float = 8.0, radius: int = 5) -> torch.Tensor:
     """Row-normalised transition weights, (B, K, H, W) with K = 1 + 2·34 for radius 5.
 
     ``out[b, k, y, x]`` is ``T[(y, x), (y, x) + full_offsets[k]]``; zero where that partner lies
-    outside the image. features (B, D, H, W).
+    outside the image. features (B, D, H, W). The distances ``mean_d |f_i - f_j|`` (those of
+    ``pair_affinity``) are taken over the flat padded layout of ``apply_transition``: contiguous
+    reads, 4x faster than strided slices on 448 channels.
     """
-    b, _, h, w = features.shape
+    b, d, h, w = features.shape
     half = neighbor_offsets(radius)
     k = 1 + 2 * len(half)
+    buf, row, start = _flat_padded(features, radius - 1)
+    n = h * row
+    base, diff = buf[:, :, start:start + n], features.new_empty((b, d, n))
     wts = features.new_zeros((b, k, h, w))
     wts[:, 0] = 1.0                                     # W_ii = exp(0) = 1, and 1^beta = 1
     for i, (dy, dx) in enumerate(half):
         if dy >= h or abs(dx) >= w:
             continue
+        q = start + dy * row + dx
+        torch.sub(base, buf[:, :, q:q + n], out=diff)
+        dist = diff.abs_().mean(dim=1).reshape(b, h, row)[:, :, radius - 1:radius - 1 + w]
         (r1, c1), (r2, c2) = pair_slices(dy, dx, h, w)
-        a = pair_affinity(features, dy, dx).pow(beta)   # W_ij^beta for pair (p, p + o)
+        a = torch.exp(-dist[:, r1, c1]).pow(beta)      # W_ij^beta for pair (p, p + o)
         wts[:, 1 + i, r1, c1] = a                       # forward link  p -> p + o
         wts[:, 1 + len(half) + i, r2, c2] = a           # mirror link   p + o -> p (W symmetric)
     return wts / wts.sum(dim=1, keepdim=True)
 
 
 def apply_transition(weights: torch.Tensor, maps: torch.Tensor, radius: int, steps: int = 1) -> torch.Tensor:
-    """``maps <- T maps`` ``steps`` times; weights (B, K, H, W), maps (B, C, H, W)."""
-    offsets = _full_offsets(radius)
+    """``maps <- T maps`` ``steps`` times; weights (B, K, H, W), maps (B, C, H, W).
+
+    Layout, for speed: the maps live in one flat buffer per (image, channel) holding the grid with
+    ``radius - 1`` zero rows and columns around it, row after row. A neighbour at offset (dy, dx)
+    is then the same buffer read ``dy * row + dx`` further on, so each of the K terms of a step is
+    one multiply-add over contiguous memory (vectorised), and no shifted copy is ever made. The
+    step is computed over whole padded rows; the weights are zero in the pad columns, so those stay
+    zero and only in-image neighbours ever contribute (exactly the operator of the docstring above).
+    """
+    b, k, h, w = weights.shape
     p = radius - 1
-    h, w = maps.shape[-2:]
-    wts = [weights[:, k:k + 1] for k in range(len(offsets))]
+    buf, row, start = _flat_padded(maps, p)
+    n = h * row                          # the output: the image's rows at padded width
+    grid = buf[:, :, start:start + n]
+    wts = F.pad(weights.to(maps.dtype), (p, p)).reshape(b, k, n)
+    terms = [(buf[:, :, start + dy * row + dx:start + dy * row + dx + n], wts[:, j:j + 1])
+             for j, (dy, dx) in enumerate(_full_offsets(radius))]
+    out = torch.empty_like(grid)
     for _ in range(steps):
-        padded = F.pad(maps, (p, p, p, p))
-        out = maps * wts[0]
-        for k in range(1, len(offsets)):
-            dy, dx = offsets[k]
-            out.addcmul_(padded[:, :, p + dy:p + dy + h, p + dx:p + dx + w], wts[k])
-        maps = out
-    return maps
+        torch.mul(terms[0][0], terms[0][1], out=out)
+        for src, wt in terms[1:]:
+            out.addcmul_(src, wt)
+        grid.copy_(out)
+    return grid.reshape(b, maps.shape[1], h, row)[:, :, :, p:p + w].contiguous()
 
 
 def random_walk(cams: torch.Tensor, features: torch.Tensor, beta: float = 8.0, t: int = 256,
