@@ -91,6 +91,11 @@ class Run:
     def finish(self, stage: str, summary: dict) -> None:
         if is_main_process():   # under torchrun every rank runs the stage; one marks it done
             atomic_write_json(self.marker(stage), summary)
+            # eval and report read every earlier stage's outputs: a stage (re)done after them
+            # (say train-seg run after eval) makes them stale, so they run again
+            for later in ("eval", "report")[("eval", "report").index(stage) + 1
+                                            if stage in ("eval", "report") else 0:]:
+                self.marker(later).unlink(missing_ok=True)
 
 
 def is_main_process() -> bool:

@@ -57,6 +57,16 @@ def test_pipeline_end_to_end_and_cached(tiny_cfg, tmp_path, capsys):
     assert main(["run", str(tiny_cfg), f"out_dir={out}"]) == 0
     text = capsys.readouterr().out
     assert all(f"{s}: done (cached" in text for s in STAGES)
+    assert 0 <= rep["perfect_walk"]["miou"] <= 100 and "perfect affinity" in md
+    # a stage redone after eval (train-seg here) makes eval and report stale: they run again
+    seg_mtime = (out / "stages" / "eval.json").stat().st_mtime_ns
+    assert main(["train-seg", str(tiny_cfg), f"out_dir={out}", "--force"]) == 0
+    assert not (out / "stages" / "eval.json").exists() and not (out / "stages" / "report.json").exists()
+    capsys.readouterr()
+    assert main(["run", str(tiny_cfg), f"out_dir={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "eval: done (cached" not in text and "report: done (cached" not in text
+    assert (out / "stages" / "eval.json").stat().st_mtime_ns > seg_mtime
 
 
 @pytest.mark.slow
