@@ -93,8 +93,7 @@ class Run:
             atomic_write_json(self.marker(stage), summary)
             # eval and report read every earlier stage's outputs: a stage (re)done after them
             # (say train-seg run after eval) makes them stale, so they run again
-            for later in ("eval", "report")[("eval", "report").index(stage) + 1
-                                            if stage in ("eval", "report") else 0:]:
+            for later in {"eval": ["report"], "report": []}.get(stage, ["eval", "report"]):
                 self.marker(later).unlink(missing_ok=True)
 
 
