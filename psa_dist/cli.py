@@ -99,7 +99,7 @@ def cmd_bench_loader(args) -> int:
 def cmd_bench_random_walk(args) -> int:
     from .bench_walk import SIZES, bench_random_walk
     bench_random_walk(args.out, args.beta, args.t, args.radius, tuple(args.channels), args.batch,
-                      tuple(args.sizes or SIZES))
+                      tuple(args.sizes or SIZES), args.tol)
     return 0
 
 
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, nargs="+", default=[3, 21],
                    help="maps propagated: present classes + background (3), all of VOC (21)")
     p.add_argument("--batch", type=int, default=8, help="images walked together (exact)")
+    p.add_argument("--tol", type=float, default=1e-5, help="random_walk.tol of the sparse walk "
+                   "(0: T applied t times); the t-step walk is timed beside it either way")
     p.add_argument("--sizes", nargs="+", help="feature grids: voc-s8 (47x63), coco-s8 (60x80), "
                    "coco-s4 (120x160) or HxW (default: the three named)")
     p.set_defaults(func=cmd_bench_random_walk)

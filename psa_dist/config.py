@@ -126,6 +126,9 @@ class RandomWalkConfig:
     radius: int = 5
     bg_alpha: float = 16.0
     batch_size: int = 8             # images walked together (exact: see random_walk_many)
+    # T^t from a truncated Chebyshev expansion, within tol * max|cam| of it on every element
+    # (88 applications of T instead of 256 on a VOC grid); 0: T applied t times, literally.
+    tol: float = 1e-5
 
 
 @dataclass
@@ -265,6 +268,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = _build(Config, tree)
         if cfg.model.aff_stride not in (4, 8):
             raise ConfigError(f"model.aff_stride: must be 4 or 8, got {cfg.model.aff_stride}")
+        if not 0 <= cfg.random_walk.tol < 1:
+            raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -70,7 +70,7 @@ class LabelWorker:
         else:
             r = cfg.random_walk
             res = rw_shard(self.model, in_shard, cams_in, out_shard, r.beta, r.t, r.radius, r.bg_alpha,
-                           self.device, r.batch_size)
+                           self.device, r.batch_size, r.tol)
         res["pid"] = os.getpid()
         import ray
         if ray.is_initialized():

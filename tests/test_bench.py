@@ -16,17 +16,18 @@ def test_bench_random_walk_compares_equal_outputs(tmp_path):
     assert row["grid"] == [9, 11] and row["channels"] == 2
     assert row["batch_equal"] is True
     assert row["max_abs_diff"] < 1e-4 and row["dense_s"] > 0 and row["speedup"] > 0
+    assert row["sparse_exact_batch3_s"] > 0       # the t-step walk, timed beside the truncated one
     assert json.loads((tmp_path / "bench" / "random_walk.json").read_text())["rows"] == res["rows"]
 
 
 def test_bench_dense_case_is_the_walk(tmp_path):
     # The dense baseline the benchmark times is the same operator: check it against random_walk.
     out = tmp_path / "o.pt"
-    run_case("dense", "6x7", 2, 1, 8.0, 16, 5, str(out))
+    run_case("dense", "6x7", 2, 1, 8.0, 16, 5, 0.0, str(out))
     feats, cams = synthetic_inputs(6, 7, 2, seed=0)
     torch.testing.assert_close(torch.load(out), random_walk(cams, feats, t=16), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="HxW"):
-        run_case("sparse", "big", 2, 1, 8.0, 16, 5, str(out))
+        run_case("sparse", "big", 2, 1, 8.0, 16, 5, 0.0, str(out))
 
 
 @pytest.mark.slow

@@ -32,6 +32,8 @@ def test_overrides_types_and_nesting(tmp_path):
     ("train_cls.epochs=two", "train_cls.epochs"),
     ("aff_labels.crf=1", "aff_labels.crf"),
     ("cams.scales=3", "cams.scales"),
+    ("random_walk.tol=-1e-3", "random_walk.tol"),
+    ("model.aff_stride=16", "model.aff_stride"),
 ])
 def test_bad_keys_are_named(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -102,8 +102,8 @@ def test_shape_mismatch_is_an_error():
         random_walk(torch.rand(2, 5, 5), torch.rand(3, 5, 6))
 
 
-@pytest.mark.parametrize("stride", [8, 4])
-def test_walk_images_batch_equals_one_by_one(stride):
+@pytest.mark.parametrize("stride,tol", [(8, 0.0), (4, 1e-5)])
+def test_walk_images_batch_equals_one_by_one(stride, tol):
     # The label stage walks several images together; sizes not multiples of 8 exercise the padding.
     from psa_dist.config import ModelConfig
     from psa_dist.labelgen import walk_image, walk_images
@@ -115,8 +115,74 @@ def test_walk_images_batch_equals_one_by_one(stride):
     sizes, ids = [(37, 50), (64, 41), (24, 24)], [[1], [2, 3], [3]]
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     cams = [torch.rand(len(c), h, w) for c, (h, w) in zip(ids, sizes)]
-    together = walk_images(aff, images, cams, ids, t=12)
+    together = walk_images(aff, images, cams, ids, t=40, tol=tol)
     for img, cam, c, lab in zip(images, cams, ids, together):
-        alone = walk_image(aff, img, cam, c, t=12)
+        alone = walk_image(aff, img, cam, c, t=40, tol=tol)
         assert lab.shape == img.shape[:2] and torch.equal(lab, alone)
         assert set(lab.unique().tolist()) <= {0, *c}
+
+
+def test_chebyshev_coefficients_rebuild_the_power():
+    # Independent check: numpy's Chebyshev series evaluation of the coefficients equals x^t.
+    from numpy.polynomial import chebyshev
+    from psa_dist.random_walk import chebyshev_power_coefficients
+    x = np.linspace(-1, 1, 201)
+    for t in (0, 1, 2, 7, 64, 256):
+        c = np.array(chebyshev_power_coefficients(t))
+        assert c.shape == (t + 1,) and (c >= 0).all() and abs(c.sum() - 1) < 1e-12
+        np.testing.assert_allclose(chebyshev.chebval(x, c), x ** t, atol=1e-12)
+        if t % 2 == 0:
+            assert (c[1::2] == 0).all()          # an even power has no odd terms
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4])
+def test_chebyshev_degree_bounds_the_truncation_error(tol):
+    from numpy.polynomial import chebyshev
+    from psa_dist.random_walk import chebyshev_degree, chebyshev_power_coefficients
+    t, n, k = 256, 400, 69
+    d = chebyshev_degree(t, tol, n, k)
+    assert 0 < d < t
+    c = np.array(chebyshev_power_coefficients(t))
+    x = np.linspace(-1, 1, 4001)
+    err = np.abs(chebyshev.chebval(x, c[:d + 1]) - x ** t).max()
+    assert err <= tol / math.sqrt(n * k)
+    # and the degree is the smallest that does it: one order lower is off by more at x = 1
+    assert abs(chebyshev.chebval(1.0, c[:d]) - 1.0) > tol / math.sqrt(n * k)
+    assert chebyshev_degree(t, 0.0, n, k) == t
+
+
+@pytest.mark.parametrize("tol", [1e-1, 1e-3, 1e-6])
+def test_truncated_walk_is_within_tol_of_the_exact_power(tol):
+    # Float64, so the difference measured is the truncation alone; at tol 0.1 the truncation is
+    # large enough (degree ~40 of 256) that the bound is really exercised.
+    from psa_dist.random_walk import chebyshev_degree
+    h, w, r, beta, t = 9, 11, 5, 2.0, 256
+    g = torch.Generator().manual_seed(7)
+    feat = torch.randn(6, h, w, generator=g, dtype=torch.float64) * 0.3
+    cams = torch.rand(3, h, w, generator=g, dtype=torch.float64)
+    cams[1] *= 0.01                               # the bound is per channel: relative to its max
+    tm = naive_transition(feat.numpy(), beta, r)
+    exp = (np.linalg.matrix_power(tm, t) @ cams.reshape(3, -1).numpy().T).T.reshape(3, h, w)
+    got = random_walk(cams, feat, beta=beta, t=t, radius=r, tol=tol).numpy()
+    err = np.abs(got - exp).reshape(3, -1).max(1)
+    assert (err <= tol * cams.reshape(3, -1).amax(1).numpy()).all(), err
+    assert chebyshev_degree(t, tol, h * w, 69) < t
+    if tol >= 1e-3:
+        assert err.max() > 1e-13                  # a real truncation, not the exact power
+
+
+def test_truncated_walk_of_a_padded_batch_equals_each_image_alone():
+    # Images of different sizes get different degrees inside one batch; each must equal its walk
+    # alone bit for bit (its result may not depend on the batch it is in), and be within tol.
+    from psa_dist.random_walk import random_walk_many
+    g = torch.Generator().manual_seed(2)
+    shapes = [(2, 5, 7), (3, 12, 10), (1, 3, 9)]
+    feats = [torch.randn(5, h, w, generator=g) * 0.5 for _, h, w in shapes]
+    cams = [torch.rand(c, h, w, generator=g) for c, h, w in shapes]
+    got = random_walk_many(cams, feats, beta=6.0, t=128, radius=4, tol=1e-4)
+    for out, f, c in zip(got, feats, cams):
+        alone = random_walk(c, f, beta=6.0, t=128, radius=4, tol=1e-4)
+        assert torch.equal(out, alone)
+        tm = naive_transition(f.double().numpy(), 6.0, 4)
+        exp = (np.linalg.matrix_power(tm, 128) @ c.double().reshape(c.shape[0], -1).numpy().T).T
+        assert np.abs(out.double().numpy() - exp.reshape(c.shape)).max() <= 1e-4 + 1e-5
