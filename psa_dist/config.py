@@ -64,6 +64,10 @@ class ModelConfig:
     aff_dims: Optional[tuple] = None  # AffinityNet reduction per backbone tap (None: the backbone's
                                       # default; ResNet-38: 64/128/256 = 448 channels as the paper)
     aff_stride: int = 8               # AffinityNet's output grid, where the walk runs: 8 (paper) or 4
+    # The light segmenters (pseudo-label and fully supervised alike) start from the trained
+    # classifier's backbone, as AffinityNet does: without ImageNet weights, the image-label
+    # classifier is the pretraining there is (no pixel label is used).
+    seg_from_classifier: bool = False
 
 
 @dataclass
@@ -268,6 +272,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = _build(Config, tree)
         if cfg.model.aff_stride not in (4, 8):
             raise ConfigError(f"model.aff_stride: must be 4 or 8, got {cfg.model.aff_stride}")
+        if cfg.model.seg_from_classifier and cfg.model.segmenter != "light":
+            raise ConfigError(f"model.seg_from_classifier: needs model.segmenter=light (the "
+                              f"classifier's backbone), got {cfg.model.segmenter!r}")
         if not 0 <= cfg.random_walk.tol < 1:
             raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
         return cfg

@@ -25,7 +25,10 @@ def build_model(run, kind: str):
         return build_classifier(cfg.model, run.num_classes)
     if kind == "aff":
         return AffinityNet.from_classifier(classifier(run), cfg.model.aff_dims, cfg.model.aff_stride)
-    return build_segmenter(cfg.model, run.num_classes + 1)
+    seg = build_segmenter(cfg.model, run.num_classes + 1)
+    if cfg.model.seg_from_classifier:
+        seg.backbone.load_state_dict(classifier(run).backbone.state_dict())
+    return seg
 
 
 def run_trainer(cfg: Config, kind: str) -> dict:

@@ -123,3 +123,26 @@ def test_synth_data_follows_its_settings_and_stale_runs_are_refused(tiny_cfg, tm
         check_same_dataset(run2, force=False)
     check_same_dataset(run2, force=True)
     check_same_dataset(run2, force=False)
+
+
+def test_segmenter_can_start_from_the_trained_classifier(tiny_cfg, tmp_path):
+    import torch
+    from psa_dist.models import build_classifier
+    from psa_dist.pipeline import Run
+    from psa_dist.train_main import build_model
+    out = tmp_path / "run"
+    run = Run(load_config(tiny_cfg, [f"out_dir={out}", "model.seg_from_classifier=true"]))
+    with pytest.raises(FileNotFoundError, match="cls/checkpoint.pth"):
+        build_model(run, "seg")                    # no classifier yet: a clear error
+    torch.manual_seed(1)
+    cls = build_classifier(run.cfg.model, run.num_classes)
+    (out / "cls").mkdir(parents=True)
+    torch.save({"model": cls.state_dict()}, out / "cls" / "checkpoint.pth")
+    for kind in ("seg", "seg_full"):
+        seg = build_model(run, kind)
+        for k, v in cls.backbone.state_dict().items():
+            assert torch.equal(seg.backbone.state_dict()[k], v), k
+    plain = build_model(Run(load_config(tiny_cfg, [f"out_dir={out}"])), "seg")
+    assert not torch.equal(plain.backbone.stem[0].weight, cls.backbone.stem[0].weight)
+    with pytest.raises(Exception, match="seg_from_classifier"):
+        load_config(tiny_cfg, ["model.seg_from_classifier=true", "model.segmenter=deeplabv3_resnet50"])
