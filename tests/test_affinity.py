@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from psa_dist import affinity_labels, affinity_loss, neighbor_offsets
+from psa_dist.affinity import pair_distances
 
 
 def naive_offsets(r):
@@ -145,3 +146,102 @@ def test_affinity_loss_empty_terms_and_gradients():
 def test_loss_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="must match"):
         affinity_loss(torch.randn(1, 4, 6, 6), torch.zeros(1, 5, 6, dtype=torch.long))
+
+
+def naive_loss_grad(feat, lab, r):
+    """d loss / d features of :func:`naive_loss_terms`, by hand, pair by pair (numpy, float64).
+
+    Per pair of term k (weight c_k = 1/4, 1/4, 1/2 over its n_k pairs):
+    d(-log(W + eps))/dW = -1/(W + eps), d(-log(1 + eps - W))/dW = 1/(1 + eps - W), and
+    dW/df_i = -W sign(f_i - f_j) / D = -dW/df_j, with sign(0) = 0 (autograd's convention for |x|).
+    """
+    _, _, counts = naive_loss_terms(feat, lab, r)
+    b, d, h, w = feat.shape
+    weight = {"bg": 0.25, "fg": 0.25, "neg": 0.5}
+    grad = np.zeros_like(feat)
+    for n in range(b):
+        for y in range(h):
+            for x in range(w):
+                for dy, dx in naive_offsets(r):
+                    y2, x2 = y + dy, x + dx
+                    if not (0 <= y2 < h and 0 <= x2 < w):
+                        continue
+                    li, lj = int(lab[n, y, x]), int(lab[n, y2, x2])
+                    if li == 255 or lj == 255:
+                        continue
+                    diff = feat[n, :, y, x] - feat[n, :, y2, x2]
+                    wij = math.exp(-float(np.abs(diff).sum()) / d)
+                    k = ("bg" if li == 0 else "fg") if li == lj else "neg"
+                    c = weight[k] / counts[k]
+                    dl_dw = -c / (wij + 1e-5) if k != "neg" else c / (1 + 1e-5 - wij)
+                    g = dl_dw * -wij * np.sign(diff) / d
+                    grad[n, :, y, x] += g
+                    grad[n, :, y2, x2] -= g
+    return grad
+
+
+def small_labels(g):
+    """(2, 7, 9) labels with every kind of pixel: neutral, background, two classes."""
+    lab = torch.tensor([0, 1, 2, 255])[torch.randint(0, 4, (2, 7, 9), generator=g)]
+    lab[0, 0, :4] = torch.tensor([0, 1, 2, 255])
+    return lab
+
+
+@pytest.mark.parametrize("features", ["continuous", "ties"])
+def test_affinity_loss_gradient_matches_naive(features):
+    g = torch.Generator().manual_seed(3)
+    if features == "continuous":
+        feat = torch.randn(2, 3, 7, 9, generator=g, dtype=torch.float64)
+    else:
+        # Few distinct values: many channels of many pairs are exactly equal (sign 0), and whole
+        # pixels repeat (distance 0, W = 1 exactly).
+        feat = torch.randint(-1, 2, (2, 3, 7, 9), generator=g).double() / 2
+        feat[:, :, 3] = feat[:, :, 2]
+    lab = small_labels(g)
+    x = feat.clone().requires_grad_()
+    loss, terms = affinity_loss(x, lab, radius=5, return_terms=True)
+    loss.backward()
+    exp, eterms, ecounts = naive_loss_terms(feat.numpy(), lab.numpy(), 5)
+    assert loss.item() == pytest.approx(exp, rel=1e-12)
+    for k in ("bg", "fg", "neg"):
+        assert terms[f"n_{k}"] == ecounts[k] > 0
+        assert terms[k] == pytest.approx(eterms[k], rel=1e-12)
+    want = naive_loss_grad(feat.numpy(), lab.numpy(), 5)
+    if features == "ties":
+        assert (want == 0).any() and np.abs(want).sum() > 0
+    np.testing.assert_allclose(x.grad.numpy(), want, rtol=1e-10, atol=1e-15)
+
+
+def naive_pair_distances(feat, offsets):
+    b, d, h, w = feat.shape
+    out = np.zeros((b, len(offsets), h, w))
+    for n in range(b):
+        for k, (dy, dx) in enumerate(offsets):
+            for y in range(h):
+                for x in range(w):
+                    if 0 <= y + dy < h and 0 <= x + dx < w:
+                        out[n, k, y, x] = np.abs(feat[n, :, y, x] - feat[n, :, y + dy, x + dx]).mean()
+    return out
+
+
+# block sizes in elements of the (2, 3, 44) flat buffer of radius 3: the whole batch, one image
+# (132 elements), one channel of one image
+@pytest.mark.parametrize("block", [None, 150, 1])
+def test_pair_distances_values_and_gradcheck(block):
+    g = torch.Generator().manual_seed(4)
+    feat = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    offsets = neighbor_offsets(3)
+    got = pair_distances(feat, offsets, block)
+    np.testing.assert_allclose(got.numpy(), naive_pair_distances(feat.numpy(), offsets), rtol=1e-12)
+    # radius 5 on a 4 x 5 grid: some offsets have no pair at all
+    far = neighbor_offsets(5)
+    np.testing.assert_allclose(pair_distances(feat, far, block).numpy(),
+                               naive_pair_distances(feat.numpy(), far), rtol=1e-12)
+    x = feat.clone().requires_grad_()
+    # fast mode (random projections of the Jacobians): a few backward calls instead of one per output
+    assert torch.autograd.gradcheck(lambda f: pair_distances(f, offsets, block), (x,), fast_mode=True)
+
+
+def test_pair_distances_rejects_offsets_outside_the_half_plane():
+    with pytest.raises(ValueError, match="half-plane"):
+        pair_distances(torch.zeros(1, 2, 4, 4), [(0, 1), (0, -1)])
