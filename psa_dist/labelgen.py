@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .affinity import affinity_labels
+from .affinity import EPS, affinity_labels
 from .cam import cam_multiscale_batch, rw_inputs, rw_to_label
 from .models import normalize
 from .random_walk import random_walk_many
@@ -140,12 +140,14 @@ def _crf_scores(image, crf: dict, scores):
 
 @torch.inference_mode()
 def walk_images(aff_model, images: list, cams: list, class_ids: list, beta=8.0, t=256, radius=5,
-                bg_alpha=16.0, device="cpu", tol: float = 0.0) -> list:
+                bg_alpha=16.0, device="cpu", tol: float = 0.0, crf: dict | None = None) -> list:
     """Pseudo labels of several images, as the authors' ``infer_aff`` does one: background score
     at full resolution, zero-pad to a multiple of 8, average-pool to AffinityNet's grid (8×8 cells,
     or 4×4 with model.aff_stride 4), walk, upsample bilinearly, argmax, crop. Only the present
     classes and background are propagated. The walks of all images run as one batch
-    (``random_walk_many``: exact, whatever their sizes; ``tol``: see ``apply_transition``)."""
+    (``random_walk_many``: exact, whatever their sizes; ``tol``: see ``apply_transition``).
+    ``crf`` (its settings): the dense CRF on the walked maps, normalised to sum to one over the
+    labels, before the argmax (the paper's "CAM + RW + dCRF" labels)."""
     maps, feats, sizes = [], [], []
     for image, cam in zip(images, cams):
         h, w = image.shape[:2]
@@ -161,23 +163,28 @@ def walk_images(aff_model, images: list, cams: list, class_ids: list, beta=8.0, 
         feats.append(f)
         sizes.append((h, w, ph, pw))
     labels = []
-    for walked, (h, w, ph, pw), ids in zip(random_walk_many(maps, feats, beta, t, radius, tol), sizes,
-                                          class_ids):
+    for walked, (h, w, ph, pw), ids, image in zip(random_walk_many(maps, feats, beta, t, radius, tol),
+                                                 sizes, class_ids, images):
         up = F.interpolate(walked[None], size=(h + ph, w + pw), mode="bilinear",
-                           align_corners=False)[0]
-        labels.append(rw_to_label(up[:, :h, :w], ids))
+                           align_corners=False)[0][:, :h, :w]
+        if crf is not None:
+            probs = (up / up.sum(0, keepdim=True).clamp(min=EPS)).clamp(min=EPS)
+            up = _crf_scores(image, crf, probs)
+        labels.append(rw_to_label(up, ids))
     return labels
 
 
 def walk_image(aff_model, image: np.ndarray, cams: torch.Tensor, class_ids, beta=8.0, t=256,
-               radius=5, bg_alpha=16.0, device="cpu", tol: float = 0.0) -> torch.Tensor:
+               radius=5, bg_alpha=16.0, device="cpu", tol: float = 0.0,
+               crf: dict | None = None) -> torch.Tensor:
     """The pseudo label of one image (:func:`walk_images` of a batch of one)."""
     return walk_images(aff_model, [image], [cams], [class_ids], beta, t, radius, bg_alpha, device,
-                       tol)[0]
+                       tol, crf)[0]
 
 
 def rw_shard(aff_model, in_shard, cams_shard, out_shard, beta=8.0, t=256, radius=5,
-             bg_alpha=16.0, device="cpu", batch_size: int = 8, tol: float = 0.0) -> dict:
+             bg_alpha=16.0, device="cpu", batch_size: int = 8, tol: float = 0.0,
+             crf: dict | None = None) -> dict:
     """Random-walk pseudo labels (``pseudo.png``, image resolution) for every image of a shard,
     walked ``batch_size`` images at a time."""
     t0, failed, out, io = time.monotonic(), [], [], {}
@@ -186,7 +193,8 @@ def rw_shard(aff_model, in_shard, cams_shard, out_shard, beta=8.0, t=256, radius
     def flush():
         labels = walk_images(aff_model, [s["image"] for s in batch],
                              [torch.from_numpy(s["cam"].astype(np.float32)) for s in batch],
-                             [s["cls"] for s in batch], beta, t, radius, bg_alpha, device, tol)
+                             [s["cls"] for s in batch], beta, t, radius, bg_alpha, device, tol,
+                             crf)
         for s, lab in zip(batch, labels):
             out.append({"__key__": s["key"],
                         "pseudo.png": encode_mask(lab.cpu().numpy().astype(np.uint8))})

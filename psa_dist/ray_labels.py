@@ -66,11 +66,11 @@ class LabelWorker:
                             self.device, c.batch_size)
         elif stage == "aff_labels":
             res = aff_label_shard(in_shard, cams_in, out_shard, cfg.aff_labels.alpha_lo,
-                                  cfg.aff_labels.alpha_hi, crf_settings(cfg))
+                                  cfg.aff_labels.alpha_hi, crf_settings(cfg, cfg.aff_labels.crf))
         else:
             r = cfg.random_walk
             res = rw_shard(self.model, in_shard, cams_in, out_shard, r.beta, r.t, r.radius, r.bg_alpha,
-                           self.device, r.batch_size, r.tol)
+                           self.device, r.batch_size, r.tol, crf_settings(cfg, r.crf))
         res["pid"] = os.getpid()
         import ray
         if ray.is_initialized():
@@ -79,9 +79,11 @@ class LabelWorker:
         return res
 
 
-def crf_settings(cfg) -> dict | None:
+def crf_settings(cfg, enabled: bool) -> dict | None:
+    """The dense CRF's settings (``aff_labels.crf_*``, shared by both stages that use it), or None
+    when that stage does not."""
     a = cfg.aff_labels
-    if not a.crf:
+    if not enabled:
         return None
     return {"iters": a.crf_iters, "gauss_sxy": a.crf_gauss_sxy, "gauss_compat": a.crf_gauss_compat,
             "bi_sxy": a.crf_bi_sxy, "bi_srgb": a.crf_bi_srgb, "bi_compat": a.crf_bi_compat}

@@ -121,3 +121,30 @@ def test_perfect_walk_label_is_the_region_mean_argmax():
             same = [(yy, xx) for yy in range(6) for xx in range(8) if gt[yy, xx] == gt[y, x]]
             mean = [sum(float(maps[c, yy, xx]) for yy, xx in same) / len(same) for c in range(3)]
             assert int(got[y, x]) == lut[max(range(3), key=lambda c: mean[c])]
+
+
+def test_walk_with_crf_snaps_the_label_to_the_colour_edge():
+    # An object filling the left half in its own colour; its CAM fades out well past the edge. The
+    # walked maps' argmax follows the CAM; with random_walk.crf the dense CRF moves the boundary to
+    # the colour edge (the paper's CAM + RW + dCRF labels).
+    from psa_dist.config import ModelConfig
+    from psa_dist.labelgen import walk_image
+    from psa_dist.models import AffinityNet, build_classifier
+    torch.manual_seed(0)
+    aff = AffinityNet.from_classifier(build_classifier(ModelConfig(backbone="small"), 1),
+                                      dims=(4, 4, 4, 4), stride=4).eval()
+    img = np.full((48, 64, 3), 110, np.uint8)
+    img[:, :32] = (200, 40, 40)
+    cam = torch.zeros(1, 48, 64)
+    cam[0, :, :26] = 1.0
+    cam[0, :, 26:44] = torch.linspace(1.0, 0.0, 18)
+    truth = torch.zeros(48, 64, dtype=torch.long)
+    truth[:, :32] = 3
+    settings = {"iters": 10, "gauss_sxy": 3.0, "gauss_compat": 3.0, "bi_sxy": 20.0,
+                "bi_srgb": 13.0, "bi_compat": 10.0}
+    plain = walk_image(aff, img, cam, [3], t=2, tol=1e-5)
+    refined = walk_image(aff, img, cam, [3], t=2, tol=1e-5, crf=settings)
+    assert set(refined.unique().tolist()) <= {0, 3}
+    wrong_plain, wrong_crf = int((plain != truth).sum()), int((refined != truth).sum())
+    assert wrong_plain >= 48 * 3                    # the CAM's boundary is columns off
+    assert wrong_crf < wrong_plain / 4, (wrong_plain, wrong_crf)
