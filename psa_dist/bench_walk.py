@@ -27,6 +27,7 @@ import torch
 # COCO image at stride 4 (dense would need three 19,200² float32 matrices: 4.4 GB, and ~10^14 flops).
 SIZES = {"voc-s8": (47, 63), "coco-s8": (60, 80), "coco-s4": (120, 160)}
 DENSE_MAX_N = 6000          # above this the dense method is not run: its memory is reported instead
+REPEATS = 3                 # timed runs per case, after one warm-up; the median is reported
 
 
 def grid_of(size: str) -> tuple[int, int]:
@@ -60,26 +61,35 @@ def _peak_rss_mb() -> float:
 
 def run_case(method: str, size: str, channels: int, batch: int, beta: float, t: int, radius: int,
              tol: float, out: str) -> dict:
-    """One measurement, in this process: time per image and the peak RSS it added."""
+    """One measurement, in this process: time per image (the median of ``REPEATS`` runs after one
+    untimed warm-up, which pays for thread-pool start-up and first-touch page faults) and the peak
+    RSS it added."""
     from .random_walk import dense_from_weights, random_walk_many, transition_weights
     torch.set_num_threads(int(os.environ.get("PSA_BENCH_THREADS", torch.get_num_threads())))
     h, w = grid_of(size)
     inputs = [synthetic_inputs(h, w, channels, seed=i) for i in range(batch)]
     base = _peak_rss_mb()
-    t0 = time.perf_counter()
-    if method == "sparse":
-        res = random_walk_many([c for _, c in inputs], [f for f, _ in inputs], beta, t, radius,
-                               tol)[0]
-    else:
+
+    def once():
+        if method == "sparse":
+            return random_walk_many([c for _, c in inputs], [f for f, _ in inputs], beta, t,
+                                    radius, tol)[0]
         # The authors' order of work: T from the neighbour affinities, log2(t) squarings, one product.
         feats, cams = inputs[0]
         tm = dense_from_weights(transition_weights(feats[None], beta, radius)[0], radius)
         for _ in range(max(t.bit_length() - 1, 0)):
             tm = tm @ tm
-        res = (tm @ cams.reshape(channels, -1).T).T.reshape(channels, h, w)
-    seconds = time.perf_counter() - t0
+        return (tm @ cams.reshape(channels, -1).T).T.reshape(channels, h, w)
+
+    once()
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        res = once()
+        times.append(time.perf_counter() - t0)
     torch.save(res, out)
-    return {"seconds_per_image": seconds / batch, "peak_mb": _peak_rss_mb() - base}
+    return {"seconds_per_image": sorted(times)[len(times) // 2] / batch,
+            "peak_mb": _peak_rss_mb() - base}
 
 
 def _subprocess_case(*args) -> dict:

@@ -161,29 +161,31 @@ def _chebyshev_walk(weights: torch.Tensor, maps: torch.Tensor, radius: int, step
     cells = (weights[:, 0] > 0).flatten(1).sum(1).tolist()
     degrees = [chebyshev_degree(steps, tol, max(int(c), 1), k) for c in cells]
     prev, wts, offs, start, n, row = _walk_buffers(weights, maps, radius)
-    wts2 = wts * 2                                        # 2T: exact in binary floating point
     cur = torch.zeros_like(prev)
-    acc = prev[:, :, start:start + n] * prev.new_tensor([coef[0]] * b).view(b, 1, 1)
+    wts2 = [wts[:, j:j + 1] * 2 for j in range(len(offs))]   # 2T: exact in binary floating point
+    # Every view made once: slicing costs microseconds, and a step is 2 x 69 of them.
+    views = {id(buf): ([buf[:, :, o:o + n] for o in offs], buf[:, :, start:start + n])
+             for buf in (prev, cur)}
+    acc = views[id(prev)][1] * prev.new_tensor([coef[0]] * b).view(b, 1, 1)
+    coefs = {j: prev.new_tensor([coef[j] if j <= d else 0.0 for d in degrees]).view(b, 1, 1)
+             for j in range(1, max(degrees) + 1) if coef[j]}  # odd degrees of an even power are 0
 
     def double_step(src: torch.Tensor, dst: torch.Tensor):
-        """dst (grid part) += 2 T src."""
-        for j, o in enumerate(offs):
-            dst.addcmul_(src[:, :, o:o + n], wts2[:, j:j + 1])
+        """dst's grid += 2 T src."""
+        grid = views[id(dst)][1]
+        for view, wt in zip(views[id(src)][0], wts2):
+            grid.addcmul_(view, wt)
+        return grid
 
-    def accumulate(y: torch.Tensor, j: int):
-        if any(j <= d and coef[j] for d in degrees):      # odd degrees of an even power are 0
-            cj = prev.new_tensor([coef[j] if j <= d else 0.0 for d in degrees]).view(b, 1, 1)
-            acc.addcmul_(y, cj)
-
-    grid_cur = cur[:, :, start:start + n]
-    double_step(prev, grid_cur)                           # y_1 = T y_0 = (2T y_0) / 2
-    grid_cur.mul_(0.5)
-    accumulate(grid_cur, 1)
+    grid = double_step(prev, cur)                         # y_1 = T y_0 = (2T y_0) / 2
+    grid.mul_(0.5)
+    if 1 in coefs:
+        acc.addcmul_(grid, coefs[1])
     for j in range(2, max(degrees) + 1):
-        grid_prev = prev[:, :, start:start + n]
-        grid_prev.neg_()                                  # y_j = 2 T y_j-1 - y_j-2, in place
-        double_step(cur, grid_prev)
-        accumulate(grid_prev, j)
+        views[id(prev)][1].neg_()                         # y_j = 2 T y_j-1 - y_j-2, in place
+        grid = double_step(cur, prev)
+        if j in coefs:
+            acc.addcmul_(grid, coefs[j])
         prev, cur = cur, prev
     return acc.reshape(b, maps.shape[1], h, row)[:, :, :, p:p + w].contiguous()
 
