@@ -122,8 +122,10 @@ def bench_random_walk(out_dir: str | Path, beta: float = 8.0, t: int = 256, radi
                    f"sparse_batch{batch}_s": round(many["seconds_per_image"], 4),
                    "sparse_peak_mb": round(one["peak_mb"], 1),
                    f"sparse_exact_batch{batch}_s": round(exact["seconds_per_image"], 4),
-                   # what the walk holds: K weight maps, the maps, their padded copy and the output
-                   "sparse_working_mb": round((69 + 3 * c) * n * 4 / 2 ** 20, 2),
+                   # what the walk holds: K weight maps (twice for the truncated walk: T and 2T),
+                   # the maps, two padded buffers (one) and the sum (the output)
+                   "sparse_working_mb": round(((138 + 4 * c) if tol else (69 + 3 * c)) * n * 4
+                                              / 2 ** 20, 2),
                    "batch_equal": bool(torch.equal(one["output"], many["output"]))}
             if n <= DENSE_MAX_N:
                 dense = _subprocess_case("dense", size, c, 1, beta, t, radius, tol)

@@ -133,8 +133,8 @@ class RandomWalkConfig:
     # T^t from a truncated Chebyshev expansion, within tol * max|cam| of it on every element
     # (88 applications of T instead of 256 on a VOC grid); 0: T applied t times, literally.
     tol: float = 1e-5
-    # The dense CRF (aff_labels.crf_* settings) on the walked maps before the argmax: the paper
-    # reports these "CAM + RW + dCRF" labels too.
+    # The dense CRF (aff_labels.crf_* settings) on the walked maps before the argmax (the authors'
+    # code refines only the CAMs with it).
     crf: bool = False
 
 

@@ -147,7 +147,7 @@ def walk_images(aff_model, images: list, cams: list, class_ids: list, beta=8.0, 
     classes and background are propagated. The walks of all images run as one batch
     (``random_walk_many``: exact, whatever their sizes; ``tol``: see ``apply_transition``).
     ``crf`` (its settings): the dense CRF on the walked maps, normalised to sum to one over the
-    labels, before the argmax (the paper's "CAM + RW + dCRF" labels)."""
+    labels, before the argmax."""
     maps, feats, sizes = [], [], []
     for image, cam in zip(images, cams):
         h, w = image.shape[:2]
