@@ -91,10 +91,9 @@ def test_affinity_labels_class_ids_pool_and_refine():
     assert torch.all(affinity_labels(cams, 4.0, 32.0, refine=refine) == 2)
 
 
-def naive_loss_terms(feat, lab, r):
-    b, d, h, w = feat.shape
-    sums = {"bg": 0.0, "fg": 0.0, "neg": 0.0}
-    counts = {"bg": 0, "fg": 0, "neg": 0}
+def naive_labelled_pairs(lab, r):
+    """(n, y, x, y2, x2, kind) for every in-image pair within r of two non-neutral pixels."""
+    b, h, w = lab.shape
     for n in range(b):
         for y in range(h):
             for x in range(w):
@@ -105,14 +104,17 @@ def naive_loss_terms(feat, lab, r):
                     li, lj = int(lab[n, y, x]), int(lab[n, y2, x2])
                     if li == 255 or lj == 255:
                         continue
-                    wij = math.exp(-float(np.abs(feat[n, :, y, x] - feat[n, :, y2, x2]).sum()) / d)
-                    if li == lj:
-                        k = "bg" if li == 0 else "fg"
-                        sums[k] += -math.log(wij + 1e-5)
-                    else:
-                        k = "neg"
-                        sums[k] += -math.log(1 + 1e-5 - wij)
-                    counts[k] += 1
+                    yield n, y, x, y2, x2, ("bg" if li == 0 else "fg") if li == lj else "neg"
+
+
+def naive_loss_terms(feat, lab, r):
+    d = feat.shape[1]
+    sums = {"bg": 0.0, "fg": 0.0, "neg": 0.0}
+    counts = {"bg": 0, "fg": 0, "neg": 0}
+    for n, y, x, y2, x2, k in naive_labelled_pairs(lab, r):
+        wij = math.exp(-float(np.abs(feat[n, :, y, x] - feat[n, :, y2, x2]).sum()) / d)
+        sums[k] += -math.log(wij + 1e-5) if k != "neg" else -math.log(1 + 1e-5 - wij)
+        counts[k] += 1
     terms = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
     return terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2, terms, counts
 
@@ -156,27 +158,17 @@ def naive_loss_grad(feat, lab, r):
     dW/df_i = -W sign(f_i - f_j) / D = -dW/df_j, with sign(0) = 0 (autograd's convention for |x|).
     """
     _, _, counts = naive_loss_terms(feat, lab, r)
-    b, d, h, w = feat.shape
+    d = feat.shape[1]
     weight = {"bg": 0.25, "fg": 0.25, "neg": 0.5}
     grad = np.zeros_like(feat)
-    for n in range(b):
-        for y in range(h):
-            for x in range(w):
-                for dy, dx in naive_offsets(r):
-                    y2, x2 = y + dy, x + dx
-                    if not (0 <= y2 < h and 0 <= x2 < w):
-                        continue
-                    li, lj = int(lab[n, y, x]), int(lab[n, y2, x2])
-                    if li == 255 or lj == 255:
-                        continue
-                    diff = feat[n, :, y, x] - feat[n, :, y2, x2]
-                    wij = math.exp(-float(np.abs(diff).sum()) / d)
-                    k = ("bg" if li == 0 else "fg") if li == lj else "neg"
-                    c = weight[k] / counts[k]
-                    dl_dw = -c / (wij + 1e-5) if k != "neg" else c / (1 + 1e-5 - wij)
-                    g = dl_dw * -wij * np.sign(diff) / d
-                    grad[n, :, y, x] += g
-                    grad[n, :, y2, x2] -= g
+    for n, y, x, y2, x2, k in naive_labelled_pairs(lab, r):
+        diff = feat[n, :, y, x] - feat[n, :, y2, x2]
+        wij = math.exp(-float(np.abs(diff).sum()) / d)
+        c = weight[k] / counts[k]
+        dl_dw = -c / (wij + 1e-5) if k != "neg" else c / (1 + 1e-5 - wij)
+        g = dl_dw * -wij * np.sign(diff) / d
+        grad[n, :, y, x] += g
+        grad[n, :, y2, x2] -= g
     return grad
 
 
