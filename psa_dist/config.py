@@ -71,7 +71,28 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class JobConfig:
+    """Where a stage runs and the SLURM job it gets there (trainers and Ray label stages alike)."""
+    # Trainers: inline (this process), torchrun (ranks from its environment), local (submitit's
+    # local executor, tasks_per_node processes) or slurm (submitit, sbatch). Ray stages: inline
+    # (ray.init here, or ray.address), local or slurm (a submitit job that starts Ray on its nodes
+    # and runs the stage there).
+    launcher: str = "inline"
+    nodes: int = 1
+    gpus_per_node: int = 1          # 0 on CPU-only clusters (and the local test cluster)
+    tasks_per_node: Optional[int] = None    # DDP ranks per node; None: one per GPU (1 without)
+    cpus_per_task: int = 2
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 60
+    mem_gb: Optional[int] = None
+    sbatch_extra: list = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig(JobConfig):
     """Settings shared by the three trainers (classifier, AffinityNet, segmenter)."""
     epochs: int = 10
     batch_size: int = 16
@@ -86,20 +107,6 @@ class TrainConfig:
     log_every: int = 20             # steps between JSON log lines
     checkpoint_every: int = 500     # steps between checkpoints (and one at every epoch end)
     amp: str = "bf16"               # bf16 | fp16 | none (CUDA only; ignored on CPU)
-    # Where the trainer runs: inline (this process), torchrun (ranks from its environment),
-    # local (submitit's local executor, tasks_per_node processes) or slurm (submitit, sbatch).
-    launcher: str = "inline"
-    nodes: int = 1
-    gpus_per_node: int = 1          # 0 on CPU-only clusters (and the local test cluster)
-    tasks_per_node: Optional[int] = None    # DDP ranks per node; None: one per GPU (1 without)
-    cpus_per_task: int = 2
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    time_min: int = 60
-    mem_gb: Optional[int] = None
-    sbatch_extra: list = field(default_factory=list)
 
 
 @dataclass
@@ -139,7 +146,7 @@ class RandomWalkConfig:
 
 
 @dataclass
-class RayConfig:
+class RayConfig(JobConfig):
     enabled: bool = True            # label generation on Ray actors (false: in the calling process)
     address: Optional[str] = None   # None: start a local Ray instance
     num_cpus: int = 0               # CPUs of the local instance (0: all of this machine's)
@@ -147,20 +154,11 @@ class RayConfig:
     max_failures: float = 0.001     # share of samples allowed to fail before the stage exits non-zero
     dashboard: bool = False         # start Ray's dashboard on the head (local instance or job's head)
     dashboard_host: str = "127.0.0.1"   # where it listens: local only (all interfaces: anyone)
-    # Where the Ray cluster comes from: inline (ray.init here, or ray.address) | local | slurm (a
-    # submitit job that starts Ray on its nodes and runs the stage there; the knobs below)
-    launcher: str = "inline"
-    nodes: int = 1
+    # The job of a Ray label stage (launcher local | slurm; see JobConfig): one Ray node per task
     gpus_per_node: int = 0
-    tasks_per_node: Optional[int] = 1   # one Ray node per task; keep 1
+    tasks_per_node: Optional[int] = 1   # keep 1
     cpus_per_task: int = 8
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
     time_min: int = 240
-    mem_gb: Optional[int] = None
-    sbatch_extra: list = field(default_factory=list)
 
 
 @dataclass
