@@ -17,8 +17,8 @@ train_aff: {{epochs: 1, batch_size: 4, crop_size: 64, resize_long: [56, 72], num
 train_seg: {{epochs: 1, batch_size: 4, crop_size: 64, resize_long: [56, 72], num_workers: 0}}
 cams: {{scales: [1.0, 0.5]}}
 aff_labels: {{crf: {crf}}}
-random_walk: {{t: 8}}
-model: {{aff_dims: [8, 8, 8, 16]}}
+random_walk: {{t: 8, crf: {crf}}}
+model: {{aff_dims: [8, 8, 8, 16], seg_from_classifier: true}}
 seg_full: true
 """
 
@@ -142,7 +142,8 @@ def test_segmenter_can_start_from_the_trained_classifier(tiny_cfg, tmp_path):
         seg = build_model(run, kind)
         for k, v in cls.backbone.state_dict().items():
             assert torch.equal(seg.backbone.state_dict()[k], v), k
-    plain = build_model(Run(load_config(tiny_cfg, [f"out_dir={out}"])), "seg")
+    plain = build_model(Run(load_config(tiny_cfg, [f"out_dir={out}",
+                                                    "model.seg_from_classifier=false"])), "seg")
     assert not torch.equal(plain.backbone.stem[0].weight, cls.backbone.stem[0].weight)
     with pytest.raises(Exception, match="seg_from_classifier"):
         load_config(tiny_cfg, ["model.seg_from_classifier=true", "model.segmenter=deeplabv3_resnet50"])
