@@ -44,14 +44,15 @@ def cmd_data_convert_coco(args) -> int:
 
 def cmd_data_inspect(args) -> int:
     from .inspect_data import format_report, inspect_dataset
-    report = inspect_dataset(args.root, verify=not args.quick)
+    report = inspect_dataset(args.root, verify=not args.quick, shard_url=args.shard_url)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["problems"] else 0
 
 
 def cmd_data_preview(args) -> int:
     from .inspect_data import preview_dataset
-    out = preview_dataset(args.root, args.out, split=args.split, count=args.count)
+    out = preview_dataset(args.root, args.out, split=args.split, count=args.count,
+                          shard_url=args.shard_url)
     print(f"wrote {out}")
     return 0
 
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quick", action="store_true", help="count samples without decoding them")
+    p.add_argument("--shard-url", help="read the shards through this WebDataset URL template "
+                   "(data.shard_url, e.g. 'pipe:aws s3 cp s3://bucket/voc/{name} -'); "
+                   "dataset.json still comes from ROOT")
     p.set_defaults(func=cmd_data_inspect)
 
     p = dsub.add_parser("preview", help="write a PNG grid of images with their masks overlaid")
@@ -253,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--split", default="train")
     p.add_argument("--count", type=int, default=16)
+    p.add_argument("--shard-url", help="as for data inspect")
     p.set_defaults(func=cmd_data_preview)
     return parser
 

@@ -6,14 +6,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shards import SampleError, decode_sample, iter_shard, read_dataset_json, split_shards
+from .shards import (SampleError, decode_sample, iter_shard, read_dataset_json, shard_basename,
+                     split_shards)
 
 
-def inspect_dataset(root: str | Path, verify: bool = True) -> dict:
+def inspect_dataset(root: str | Path, verify: bool = True, shard_url: str | None = None) -> dict:
     """Counts per split and a class histogram (images containing each class, and pixel share).
 
     With ``verify`` every shard is read and every sample decoded, so a bad shard or sample is found
-    here rather than hours into a job; problems are listed, not raised.
+    here rather than hours into a job; problems are listed, not raised. ``shard_url`` reads the
+    shards through that template (``data.shard_url``, e.g. ``pipe:aws s3 cp s3://b/voc/{name} -``)
+    while ``dataset.json`` comes from ``root``: the check a job's reads will pass.
     """
     info = read_dataset_json(root)
     classes = info["classes"]
@@ -23,7 +26,7 @@ def inspect_dataset(root: str | Path, verify: bool = True) -> dict:
         pixels = np.zeros(256, np.int64)
         n = 0
         declared = {s["name"]: s["count"] for s in info["splits"][split]["shards"]}
-        for shard in split_shards(root, split, info):
+        for shard in split_shards(root, split, info, shard_url):
             seen = 0
             try:
                 for raw in iter_shard(shard):
@@ -41,9 +44,9 @@ def inspect_dataset(root: str | Path, verify: bool = True) -> dict:
                         pixels += np.bincount(s["mask"].ravel(), minlength=256)
             except Exception as e:  # noqa: BLE001 - reported, the rest is still inspected
                 report["problems"].append(str(e))
-            if seen != declared[shard.name]:
+            if seen != declared[shard_basename(shard)]:
                 report["problems"].append(f"{shard}: {seen} samples, dataset.json says "
-                                          f"{declared[shard.name]}")
+                                          f"{declared[shard_basename(shard)]}")
             n += seen
         total_px = max(int(pixels[: len(classes) + 1].sum()), 1)
         report["splits"][split] = {
@@ -92,11 +95,12 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) ->
 
 
 def preview_dataset(root: str | Path, out: str | Path, split: str = "train", count: int = 16,
-                    cols: int = 4, size: int = 160) -> Path:
-    """A PNG grid: each cell the image and, beside it, the image with its mask overlaid."""
+                    cols: int = 4, size: int = 160, shard_url: str | None = None) -> Path:
+    """A PNG grid: each cell the image and, beside it, the image with its mask overlaid
+    (``shard_url``: as in :func:`inspect_dataset`)."""
     info = read_dataset_json(root)
     cells = []
-    for shard in split_shards(root, split, info):
+    for shard in split_shards(root, split, info, shard_url):
         for raw in iter_shard(shard):
             s = decode_sample(raw)
             img = np.asarray(Image.fromarray(s["image"]).resize((size, size), Image.BILINEAR))

@@ -50,6 +50,28 @@ def test_a_failing_pipe_is_an_error_naming_the_url(tmp_path):
         list(iter_shard(url))
 
 
+def test_inspect_and_preview_read_through_the_url(tmp_path):
+    # dataset.json from the local root, shards through pipe:cat from another directory (as from
+    # S3): the same report as reading them locally; a URL that reaches nothing is a listed problem.
+    import shutil
+    from psa_dist.inspect_data import inspect_dataset, preview_dataset
+    root, remote = tmp_path / "data", tmp_path / "remote"
+    write_synth(SynthConfig(image_size=32, num_train=6, num_val=3), root, shard_size=4, workers=1)
+    remote.mkdir()
+    for tar in root.glob("*.tar"):
+        shutil.move(str(tar), remote / tar.name)
+    url = f"pipe:cat {remote}/{{name}}"
+    got = inspect_dataset(root, shard_url=url)
+    assert got["problems"] == []
+    assert {k: v["samples"] for k, v in got["splits"].items()} == {"train": 6, "val": 3}
+    assert preview_dataset(root, tmp_path / "p.png", count=4, shard_url=url).is_file()
+    bad = inspect_dataset(root, shard_url=f"pipe:cat {tmp_path}/nowhere/{{name}}")
+    assert len(bad["problems"]) >= 2 and "nowhere" in bad["problems"][0]
+    shutil.copy(remote / "train-000000.tar", root)
+    local = inspect_dataset(root, verify=True)       # the moved shards are missing locally
+    assert any("train-000001.tar" in p for p in local["problems"])
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_training_and_cams_read_pipe_urls(tmp_path):
