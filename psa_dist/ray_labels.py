@@ -116,7 +116,9 @@ class ShardedLabelJob:
         self.out, self.num_classes, self.max_retries = Path(out_dir), num_classes, max_retries
         self.start_timeout = start_timeout
         res = ray.cluster_resources()
-        self.gpus = int(res.get("GPU", 0))
+        # Affinity labels are CAM thresholds and the dense CRF, CPU work without a model: one actor
+        # per CPU even where there are GPUs (an actor per GPU would leave most cores idle).
+        self.gpus = 0 if stage == "aff_labels" else int(res.get("GPU", 0))
         slots = self.gpus or max(1, int(res.get("CPU", 1)))
         # More actors than the cluster can place would sit pending with tasks queued on them.
         self.num_actors = min(num_actors or slots, slots)

@@ -192,19 +192,27 @@ def test_undecodable_sample_recorded_and_threshold(trained, ray_local):
 
 
 def test_gpu_actors_are_scheduled_one_per_gpu(trained):
+    # Ray's GPUs here are logical (no CUDA): the model stages get one actor per GPU, each with its
+    # own GPU id (the worker falls back to the CPU); affinity labels, CPU work, one per CPU.
     import ray
     base, cfg_path = trained
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     try:
-        out = clone_run(base, "gpus", ("cls", "aff", "cams"))
-        job, shards, counts = job_for(base, cfg_path, out, "aff_labels", 0)
+        out = clone_run(base, "gpus", ("cls", "aff"))
+        job, shards, counts = job_for(base, cfg_path, out, "cams", 0)
         assert job.gpus == 2 and job.num_actors == 2
         job.run(shards, counts)
         lines = [json.loads(x) for x in
-                 (out / "stages" / "aff_labels.shards.jsonl").read_text().splitlines()]
+                 (out / "stages" / "cams.shards.jsonl").read_text().splitlines()]
         gpus = {tuple(x["gpus"]) for x in lines}
         assert all(len(g) == 1 for g in gpus) and len({g[0] for g in gpus}) == 2
+        job, shards, counts = job_for(base, cfg_path, out, "aff_labels", 0)
+        assert job.gpus == 0 and job.num_actors == 3
+        job.run(shards, counts)
+        lines = [json.loads(x) for x in
+                 (out / "stages" / "aff_labels.shards.jsonl").read_text().splitlines()]
+        assert all(x["gpus"] == [] for x in lines) and len({x["pid"] for x in lines}) >= 2
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
