@@ -59,7 +59,9 @@ def decode_image(data: bytes) -> np.ndarray:
     """Bytes -> HxWx3 uint8 RGB. Truncated or corrupt data raises (PIL's error is kept as cause)."""
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        return np.asarray(im.convert("RGB"))
+        # np.array, not asarray: Pillow's array interface gives a read-only view, which torch
+        # warns about (and cannot write) when the image becomes a tensor
+        return np.array(im.convert("RGB"))
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -77,7 +79,7 @@ def decode_mask(data: bytes) -> np.ndarray:
         if im.mode != "L":
             raise ValueError(f"mask PNG must be mode 'L', got {im.mode!r}")
         im.load()
-        return np.asarray(im)
+        return np.array(im)
 
 
 def encode_npy(array: np.ndarray, dtype=np.float16) -> bytes:
