@@ -163,26 +163,26 @@ def _chebyshev_walk(weights: torch.Tensor, maps: torch.Tensor, radius: int, step
     prev, wts, offs, start, n, row = _walk_buffers(weights, maps, radius)
     cur = torch.zeros_like(prev)
     wts2 = [wts[:, j:j + 1] * 2 for j in range(len(offs))]   # 2T: exact in binary floating point
-    # Every view made once: slicing costs microseconds, and a step is 2 x 69 of them.
-    views = {id(buf): ([buf[:, :, o:o + n] for o in offs], buf[:, :, start:start + n])
-             for buf in (prev, cur)}
-    acc = views[id(prev)][1] * prev.new_tensor([coef[0]] * b).view(b, 1, 1)
-    coefs = {j: prev.new_tensor([coef[j] if j <= d else 0.0 for d in degrees]).view(b, 1, 1)
+    # Every view made once (slicing costs microseconds, and a step is 2 x 69 of them): for each
+    # buffer, its neighbour views and its grid; the two buffers' pairs swap roles each step.
+    prev, cur = [([buf[:, :, o:o + n] for o in offs], buf[:, :, start:start + n])
+                 for buf in (prev, cur)]
+    acc = prev[1] * prev[1].new_tensor([coef[0]] * b).view(b, 1, 1)
+    coefs = {j: acc.new_tensor([coef[j] if j <= d else 0.0 for d in degrees]).view(b, 1, 1)
              for j in range(1, max(degrees) + 1) if coef[j]}  # odd degrees of an even power are 0
 
-    def double_step(src: torch.Tensor, dst: torch.Tensor):
-        """dst's grid += 2 T src."""
-        grid = views[id(dst)][1]
-        for view, wt in zip(views[id(src)][0], wts2):
-            grid.addcmul_(view, wt)
-        return grid
+    def double_step(src, dst) -> torch.Tensor:
+        """dst's grid += 2 T (src's grid)."""
+        for view, wt in zip(src[0], wts2):
+            dst[1].addcmul_(view, wt)
+        return dst[1]
 
     grid = double_step(prev, cur)                         # y_1 = T y_0 = (2T y_0) / 2
     grid.mul_(0.5)
     if 1 in coefs:
         acc.addcmul_(grid, coefs[1])
     for j in range(2, max(degrees) + 1):
-        views[id(prev)][1].neg_()                         # y_j = 2 T y_j-1 - y_j-2, in place
+        prev[1].neg_()                                    # y_j = 2 T y_j-1 - y_j-2, in place
         grid = double_step(cur, prev)
         if j in coefs:
             acc.addcmul_(grid, coefs[j])
