@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 NEUTRAL = 255
 EPS = 1e-5
 
@@ -114,6 +116,11 @@ def _blocks(b: int, d: int, length: int, block: Optional[int]):
             yield slice(i, i + 1), slice(c, min(c + size, d))
 
 
+def _native(buf: torch.Tensor) -> bool:
+    """Whether the C kernels of :mod:`psa_dist.native` serve this buffer (float32 on a CPU)."""
+    return buf.device.type == "cpu" and buf.dtype == torch.float32 and native.available()
+
+
 class _PairDistance(torch.autograd.Function):
     """``mean_d |f_i - f_j|`` for every in-image pair at every offset, saving only the features.
 
@@ -128,6 +135,11 @@ class _PairDistance(torch.autograd.Function):
         row, length, shifts = _flat_layout(h, w, offsets)
         n = h * row
         buf = _to_flat(features.detach(), row, length)
+        ctx.save_for_backward(features)
+        ctx.offsets, ctx.block = offsets, block
+        if _native(buf):
+            dist = native.pair_mean_l1(buf, 0, n, shifts).view(b, len(offsets), h, row)[..., :w]
+            return torch.where(_inside(offsets, h, w, features.device), dist, 0).contiguous()
         sums = features.new_zeros((len(offsets), b, n))      # (K, B, n): each [k, images] contiguous
         for imgs, chans in _blocks(b, d, length, block):
             part = buf[imgs, chans]
@@ -136,8 +148,6 @@ class _PairDistance(torch.autograd.Function):
             for k, s in enumerate(shifts):
                 torch.sub(base, part[..., s:s + n], out=diff)
                 sums[k, imgs] += diff.abs_().sum(dim=1)
-        ctx.save_for_backward(features)
-        ctx.offsets, ctx.block = offsets, block
         dist = sums.view(len(offsets), b, h, row)[..., :w].transpose(0, 1) / d
         return torch.where(_inside(offsets, h, w, features.device), dist, 0).contiguous()
 
@@ -150,9 +160,12 @@ class _PairDistance(torch.autograd.Function):
         row, length, shifts = _flat_layout(h, w, offsets)
         n = h * row
         # d dist / d f_i = sign(f_i - f_j) / D = -d dist / d f_j; an outside entry is a constant 0.
-        grad = torch.where(_inside(offsets, h, w, grad.device), grad, 0) / d
-        scale = _to_flat(grad.transpose(0, 1), row, n).unsqueeze(2)    # (K, B, 1, n)
+        grad = torch.where(_inside(offsets, h, w, grad.device), grad, 0)
         buf = _to_flat(features, row, length)
+        if _native(buf) and grad.dtype == torch.float32:
+            grad_buf = native.pair_mean_l1_backward(buf, 0, n, shifts, _to_flat(grad, row, n))
+            return grad_buf[..., :n].view(b, d, h, row)[..., :w].contiguous(), None, None
+        scale = _to_flat(grad.transpose(0, 1) / d, row, n).unsqueeze(2)    # (K, B, 1, n)
         grad_buf = torch.zeros_like(buf)
         for imgs, chans in _blocks(b, d, length, ctx.block):
             part, grad_part = buf[imgs, chans], grad_buf[imgs, chans]

@@ -1,0 +1,194 @@
+"""A small C kernel for the random walk's pair distances, built with the system C compiler on first
+use and called through ctypes; torch code does the same work where it cannot be had.
+
+Why not a torch C++ extension: this kernel needs no torch headers, so it builds in about a second
+with plain ``cc`` (no ninja, no 40 s compile of ATen headers), and ctypes releases the GIL so the
+threads of :func:`pair_mean_l1` run in parallel. Why not ``torch.compile``: its CPU kernels are fast
+for one fixed shape but recompile for every feature-map size (VOC images all differ), and its
+dynamic-shape code was 10x slower than eager here.
+
+The library is built with ``-march=native`` into ``$PSA_DIST_CACHE`` (default ``~/.cache/psa_dist``)
+under a name that hashes the source, the flags and this CPU's model and flags, so a home directory
+shared by different nodes keeps one build per kind of CPU. ``PSA_DIST_NATIVE=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "pair_l1.c"
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+BLOCK = 128                 # the kernel's pixel block; thread chunks are multiples of it
+
+_lock = threading.Lock()
+_lib = None                 # the loaded library, False once building it failed
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cpu_tag() -> str:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PSA_DIST_CACHE") or Path.home() / ".cache" / "psa_dist")
+
+
+def library_path() -> Path:
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, platform.machine(),
+                                    _cpu_tag()]).encode()).hexdigest()[:16]
+    return cache_dir() / f"pair_l1-{key}.so"
+
+
+def build(path: Path) -> None:
+    """Compile the kernel into ``path`` atomically (several processes may build at once)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{cc} failed on {SOURCE}:\n{proc.stderr.strip()[-1500:]}")
+    os.replace(tmp, path)
+
+
+def load():
+    """The kernel library, building it if needed; None where it cannot be had (reported once)."""
+    global _lib
+    if _lib is not None:
+        return _lib or None
+    with _lock:
+        if _lib is not None:
+            return _lib or None
+        if os.environ.get("PSA_DIST_NATIVE", "1") == "0":
+            _lib = False
+            return None
+        try:
+            path = library_path()
+            if not path.is_file():
+                build(path)
+            lib = ctypes.CDLL(str(path))
+            lp, i = ctypes.c_void_p, ctypes.c_long
+            lib.pair_mean_l1.restype = lib.pair_mean_l1_backward.restype = None
+            lib.pair_mean_l1.argtypes = [lp, i, i, i, i, lp, i, lp, i, i]
+            lib.pair_mean_l1_backward.argtypes = [lp, i, i, i, i, lp, i, lp, lp, lp]
+            _lib = lib
+        except (OSError, RuntimeError) as e:
+            print(f"[psa_dist.native] the C pair-distance kernel is unavailable, using torch ops "
+                  f"(same results, slower): {e}", file=sys.stderr, flush=True)
+            _lib = False
+    return _lib or None
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _check(buf: torch.Tensor, start: int, n: int, shifts) -> None:
+    if buf.device.type != "cpu" or buf.dtype != torch.float32 or not buf.is_contiguous() \
+            or buf.dim() != 3:
+        raise ValueError(f"pair_mean_l1: needs a contiguous (B, D, L) float32 CPU tensor, got "
+                         f"{tuple(buf.shape)} {buf.dtype} on {buf.device}")
+    lo, hi = min(0, *shifts), max(0, *shifts)
+    if start + lo < 0 or start + n + hi > buf.shape[-1]:
+        raise ValueError(f"pair_mean_l1: shifts {lo}..{hi} from [{start}, {start + n}) leave the "
+                         f"buffer of length {buf.shape[-1]}")
+
+
+def _parallel(tasks: list) -> None:
+    """Run the callables in ``tasks`` on up to torch.get_num_threads() threads (ctypes calls
+    release the GIL)."""
+    global _pool
+    if len(tasks) == 1:
+        tasks[0]()
+        return
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                       thread_name_prefix="psa-native")
+    for f in [_pool.submit(t) for t in tasks]:
+        f.result()
+
+
+def _lib_or_raise():
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the C pair-distance kernel is unavailable")
+    return lib
+
+
+def pair_mean_l1(buf: torch.Tensor, start: int, n: int, shifts) -> torch.Tensor:
+    """``out[b, k, p] = mean_d |buf[b, d, start + p] - buf[b, d, start + p + shifts[k]]|``.
+
+    buf (B, D, L) float32 contiguous on the CPU, with every index read inside it; returns (B, K, n).
+    The threads split the pixels. Raises RuntimeError where the kernel is unavailable (callers
+    check :func:`available`)."""
+    lib = _lib_or_raise()
+    _check(buf, start, n, shifts)
+    b, d, length = buf.shape
+    k = len(shifts)
+    q = (ctypes.c_long * k)(*shifts)
+    out = buf.new_empty((b, k, n))
+    threads = max(1, min(torch.get_num_threads(), -(-n // BLOCK)))
+    step = -(-(-(-n // threads)) // BLOCK) * BLOCK
+    xs, os_ = [buf[i].data_ptr() for i in range(b)], [out[i].data_ptr() for i in range(b)]
+
+    def task(p0, p1):
+        def run():
+            for x, o in zip(xs, os_):
+                lib.pair_mean_l1(x, length, d, start, n, q, k, o, p0, p1)
+        return run
+
+    _parallel([task(p0, min(p0 + step, n)) for p0 in range(0, n, step)])
+    return out
+
+
+def pair_mean_l1_backward(buf: torch.Tensor, start: int, n: int, shifts,
+                          grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``sum(pair_mean_l1(buf, ...) * grad)`` with respect to ``buf``, (B, D, L);
+    grad (B, K, n), zero where a partner is not a real pixel. The threads split the channels."""
+    lib = _lib_or_raise()
+    _check(buf, start, n, shifts)
+    b, d, length = buf.shape
+    k = len(shifts)
+    if tuple(grad.shape) != (b, k, n):
+        raise ValueError(f"pair_mean_l1_backward: grad {tuple(grad.shape)}, expected {(b, k, n)}")
+    q = (ctypes.c_long * k)(*shifts)
+    g = (grad / d).to(torch.float32).contiguous()
+    ga, gb = buf.new_zeros((b, d, n)), buf.new_zeros((b, d, length))
+    threads = max(1, min(torch.get_num_threads(), b * d))
+    per = -(-(b * d) // threads)
+    x0, g0, ga0, gb0 = buf.data_ptr(), g.data_ptr(), ga.data_ptr(), gb.data_ptr()
+
+    def task(lo, hi):
+        def run():
+            for i in range(lo // d, (hi - 1) // d + 1):     # images overlapping channels [lo, hi)
+                c0, c1 = max(lo - i * d, 0), min(hi - i * d, d)
+                row = i * d + c0                               # float32: 4 bytes
+                lib.pair_mean_l1_backward(x0 + 4 * row * length, length, c1 - c0, start, n, q, k,
+                                          g0 + 4 * i * k * n, ga0 + 4 * row * n,
+                                          gb0 + 4 * row * length)
+        return run
+
+    _parallel([task(lo, min(lo + per, b * d)) for lo in range(0, b * d, per)])
+    gb[..., start:start + n] += ga
+    return gb
