@@ -20,14 +20,17 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "pair_l1.c"
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+# -ffp-contract=off: no fused multiply-adds with any compiler, so every build of this source rounds
+# alike, and a pixel's result never depends on whether a vector or a scalar loop computed it.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99"]
 BLOCK = 128                 # the kernel's pixel block; thread chunks are multiples of it
 
 _lock = threading.Lock()
@@ -35,18 +38,53 @@ _lib = None                 # the loaded library, False once building it failed
 _pool: ThreadPoolExecutor | None = None
 
 
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker, a fork-started pool) has none of the parent's pool
+    # threads, and a lock the parent held at the fork stays held: start both afresh.
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _cpu_tag() -> str:
     """This CPU's model and feature flags (what -march=native compiles for)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+        # x86: model name and flags; ARM: CPU implementer / part and Features
+        keys = ("model name", "flags", "Features", "CPU implementer", "CPU architecture",
+                "CPU part")
+        keep = []
+        for ln in lines:
+            if ln.startswith(keys) and ln.split(":")[0].strip() not in [k.split(":")[0].strip()
+                                                                      for k in keep]:
+                keep.append(ln)
         return "\n".join(keep)
     except OSError:
         return platform.processor()
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PSA_DIST_CACHE") or Path.home() / ".cache" / "psa_dist")
+    """``$PSA_DIST_CACHE``, else ``~/.cache/psa_dist``, else (a read-only home, as in some
+    containers) a directory of this user's in the temp dir."""
+    if os.environ.get("PSA_DIST_CACHE"):
+        return Path(os.environ["PSA_DIST_CACHE"])
+    home = Path.home() / ".cache"
+    if os.access(home if home.is_dir() else Path.home(), os.W_OK):
+        return home / "psa_dist"
+    return Path(tempfile.gettempdir()) / f"psa_dist-{os.getuid()}"
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (mode 700) if needed; refuse one that another user could have planted a
+    library in (a shared temp dir)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{path}: not a directory of this user's that only it can write "
+                           f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); set "
+                           f"PSA_DIST_CACHE to one")
 
 
 def library_path() -> Path:
@@ -61,7 +99,7 @@ def build(path: Path) -> None:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"],
                           capture_output=True, text=True)
@@ -84,6 +122,7 @@ def load():
             return None
         try:
             path = library_path()
+            _private_dir(path.parent)
             if not path.is_file():
                 build(path)
             lib = ctypes.CDLL(str(path))
@@ -91,6 +130,8 @@ def load():
             lib.pair_mean_l1.restype = lib.pair_mean_l1_backward.restype = None
             lib.pair_mean_l1.argtypes = [lp, i, i, i, i, lp, i, lp, i, i]
             lib.pair_mean_l1_backward.argtypes = [lp, i, i, i, i, lp, i, lp, lp, lp]
+            lib.walk_step.restype = None
+            lib.walk_step.argtypes = [lp, lp, lp, i, i, i, i, i, lp, i, i, i]
             _lib = lib
         except (OSError, RuntimeError) as e:
             print(f"[psa_dist.native] the C pair-distance kernel is unavailable, using torch ops "
@@ -108,7 +149,7 @@ def _check(buf: torch.Tensor, start: int, n: int, shifts) -> None:
             or buf.dim() != 3:
         raise ValueError(f"pair_mean_l1: needs a contiguous (B, D, L) float32 CPU tensor, got "
                          f"{tuple(buf.shape)} {buf.dtype} on {buf.device}")
-    lo, hi = min(0, *shifts), max(0, *shifts)
+    lo, hi = min([0, *shifts]), max([0, *shifts])
     if start + lo < 0 or start + n + hi > buf.shape[-1]:
         raise ValueError(f"pair_mean_l1: shifts {lo}..{hi} from [{start}, {start + n}) leave the "
                          f"buffer of length {buf.shape[-1]}")
@@ -125,8 +166,12 @@ def _parallel(tasks: list) -> None:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                        thread_name_prefix="psa-native")
-    for f in [_pool.submit(t) for t in tasks]:
-        f.result()
+    futures = [_pool.submit(t) for t in tasks]
+    try:
+        for f in futures:
+            f.result()
+    finally:    # never return (or unwind on Ctrl-C) while a thread still writes a caller's tensor
+        wait(futures)
 
 
 def _lib_or_raise():
@@ -146,8 +191,10 @@ def pair_mean_l1(buf: torch.Tensor, start: int, n: int, shifts) -> torch.Tensor:
     _check(buf, start, n, shifts)
     b, d, length = buf.shape
     k = len(shifts)
-    q = (ctypes.c_long * k)(*shifts)
     out = buf.new_empty((b, k, n))
+    if not (b and k and n):
+        return out
+    q = (ctypes.c_long * k)(*shifts)
     threads = max(1, min(torch.get_num_threads(), -(-n // BLOCK)))
     step = -(-(-(-n // threads)) // BLOCK) * BLOCK
     xs, os_ = [buf[i].data_ptr() for i in range(b)], [out[i].data_ptr() for i in range(b)]
@@ -172,9 +219,13 @@ def pair_mean_l1_backward(buf: torch.Tensor, start: int, n: int, shifts,
     k = len(shifts)
     if tuple(grad.shape) != (b, k, n):
         raise ValueError(f"pair_mean_l1_backward: grad {tuple(grad.shape)}, expected {(b, k, n)}")
+    if grad.device.type != "cpu":
+        raise ValueError(f"pair_mean_l1_backward: grad on {grad.device}, needs the CPU")
+    ga, gb = buf.new_zeros((b, d, n)), buf.new_zeros((b, d, length))
+    if not (b and d and k and n):
+        return gb
     q = (ctypes.c_long * k)(*shifts)
     g = (grad / d).to(torch.float32).contiguous()
-    ga, gb = buf.new_zeros((b, d, n)), buf.new_zeros((b, d, length))
     threads = max(1, min(torch.get_num_threads(), b * d))
     per = -(-(b * d) // threads)
     x0, g0, ga0, gb0 = buf.data_ptr(), g.data_ptr(), ga.data_ptr(), gb.data_ptr()
@@ -192,3 +243,34 @@ def pair_mean_l1_backward(buf: torch.Tensor, start: int, n: int, shifts,
     _parallel([task(lo, min(lo + per, b * d)) for lo in range(0, b * d, per)])
     gb[..., start:start + n] += ga
     return gb
+
+
+class WalkStepper:
+    """``dst = 2 T src - dst`` on the grid of two (B, C, L) padded buffers (the Chebyshev step of
+    ``random_walk._chebyshev_walk``); w2 (B, K, n) twice the weights, ``shifts`` relative to the
+    grid. Set up once per walk (pointers, thread split), then called once per step."""
+
+    def __init__(self, w2: torch.Tensor, bufs, start: int, n: int, shifts):
+        self.lib = _lib_or_raise()
+        for t in (w2, *bufs):
+            if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError("WalkStepper: needs contiguous float32 CPU tensors")
+        b, c, length = bufs[0].shape
+        if any(t.shape != bufs[0].shape for t in bufs) or tuple(w2.shape) != (b, len(shifts), n):
+            raise ValueError(f"WalkStepper: buffers {[tuple(t.shape) for t in bufs]} and weights "
+                             f"{tuple(w2.shape)} do not match")
+        _check(bufs[0], start, n, shifts)
+        self.keep = (w2, *bufs)            # the pointers below stay valid while these live
+        self.args = (b, c, length, start, n, (ctypes.c_long * len(shifts))(*shifts), len(shifts))
+        self.w2 = w2.data_ptr()
+        threads = max(1, min(torch.get_num_threads(), -(-n // BLOCK)))
+        step = -(-(-(-n // threads)) // BLOCK) * BLOCK
+        self.chunks = [(p0, min(p0 + step, n)) for p0 in range(0, n, step)]
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        s, d = src.data_ptr(), dst.data_ptr()
+        mine = {t.data_ptr() for t in self.keep[1:]}
+        if s not in mine or d not in mine or s == d:
+            raise ValueError("WalkStepper: src and dst must be the two buffers it was made for")
+        _parallel([lambda p0=p0, p1=p1: self.lib.walk_step(s, d, self.w2, *self.args, p0, p1)
+                   for p0, p1 in self.chunks])

@@ -4,9 +4,12 @@
 half-plane offsets, their mirror images, and itself with W_ii = 1). Each row of T has at most 69
 non-zeros, so instead of the authors' dense N×N matrix (squared log2(t) times: O(N^3) time, O(N^2)
 memory) we keep T as 69 weight maps and apply it t times by shifted multiply-adds over contiguous
-memory (see ``apply_transition``): O(t·N·69·C) time and O(N·69) memory, exactly the same operator. Pairs whose partner would leave the image are absent
-(no links dropped at the border, unlike the authors' code), and each row is normalised over the
-links it has.
+memory (see ``apply_transition``): O(t·N·69·C) time and O(N·69) memory, exactly the same
+operator. Pairs whose partner would leave the image are absent (no links dropped at the border,
+unlike the authors' code), and each row is normalised over the links it has.
+
+On a CPU in float32 the two hot loops, the pair distances of T and the step of the truncated walk,
+run in the C kernels of :mod:`psa_dist.native` (torch ops elsewhere, with the same results).
 """
 from __future__ import annotations
 
@@ -178,28 +181,39 @@ def _chebyshev_walk(weights: torch.Tensor, maps: torch.Tensor, radius: int, step
     degrees = [chebyshev_degree(steps, tol, max(int(c), 1), k) for c in cells]
     prev, wts, offs, start, n, row = _walk_buffers(weights, maps, radius)
     cur = torch.zeros_like(prev)
-    wts2 = [wts[:, j:j + 1] * 2 for j in range(len(offs))]   # 2T: exact in binary floating point
-    # Every view made once (slicing costs microseconds, and a step is 2 x 69 of them): for each
-    # buffer, its neighbour views and its grid; the two buffers' pairs swap roles each step.
-    prev, cur = [([buf[:, :, o:o + n] for o in offs], buf[:, :, start:start + n])
-                 for buf in (prev, cur)]
+    if prev.device.type == "cpu" and prev.dtype == torch.float32 and native.available():
+        # The C step: one pass over the grid per step instead of K (see native.WalkStepper).
+        stepper = native.WalkStepper((wts * 2).contiguous(), (prev, cur), start, n,
+                                     [o - start for o in offs])
+        prev, cur = (prev, prev[:, :, start:start + n]), (cur, cur[:, :, start:start + n])
+
+        def double_step(src, dst) -> torch.Tensor:
+            """dst's grid = 2 T (src's grid) - dst's grid."""
+            stepper(src[0], dst[0])
+            return dst[1]
+    else:
+        wts2 = [wts[:, j:j + 1] * 2 for j in range(len(offs))]   # 2T: exact in binary floating point
+        # Every view made once (slicing costs microseconds, and a step is 2 x 69 of them): for each
+        # buffer, its neighbour views and its grid; the two buffers' pairs swap roles each step.
+        prev, cur = [([buf[:, :, o:o + n] for o in offs], buf[:, :, start:start + n])
+                     for buf in (prev, cur)]
+
+        def double_step(src, dst) -> torch.Tensor:
+            """dst's grid = 2 T (src's grid) - dst's grid."""
+            dst[1].neg_()
+            for view, wt in zip(src[0], wts2):
+                dst[1].addcmul_(view, wt)
+            return dst[1]
+
     acc = prev[1] * prev[1].new_tensor([coef[0]] * b).view(b, 1, 1)
     coefs = {j: acc.new_tensor([coef[j] if j <= d else 0.0 for d in degrees]).view(b, 1, 1)
              for j in range(1, max(degrees) + 1) if coef[j]}  # odd degrees of an even power are 0
-
-    def double_step(src, dst) -> torch.Tensor:
-        """dst's grid += 2 T (src's grid)."""
-        for view, wt in zip(src[0], wts2):
-            dst[1].addcmul_(view, wt)
-        return dst[1]
-
-    grid = double_step(prev, cur)                         # y_1 = T y_0 = (2T y_0) / 2
+    grid = double_step(prev, cur)                         # y_1 = T y_0 = (2T y_0 - 0) / 2
     grid.mul_(0.5)
     if 1 in coefs:
         acc.addcmul_(grid, coefs[1])
     for j in range(2, max(degrees) + 1):
-        prev[1].neg_()                                    # y_j = 2 T y_j-1 - y_j-2, in place
-        grid = double_step(cur, prev)
+        grid = double_step(cur, prev)                     # y_j = 2 T y_j-1 - y_j-2, in place
         if j in coefs:
             acc.addcmul_(grid, coefs[j])
         prev, cur = cur, prev
