@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# A C compiler: the random walk's and the AffinityNet loss's kernels (psa_dist/csrc) are built with
+# it on first use (without one they fall back to slower torch ops); pydensecrf2 may build with it.
+if ! command -v "${CC:-cc}" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing a C compiler (build-essential)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential >/dev/null; }
+  else
+    echo "[setup] warning: no C compiler (${CC:-cc}); install one (e.g. build-essential) for the fast kernels" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
   "$PY" -m venv .venv

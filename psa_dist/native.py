@@ -156,8 +156,8 @@ def _check(buf: torch.Tensor, start: int, n: int, shifts) -> None:
 
 
 def _parallel(tasks: list) -> None:
-    """Run the callables in ``tasks`` on up to torch.get_num_threads() threads (ctypes calls
-    release the GIL)."""
+    """Run the callables in ``tasks`` at once: the first in this thread, the others on the pool
+    (ctypes calls release the GIL); callers make one task per thread they want."""
     global _pool
     if len(tasks) == 1:
         tasks[0]()
@@ -166,8 +166,9 @@ def _parallel(tasks: list) -> None:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                        thread_name_prefix="psa-native")
-    futures = [_pool.submit(t) for t in tasks]
+    futures = [_pool.submit(t) for t in tasks[1:]]
     try:
+        tasks[0]()          # this thread does its share instead of waiting idle
         for f in futures:
             f.result()
     finally:    # never return (or unwind on Ctrl-C) while a thread still writes a caller's tensor
