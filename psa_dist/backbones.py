@@ -12,6 +12,7 @@ the last one, which the classifier and segmenter use.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -181,12 +182,52 @@ def build_backbone(name: str, pretrained: str | None = None) -> nn.Module:
     return net
 
 
+# The authors' ResNet-38 (psa's network/resnet38d.py, and the ImageNet weights its
+# convert_mxnet_to_torch writes) names blocks b2, b2_1, b2_2, ..., b5_2, b6, b7 and their layers
+# after the MXNet original; ResNet38 above uses module lists and short names.
+_PSA_LAYERS = {"bn_branch2a": "bn_a", "conv_branch2a": "conv_a", "bn_branch2b1": "bn_b",
+               "conv_branch2b1": "conv_b", "bn_branch2b2": "bn_c", "conv_branch2b2": "conv_c",
+               "conv_branch1": "proj"}
+
+
+def is_psa_resnet38(state: dict) -> bool:
+    """Whether ``state`` uses the authors' ResNet-38 layer names."""
+    return any(part in _PSA_LAYERS for k in state for part in str(k).split("."))
+
+
+def from_psa_resnet38(state: dict) -> dict:
+    """A state dict in the authors' ResNet-38 names (``b2_1.conv_branch2a.weight``, with or
+    without DataParallel's ``module.``) renamed to :class:`ResNet38`'s (``b2.1.conv_a.weight``).
+    Keys of no backbone layer (the classifier's ``fc8``, ImageNet's ``linear1000``, AffinityNet's
+    heads) are left out."""
+    out = {}
+    for key, value in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        head, _, rest = k.partition(".")
+        if head in ("conv1a", "bn7"):
+            out[k] = value
+            continue
+        m = re.fullmatch(r"b([2-7])(?:_([1-9]))?", head)
+        layer, _, param = rest.partition(".")
+        if not m or layer not in _PSA_LAYERS:
+            continue
+        stage, index = int(m[1]), int(m[2] or 0)
+        if stage >= 6 and index:
+            continue                        # stages 6 and 7 have one block each
+        block = f"b{stage}" if stage >= 6 else f"b{stage}.{index}"
+        out[f"{block}.{_PSA_LAYERS[layer]}.{param}"] = value
+    return out
+
+
 def load_pretrained(net: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model.pretrained: weights file not found: {p}")
     state = torch.load(p, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
+    if isinstance(net, ResNet38) and isinstance(state, dict) and is_psa_resnet38(state):
+        log.warning("%s: the authors' ResNet-38 key names, renamed to psa_dist's", p)
+        state = from_psa_resnet38(state)
     missing, unexpected = net.load_state_dict(state, strict=False)
     # BN's num_batches_tracked counters carry no weights: a file that matches only those (or a
     # few stray names) is the wrong file, and training would silently start from random weights.

@@ -208,3 +208,63 @@ def test_pretrained_file_of_another_network_is_an_error(tmp_path):
     cfg.seg_pretrained = str(tmp_path / "r50.pth")
     with pytest.raises(FileNotFoundError, match="r50.pth"):
         build_segmenter(cfg, 3)
+
+
+def psa_resnet38_names():
+    """The authors' ResNet-38 parameter and buffer names (psa's network/resnet38d.py), written out
+    here from its layout: conv1a; blocks b2, b2_1, b2_2, b3.., b4, b4_1..b4_5, b5, b5_1, b5_2 with
+    bn_branch2a / conv_branch2a / bn_branch2b1 / conv_branch2b1 (+ conv_branch1 on the first block
+    of a stage); bottlenecks b6, b7 with a third BN + conv and conv_branch1; bn7; then mapped by
+    hand onto psa_dist's names."""
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    ours = {"bn_branch2a": "bn_a", "conv_branch2a": "conv_a", "bn_branch2b1": "bn_b",
+            "conv_branch2b1": "conv_b", "bn_branch2b2": "bn_c", "conv_branch2b2": "conv_c",
+            "conv_branch1": "proj"}
+    pairs = [("conv1a.weight", "conv1a.weight")]
+    for stage, blocks in [(2, 3), (3, 3), (4, 6), (5, 3)]:
+        for i in range(blocks):
+            theirs = f"b{stage}" + (f"_{i}" if i else "")
+            layers = ["bn_branch2a", "conv_branch2a", "bn_branch2b1", "conv_branch2b1"]
+            layers += ["conv_branch1"] if i == 0 else []
+            for layer in layers:
+                for p in (bn if layer.startswith("bn") else ["weight"]):
+                    pairs.append((f"{theirs}.{layer}.{p}", f"b{stage}.{i}.{ours[layer]}.{p}"))
+    for stage in (6, 7):
+        for layer in ["bn_branch2a", "conv_branch2a", "bn_branch2b1", "conv_branch2b1",
+                      "bn_branch2b2", "conv_branch2b2", "conv_branch1"]:
+            for p in (bn if layer.startswith("bn") else ["weight"]):
+                pairs.append((f"b{stage}.{layer}.{p}", f"b{stage}.{ours[layer]}.{p}"))
+    pairs += [(f"bn7.{p}", f"bn7.{p}") for p in bn]
+    return pairs
+
+
+def test_authors_resnet38_names_are_renamed_onto_ours():
+    from psa_dist.backbones import ResNet38, from_psa_resnet38, is_psa_resnet38
+    with torch.device("meta"):                  # names and shapes only: no 400 MB of weights
+        net = ResNet38()
+    want = net.state_dict()
+    pairs = psa_resnet38_names()
+    assert sorted(o for _, o in pairs) == sorted(want)
+    # the authors' classifier checkpoint: DataParallel's prefix, the fc8 head, ImageNet's linear1000
+    theirs = {f"module.{t}": want[o] for t, o in pairs}
+    theirs.update({"module.fc8.weight": torch.zeros(20, 4096, 1, 1),
+                   "linear1000.weight": torch.zeros(1000, 4096)})
+    assert is_psa_resnet38(theirs) and not is_psa_resnet38(want)
+    got = from_psa_resnet38(theirs)
+    assert sorted(got) == sorted(want)
+    for t, o in pairs:
+        assert got[o] is theirs[f"module.{t}"], (t, o)
+
+
+@pytest.mark.slow
+def test_authors_resnet38_file_loads(tmp_path):
+    from psa_dist.backbones import ResNet38, load_pretrained
+    torch.manual_seed(0)
+    src = ResNet38()
+    theirs = {t: src.state_dict()[o] for t, o in psa_resnet38_names()}
+    torch.save({**theirs, "fc8.weight": torch.zeros(20, 4096, 1, 1)}, tmp_path / "res38_cls.pth")
+    torch.manual_seed(1)
+    net = ResNet38()
+    load_pretrained(net, str(tmp_path / "res38_cls.pth"))
+    for k, v in src.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), k
