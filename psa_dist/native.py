@@ -130,8 +130,8 @@ def load():
             lib.pair_mean_l1.restype = lib.pair_mean_l1_backward.restype = None
             lib.pair_mean_l1.argtypes = [lp, i, i, i, i, lp, i, lp, i, i]
             lib.pair_mean_l1_backward.argtypes = [lp, i, i, i, i, lp, i, lp, lp, lp]
-            lib.walk_step.restype = None
-            lib.walk_step.argtypes = [lp, lp, lp, i, i, i, i, i, lp, i, i, i]
+            lib.chebyshev_walk.restype = None
+            lib.chebyshev_walk.argtypes = [lp, lp, lp, lp, lp, lp, i, i, i, i, lp, i, i, i]
             _lib = lib
         except (OSError, RuntimeError) as e:
             print(f"[psa_dist.native] the C pair-distance kernel is unavailable, using torch ops "
@@ -246,32 +246,35 @@ def pair_mean_l1_backward(buf: torch.Tensor, start: int, n: int, shifts,
     return gb
 
 
-class WalkStepper:
-    """``dst = 2 T src - dst`` on the grid of two (B, C, L) padded buffers (the Chebyshev step of
-    ``random_walk._chebyshev_walk``); w2 (B, K, n) twice the weights, ``shifts`` relative to the
-    grid. Set up once per walk (pointers, thread split), then called once per step."""
+def chebyshev_walk(maps: torch.Tensor, w2: torch.Tensor, coef, degrees, start: int, n: int,
+                   shifts) -> torch.Tensor:
+    """``sum_j coef[j] T_j(T) y0`` for each image up to its own degree (random_walk's truncated
+    walk). maps (B, C, L): y0 in the padded flat layout, overwritten; w2 (B, K, n): twice the
+    weights; returns (B, C, n), the grid rows. The threads split the images: each image's whole walk
+    runs in one thread, with no synchronisation per step."""
+    lib = _lib_or_raise()
+    _check(maps, start, n, shifts)
+    b, c, length = maps.shape
+    k = len(shifts)
+    if w2.dtype != torch.float32 or not w2.is_contiguous() or tuple(w2.shape) != (b, k, n) \
+            or w2.device.type != "cpu" or len(degrees) != b:
+        raise ValueError(f"chebyshev_walk: weights {tuple(w2.shape)} {w2.dtype} and {len(degrees)} "
+                         f"degrees for maps {tuple(maps.shape)}")
+    top = max(degrees, default=0)
+    if len(coef) <= top:
+        raise ValueError(f"chebyshev_walk: {len(coef)} coefficients for degree {top}")
+    other, acc = torch.zeros_like(maps), maps.new_empty((b, c, n))
+    if not (b and c and n):
+        return acc
+    q = (ctypes.c_long * k)(*shifts)
+    cf = (ctypes.c_float * (top + 1))(*coef[:top + 1])
+    dg = (ctypes.c_long * b)(*degrees)
+    ptrs = (maps.data_ptr(), other.data_ptr(), acc.data_ptr(), w2.data_ptr())
+    threads = max(1, min(torch.get_num_threads(), b))
+    per = -(-b // threads)
 
-    def __init__(self, w2: torch.Tensor, bufs, start: int, n: int, shifts):
-        self.lib = _lib_or_raise()
-        for t in (w2, *bufs):
-            if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-                raise ValueError("WalkStepper: needs contiguous float32 CPU tensors")
-        b, c, length = bufs[0].shape
-        if any(t.shape != bufs[0].shape for t in bufs) or tuple(w2.shape) != (b, len(shifts), n):
-            raise ValueError(f"WalkStepper: buffers {[tuple(t.shape) for t in bufs]} and weights "
-                             f"{tuple(w2.shape)} do not match")
-        _check(bufs[0], start, n, shifts)
-        self.keep = (w2, *bufs)            # the pointers below stay valid while these live
-        self.args = (b, c, length, start, n, (ctypes.c_long * len(shifts))(*shifts), len(shifts))
-        self.w2 = w2.data_ptr()
-        threads = max(1, min(torch.get_num_threads(), -(-n // BLOCK)))
-        step = -(-(-(-n // threads)) // BLOCK) * BLOCK
-        self.chunks = [(p0, min(p0 + step, n)) for p0 in range(0, n, step)]
+    def task(lo, hi):
+        return lambda: lib.chebyshev_walk(*ptrs, cf, dg, c, length, start, n, q, k, lo, hi)
 
-    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        s, d = src.data_ptr(), dst.data_ptr()
-        mine = {t.data_ptr() for t in self.keep[1:]}
-        if s not in mine or d not in mine or s == d:
-            raise ValueError("WalkStepper: src and dst must be the two buffers it was made for")
-        _parallel([lambda p0=p0, p1=p1: self.lib.walk_step(s, d, self.w2, *self.args, p0, p1)
-                   for p0, p1 in self.chunks])
+    _parallel([task(lo, min(lo + per, b)) for lo in range(0, b, per)])
+    return acc

@@ -180,30 +180,25 @@ def _chebyshev_walk(weights: torch.Tensor, maps: torch.Tensor, radius: int, step
     cells = (weights[:, 0] > 0).flatten(1).sum(1).tolist()
     degrees = [chebyshev_degree(steps, tol, max(int(c), 1), k) for c in cells]
     prev, wts, offs, start, n, row = _walk_buffers(weights, maps, radius)
-    cur = torch.zeros_like(prev)
     if prev.device.type == "cpu" and prev.dtype == torch.float32 and native.available():
-        # The C step: one pass over the grid per step instead of K (see native.WalkStepper).
-        stepper = native.WalkStepper((wts * 2).contiguous(), (prev, cur), start, n,
-                                     [o - start for o in offs])
-        prev, cur = (prev, prev[:, :, start:start + n]), (cur, cur[:, :, start:start + n])
+        # The C walk: each image's whole walk in one thread, one pass over its maps per step
+        # instead of K (see native.chebyshev_walk).
+        acc = native.chebyshev_walk(prev, (wts * 2).contiguous(), coef, degrees, start, n,
+                                    [o - start for o in offs])
+        return acc.reshape(b, maps.shape[1], h, row)[:, :, :, p:p + w].contiguous()
+    cur = torch.zeros_like(prev)
+    wts2 = [wts[:, j:j + 1] * 2 for j in range(len(offs))]   # 2T: exact in binary floating point
+    # Every view made once (slicing costs microseconds, and a step is 2 x 69 of them): for each
+    # buffer, its neighbour views and its grid; the two buffers' pairs swap roles each step.
+    prev, cur = [([buf[:, :, o:o + n] for o in offs], buf[:, :, start:start + n])
+                 for buf in (prev, cur)]
 
-        def double_step(src, dst) -> torch.Tensor:
-            """dst's grid = 2 T (src's grid) - dst's grid."""
-            stepper(src[0], dst[0])
-            return dst[1]
-    else:
-        wts2 = [wts[:, j:j + 1] * 2 for j in range(len(offs))]   # 2T: exact in binary floating point
-        # Every view made once (slicing costs microseconds, and a step is 2 x 69 of them): for each
-        # buffer, its neighbour views and its grid; the two buffers' pairs swap roles each step.
-        prev, cur = [([buf[:, :, o:o + n] for o in offs], buf[:, :, start:start + n])
-                     for buf in (prev, cur)]
-
-        def double_step(src, dst) -> torch.Tensor:
-            """dst's grid = 2 T (src's grid) - dst's grid."""
-            dst[1].neg_()
-            for view, wt in zip(src[0], wts2):
-                dst[1].addcmul_(view, wt)
-            return dst[1]
+    def double_step(src, dst) -> torch.Tensor:
+        """dst's grid = 2 T (src's grid) - dst's grid."""
+        dst[1].neg_()
+        for view, wt in zip(src[0], wts2):
+            dst[1].addcmul_(view, wt)
+        return dst[1]
 
     acc = prev[1] * prev[1].new_tensor([coef[0]] * b).view(b, 1, 1)
     coefs = {j: acc.new_tensor([coef[j] if j <= d else 0.0 for d in degrees]).view(b, 1, 1)

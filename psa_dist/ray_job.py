@@ -53,7 +53,9 @@ class RayStageJob:
         os.environ.setdefault("RAY_TMPDIR", tmp)
         cmd = ray_start_command(self.cfg.ray, env.global_rank == 0, head, self.port, cpus, gpus, tmp)
         ray_proc = subprocess.Popen(cmd)
-        done = self.folder / f"{env.job_id}.stage-finished"
+        # one marker per attempt: a requeued job (SLURM_RESTART_COUNT) must not find the marker
+        # its preempted attempt left, or its worker nodes would leave at once
+        done = self.folder / f"{env.job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}.stage-finished"
         try:
             if env.global_rank != 0:
                 while not done.exists():    # a worker node until the driver is finished
@@ -65,6 +67,13 @@ class RayStageJob:
         finally:
             ray_proc.terminate()            # `ray start --block` stops this node's Ray on SIGTERM
             ray_proc.wait(timeout=60)
+
+    def checkpoint(self, *args, **kwargs):
+        # Called by submitit when the job is preempted or times out (SLURM's USR2): requeue the
+        # same job. The stage skips the shards whose outputs exist, so it resumes where it was.
+        import submitit
+        return submitit.helpers.DelayedSubmission(type(self)(self.cfg, self.stage, self.folder,
+                                                             self.port))
 
     def run_stage(self, cfg: Config) -> dict:
         """The work of task 0 once the cluster is up (``cfg.ray.address`` points at it)."""

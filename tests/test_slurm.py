@@ -192,6 +192,50 @@ def test_label_stage_as_a_submitit_job_with_its_own_ray_cluster(slurm, cfg_path,
     assert 0 <= marker["io_wait_share"] < 1
 
 
+
+def test_preempted_label_stage_job_is_requeued_and_resumes_at_its_first_unfinished_shard(
+        slurm, cfg_path, tmp_path, monkeypatch):
+    """A Ray stage job preempted (USR2) after some shards: submitit requeues it, the new attempt
+    starts its own Ray cluster and does only the shards the first one had not written."""
+    from psa_dist.ray_job import RayStageJob
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")           # as submit_label_stage sets them
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 64)
+    out = tmp_path / "raypreempt"
+    base = [f"out_dir={out}", "train_cls.launcher=inline", "train_cls.epochs=1"]
+    run_pipeline(load_config(cfg_path, base), stages=["train_cls"])
+    # large scales: shards slow enough that the signal lands with some of them still to do
+    cfg = load_config(cfg_path, base + ["ray.enabled=true", "ray.launcher=slurm", "ray.nodes=1",
+                                        "ray.cpus_per_task=1", "ray.partition=debug",
+                                        "ray.time_min=10", "cams.scales=[1.0,2.0,3.0,4.0]"])
+    folder = out / "stages" / "submitit" / "cams-preempt"
+    folder.mkdir(parents=True)
+    job = make_executor(cfg.ray, "slurm", folder, "ray-preempt").submit(
+        RayStageJob(cfg, "cams", folder, 21000 + os.getpid() % 1000))
+    log = out / "stages" / "cams.shards.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not job.done():
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert not job.done(), "the job ended before it could be preempted"
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], text=True,
+                            capture_output=True).stdout.split()
+        if st[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+            break
+        time.sleep(0.2)
+    res = job.results()[0]
+    text = "\n".join(p.read_text() for p in folder.glob("*_0_log.*"))
+    assert "Caught signal SIGUSR2" in text, text[-3000:]
+    assert res["shards_skipped"] >= 2 and res["shards_done"] + res["shards_skipped"] == 8, res
+    done = [json.loads(x)["shard"] for x in log.read_text().splitlines()]
+    assert len(done) == len(set(done)) == 8            # every shard written once, none lost
+    assert len(list((out / "cams").glob("*.tar"))) == 8
+
+
 # ----------------------------------------------------------------------------- psa-dist submit
 # The whole pipeline as dependent jobs (psa_dist/chain.py), every stage on the real cluster:
 # trainers as 2-task / 1-task DDP jobs, label stages on a Ray cluster started in their job.
