@@ -1,7 +1,6 @@
 """The C kernels of psa_dist.native against naive loops written here (numpy, float64), and the
 torch fallback where no compiler is found."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -107,18 +106,9 @@ def test_loss_distances_in_float32_use_the_kernel_and_match_naive():
 
 
 def naive_walk(feat, cams, beta, r, t):
-    """T^t cams with T = D^-1 W^beta over all pairs closer than r, as a dense matrix power."""
-    d, h, w = feat.shape
-    n = h * w
-    wm = np.zeros((n, n))
-    for y in range(h):
-        for x in range(w):
-            for y2 in range(h):
-                for x2 in range(w):
-                    if (y - y2) ** 2 + (x - x2) ** 2 < r * r:
-                        dist = np.abs(feat[:, y, x] - feat[:, y2, x2]).sum() / d
-                        wm[y * w + x, y2 * w + x2] = math.exp(-dist) ** beta
-    tm = wm / wm.sum(1, keepdims=True)
+    """T^t cams with test_random_walk's dense, naive T, as a matrix power (float64)."""
+    from test_random_walk import naive_transition
+    tm = naive_transition(feat, beta, r)
     return (np.linalg.matrix_power(tm, t) @ cams.reshape(cams.shape[0], -1).T).T.reshape(cams.shape)
 
 

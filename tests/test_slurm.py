@@ -112,16 +112,11 @@ def test_two_node_job_matches_one_node(cfg_path, uninterrupted, tmp_path):
     assert hosts == {"n1", "n2"}, hosts
 
 
-def test_preempted_job_is_requeued_and_resumes(slurm, cfg_path, uninterrupted, tmp_path):
-    out = tmp_path / "preempted"
-    cfg = load_config(cfg_path, [f"out_dir={out}"])
-    folder = out / "cls" / "submitit" / "job"
-    job = make_executor(cfg.train_cls, "slurm", folder, "preempt").submit(TrainJob(cfg, "cls"))
-    log = out / "cls" / "log.jsonl"
+def preempt_when(job, ready) -> None:
+    """Once ``ready()``, preempt ``job`` as a scheduler does and release its requeued copy."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not job.done():
-        steps = [json.loads(x)["step"] for x in log.read_text().splitlines()] if log.is_file() else []
-        if steps and max(steps) >= 6:
+        if ready():
             break
         time.sleep(0.05)
     assert not job.done(), "the job ended before it could be preempted"
@@ -136,6 +131,20 @@ def test_preempted_job_is_requeued_and_resumes(slurm, cfg_path, uninterrupted, t
             subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
             break
         time.sleep(0.2)
+
+
+def test_preempted_job_is_requeued_and_resumes(slurm, cfg_path, uninterrupted, tmp_path):
+    out = tmp_path / "preempted"
+    cfg = load_config(cfg_path, [f"out_dir={out}"])
+    folder = out / "cls" / "submitit" / "job"
+    job = make_executor(cfg.train_cls, "slurm", folder, "preempt").submit(TrainJob(cfg, "cls"))
+    log = out / "cls" / "log.jsonl"
+
+    def six_steps():
+        steps = [json.loads(x)["step"] for x in log.read_text().splitlines()] if log.is_file() else []
+        return bool(steps) and max(steps) >= 6
+
+    preempt_when(job, six_steps)
     result = job.results()[0]
     assert result["steps"] == 36
     text = "\n".join(p.read_text() for p in folder.glob("*_0_log.*"))
@@ -212,21 +221,7 @@ def test_preempted_label_stage_job_is_requeued_and_resumes_at_its_first_unfinish
     job = make_executor(cfg.ray, "slurm", folder, "ray-preempt").submit(
         RayStageJob(cfg, "cams", folder, 21000 + os.getpid() % 1000))
     log = out / "stages" / "cams.shards.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not job.done():
-        if log.is_file() and len(log.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    assert not job.done(), "the job ended before it could be preempted"
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        st = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], text=True,
-                            capture_output=True).stdout.split()
-        if st[:2] == ["PENDING", "BeginTime"]:
-            subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
-            break
-        time.sleep(0.2)
+    preempt_when(job, lambda: log.is_file() and len(log.read_text().splitlines()) >= 2)
     res = job.results()[0]
     text = "\n".join(p.read_text() for p in folder.glob("*_0_log.*"))
     assert "Caught signal SIGUSR2" in text, text[-3000:]
