@@ -1,9 +1,11 @@
-"""A small C kernel for the random walk's pair distances, built with the system C compiler on first
-use and called through ctypes; torch code does the same work where it cannot be had.
+"""Small C kernels (``csrc/pair_l1.c``) for the hot loops of the method, built with the system C
+compiler on first use and called through ctypes: the pair L1 distances (the random walk's
+transition weights, AffinityNet's loss) and their gradient, and the truncated Chebyshev walk.
+Callers use torch ops for the same work where the kernels cannot be had (:func:`available`).
 
-Why not a torch C++ extension: this kernel needs no torch headers, so it builds in about a second
+Why not a torch C++ extension: these need no torch headers, so they build in about a second
 with plain ``cc`` (no ninja, no 40 s compile of ATen headers), and ctypes releases the GIL so the
-threads of :func:`pair_mean_l1` run in parallel. Why not ``torch.compile``: its CPU kernels are fast
+threads of :func:`_parallel` run at once. Why not ``torch.compile``: its CPU kernels are fast
 for one fixed shape but recompile for every feature-map size (VOC images all differ), and its
 dynamic-shape code was 10x slower than eager here.
 
@@ -134,7 +136,7 @@ def load():
             lib.chebyshev_walk.argtypes = [lp, lp, lp, lp, lp, lp, i, i, i, i, lp, i, i, i]
             _lib = lib
         except (OSError, RuntimeError) as e:
-            print(f"[psa_dist.native] the C pair-distance kernel is unavailable, using torch ops "
+            print(f"[psa_dist.native] the C kernels are unavailable, using torch ops "
                   f"(same results, slower): {e}", file=sys.stderr, flush=True)
             _lib = False
     return _lib or None
@@ -178,7 +180,7 @@ def _parallel(tasks: list) -> None:
 def _lib_or_raise():
     lib = load()
     if lib is None:
-        raise RuntimeError("the C pair-distance kernel is unavailable")
+        raise RuntimeError("the C kernels of psa_dist.native are unavailable")
     return lib
 
 
