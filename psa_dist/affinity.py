@@ -116,11 +116,6 @@ def _blocks(b: int, d: int, length: int, block: Optional[int]):
             yield slice(i, i + 1), slice(c, min(c + size, d))
 
 
-def _native(buf: torch.Tensor) -> bool:
-    """Whether the C kernels of :mod:`psa_dist.native` serve this buffer (float32 on a CPU)."""
-    return buf.device.type == "cpu" and buf.dtype == torch.float32 and native.available()
-
-
 class _PairDistance(torch.autograd.Function):
     """``mean_d |f_i - f_j|`` for every in-image pair at every offset, saving only the features.
 
@@ -137,7 +132,7 @@ class _PairDistance(torch.autograd.Function):
         buf = _to_flat(features.detach(), row, length)
         ctx.save_for_backward(features)
         ctx.offsets, ctx.block = offsets, block
-        if _native(buf):
+        if native.serves(buf):
             dist = native.pair_mean_l1(buf, 0, n, shifts).view(b, len(offsets), h, row)[..., :w]
             return torch.where(_inside(offsets, h, w, features.device), dist, 0).contiguous()
         sums = features.new_zeros((len(offsets), b, n))      # (K, B, n): each [k, images] contiguous
@@ -162,7 +157,7 @@ class _PairDistance(torch.autograd.Function):
         # d dist / d f_i = sign(f_i - f_j) / D = -d dist / d f_j; an outside entry is a constant 0.
         grad = torch.where(_inside(offsets, h, w, grad.device), grad, 0)
         buf = _to_flat(features, row, length)
-        if _native(buf) and grad.dtype == torch.float32:
+        if native.serves(buf):
             grad_buf = native.pair_mean_l1_backward(buf, 0, n, shifts, _to_flat(grad, row, n))
             return grad_buf[..., :n].view(b, d, h, row)[..., :w].contiguous(), None, None
         scale = _to_flat(grad.transpose(0, 1) / d, row, n).unsqueeze(2)    # (K, B, 1, n)

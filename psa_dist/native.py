@@ -146,6 +146,12 @@ def available() -> bool:
     return load() is not None
 
 
+def serves(t: torch.Tensor) -> bool:
+    """Whether the kernels take ``t`` (float32 on a CPU, and a library to run them); callers use
+    torch ops otherwise (a GPU, float64 as in the tests' references, no compiler)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and available()
+
+
 def _check(buf: torch.Tensor, start: int, n: int, shifts) -> None:
     if buf.device.type != "cpu" or buf.dtype != torch.float32 or not buf.is_contiguous() \
             or buf.dim() != 3:

@@ -8,8 +8,8 @@ memory (see ``apply_transition``): O(t·N·69·C) time and O(N·69) memory, exac
 operator. Pairs whose partner would leave the image are absent (no links dropped at the border,
 unlike the authors' code), and each row is normalised over the links it has.
 
-On a CPU in float32 the two hot loops, the pair distances of T and the step of the truncated walk,
-run in the C kernels of :mod:`psa_dist.native` (torch ops elsewhere, with the same results).
+On a CPU in float32 the two hot loops, the pair distances of T and the truncated walk, run in the
+C kernels of :mod:`psa_dist.native` (torch ops elsewhere, with the same results to float rounding).
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ def _flat_padded(x: torch.Tensor, p: int) -> tuple[torch.Tensor, int, int]:
 def pair_distance_maps(buf: torch.Tensor, start: int, n: int, shifts) -> torch.Tensor:
     """``out[b, k, p] = mean_d |buf[b, d, start + p] - buf[b, d, start + p + shifts[k]]|``, (B, K, n):
     the distances of ``pair_affinity`` over the flat padded layout. On the CPU in float32 this is
-    the C kernel of :mod:`psa_dist.native` (one pass over the features per block of pixels, 5x
-    faster than the torch ops below, which make three passes over a D×n temporary per offset);
+    the C kernel of :mod:`psa_dist.native` (one pass over the features per block of pixels, about
+    4x faster than the torch ops below, which make three passes over a D×n temporary per offset);
     elsewhere, or where no C compiler is found, torch ops."""
-    if buf.device.type == "cpu" and buf.dtype == torch.float32 and native.available():
+    if native.serves(buf):
         return native.pair_mean_l1(buf.contiguous(), start, n, shifts)
     base, diff = buf[:, :, start:start + n], buf.new_empty((buf.shape[0], buf.shape[1], n))
     out = buf.new_empty((buf.shape[0], len(shifts), n))
@@ -180,7 +180,7 @@ def _chebyshev_walk(weights: torch.Tensor, maps: torch.Tensor, radius: int, step
     cells = (weights[:, 0] > 0).flatten(1).sum(1).tolist()
     degrees = [chebyshev_degree(steps, tol, max(int(c), 1), k) for c in cells]
     prev, wts, offs, start, n, row = _walk_buffers(weights, maps, radius)
-    if prev.device.type == "cpu" and prev.dtype == torch.float32 and native.available():
+    if native.serves(prev):
         # The C walk: each image's whole walk in one thread, one pass over its maps per step
         # instead of K (see native.chebyshev_walk).
         acc = native.chebyshev_walk(prev, (wts * 2).contiguous(), coef, degrees, start, n,
