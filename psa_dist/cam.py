@@ -71,3 +71,20 @@ def rw_to_label(walked: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
     """Argmax of random-walk output (background first, then ``class_ids``) -> (H, W) label map."""
     lut = torch.tensor([0] + list(class_ids), dtype=torch.long, device=walked.device)
     return lut[walked.argmax(0)]
+
+
+def distrust_background(label: torch.Tensor, class_ids: Sequence[int], min_fraction: float,
+                        ignore: int = 255) -> torch.Tensor:
+    """A pseudo label for training a segmenter, with its background set to ``ignore`` when a class
+    of the image label covers less than ``min_fraction`` of the labelled pixels.
+
+    The image label says that class is in the picture; a pseudo label that (nearly) lacks it has
+    called that object background, so its background is known to be wrong somewhere and is better
+    left out of the loss than taught. Its class pixels are kept. label (H, W) int -> same shape."""
+    labelled = label != ignore
+    n = int(labelled.sum())
+    if n == 0 or not class_ids:
+        return label
+    if min(int((label == c).sum()) for c in class_ids) >= min_fraction * n:
+        return label
+    return torch.where(label == 0, torch.full_like(label, ignore), label)

@@ -107,6 +107,10 @@ class TrainConfig(JobConfig):
     log_every: int = 20             # steps between JSON log lines
     checkpoint_every: int = 500     # steps between checkpoints (and one at every epoch end)
     amp: str = "bf16"               # bf16 | fp16 | none (CUDA only; ignored on CPU)
+    # Segmenter on pseudo labels only: where a class of the image label covers less than this
+    # fraction of an image's pseudo label, that image's background is left out of the loss
+    # (cam.distrust_background). None: the paper's plain training on every pseudo-label pixel.
+    missing_class_frac: Optional[float] = None
 
 
 @dataclass
@@ -276,6 +280,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if cfg.model.seg_from_classifier and cfg.model.segmenter != "light":
             raise ConfigError(f"model.seg_from_classifier: needs model.segmenter=light (the "
                               f"classifier's backbone), got {cfg.model.segmenter!r}")
+        frac = cfg.train_seg.missing_class_frac
+        if frac is not None and not 0 <= frac < 1:
+            raise ConfigError(f"train_seg.missing_class_frac: must be in [0, 1) or null, got {frac}")
         if not 0 <= cfg.random_walk.tol < 1:
             raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
         return cfg

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
+from .cam import distrust_background
 from .models import normalize
 from .shards import SampleError, decode_sample, iter_joined
 
 IGNORE = 255
-FIELDS = {"cls": ("image", "cls"), "aff": ("image", "aff"), "seg": ("image", "pseudo"),
+FIELDS = {"cls": ("image", "cls"), "aff": ("image", "aff"), "seg": ("image", "cls", "pseudo"),
           "seg_full": ("image", "mask")}
 
 
@@ -103,8 +104,10 @@ class Augment:
 class ToTraining:
     """Decoded sample -> (image tensor, target) for one of the three trainers."""
 
-    def __init__(self, kind: str, num_classes: int, augment: Augment):
+    def __init__(self, kind: str, num_classes: int, augment: Augment,
+                 missing_class_frac: float | None = None):
         self.kind, self.num_classes, self.augment = kind, num_classes, augment
+        self.missing_class_frac = missing_class_frac if kind == "seg" else None
 
     def __call__(self, s: dict, rng: random.Random | None = None):
         if self.kind == "cls":
@@ -115,7 +118,11 @@ class ToTraining:
         field = {"aff": "aff", "seg": "pseudo", "seg_full": "mask"}[self.kind]
         if field not in s:
             raise SampleError(f"sample {s['key']!r} has no {field!r} field for {self.kind} training")
-        return self.augment(s["image"], s[field], rng)
+        label = s[field]
+        if self.missing_class_frac is not None:
+            label = distrust_background(torch.from_numpy(label.astype(np.int64)), s["cls"],
+                                        self.missing_class_frac, IGNORE).numpy()
+        return self.augment(s["image"], label, rng)
 
 
 
@@ -236,7 +243,8 @@ def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, nu
     # A buffer larger than a rank's share would hold several passes over its shards and repeat
     # samples within an epoch; a quarter of the share keeps passes apart.
     buf = max(1, min(1000, num_samples // (4 * world_size)))
-    stream = ShardStream(_groups(urls, label_urls), kind, ToTraining(kind, num_classes, aug),
+    to_training = ToTraining(kind, num_classes, aug, getattr(train_cfg, "missing_class_frac", None))
+    stream = ShardStream(_groups(urls, label_urls), kind, to_training,
                          train_cfg.batch_size, steps, rank, world_size, seed, buf,
                          resample=getattr(train_cfg, "resample", False))
     return EpochLoader(stream, train_cfg.num_workers, pin_memory)

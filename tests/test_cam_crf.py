@@ -148,3 +148,25 @@ def test_walk_with_crf_snaps_the_label_to_the_colour_edge():
     wrong_plain, wrong_crf = int((plain != truth).sum()), int((refined != truth).sum())
     assert wrong_plain >= 48 * 3                    # the CAM's boundary is columns off
     assert wrong_crf < wrong_plain / 4, (wrong_plain, wrong_crf)
+
+
+def test_distrust_background_matches_a_pixel_loop():
+    from psa_dist.cam import distrust_background
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        lab = rng.choice([0, 1, 3, 5, 255], size=(9, 11), p=[0.5, 0.2, 0.15, 0.1, 0.05])
+        if trial % 4 == 0:
+            lab[lab == 3] = 0                       # class 3 named by the image label, lost
+        ids = [1, 3]
+        frac = [0.0, 0.01, 0.1, 0.3][trial % 4]
+        # naive: count every class pixel by hand over the labelled (non-ignore) pixels
+        n = sum(1 for v in lab.flat if v != 255)
+        counts = {c: sum(1 for v in lab.flat if v == c) for c in ids}
+        bad = any(counts[c] < frac * n for c in ids)
+        want = np.array([[255 if (bad and v == 0) else v for v in row] for row in lab])
+        got = distrust_background(torch.from_numpy(lab), ids, frac)
+        assert np.array_equal(got.numpy(), want), (trial, frac, counts)
+    # an image whose every class is well covered is returned unchanged; class pixels always kept
+    lab = torch.tensor([[0, 0, 2], [2, 2, 0]])
+    assert torch.equal(distrust_background(lab, [2], 0.4), lab)
+    assert distrust_background(lab, [2, 4], 0.01).tolist() == [[255, 255, 2], [2, 2, 255]]

@@ -70,3 +70,45 @@ def test_augment_keeps_image_and_label_aligned():
         agree = ((red > 0.5) == (y == 1))[valid].float().mean()
         assert agree > 0.9
         assert torch.all(x[:, ~valid] == 0)
+
+
+def test_seg_loader_leaves_out_the_background_of_labels_missing_a_class(tmp_path):
+    """train_seg.missing_class_frac: the pseudo label of an image that lost one of its image-level
+    classes keeps its class pixels and has its background ignored (255); the others are untouched."""
+    from psa_dist.shards import encode_mask, write_shard
+    data = tmp_path / "data"
+    write_synth(SynthConfig(image_size=32, num_train=12, num_val=2, min_objects=2, max_objects=2,
+                            num_classes=6), data, shard_size=6, workers=1, progress=False)
+    truth, labels = {}, tmp_path / "rw"
+    labels.mkdir()
+    for shard in split_shards(data, "train"):
+        out = []
+        for raw in iter_split(data, "train"):
+            s = decode_sample(raw, ["image", "cls", "mask"])
+            if raw["__url__"] != str(shard):
+                continue
+            pseudo = s["mask"].copy()
+            lost = len(s["cls"]) > 1 and int(s["key"][-1]) % 2 == 0
+            if lost:
+                pseudo[pseudo == s["cls"][0]] = 0          # the walk lost this class's object
+            truth[s["key"]] = (s, pseudo, lost)
+            out.append({"__key__": s["key"], "pseudo.png": encode_mask(pseudo)})
+        write_shard(labels / shard.name, out)
+    assert any(v[2] for v in truth.values()) and not all(v[2] for v in truth.values())
+    tcfg = TrainConfig(batch_size=4, crop_size=32, resize_long=[], color_jitter=[0, 0, 0, 0],
+                       num_workers=0, missing_class_frac=0.01)
+    shards = split_shards(data, "train")
+    loader = make_train_loader("seg", shards, [labels / s.name for s in shards], 6, tcfg, 12)
+    checked = set()
+    for x, y in loader:
+        for xi, yi in zip(x, y):
+            for key, (s, pseudo, lost) in truth.items():
+                ref = normalize(torch.from_numpy(s["image"].copy())[None])[0]
+                for flipped in (False, True):
+                    if torch.allclose(xi, ref.flip(-1) if flipped else ref, atol=1e-5):
+                        want = torch.from_numpy(pseudo.astype(np.int64))
+                        if lost:
+                            want = torch.where(want == 0, torch.full_like(want, 255), want)
+                        assert torch.equal(yi, want.flip(-1) if flipped else want), key
+                        checked.add(lost)
+    assert checked == {True, False}
