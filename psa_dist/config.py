@@ -283,6 +283,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         frac = cfg.train_seg.missing_class_frac
         if frac is not None and not 0 <= frac < 1:
             raise ConfigError(f"train_seg.missing_class_frac: must be in [0, 1) or null, got {frac}")
+        for name in ("train_cls", "train_aff"):     # a segmenter setting: elsewhere it would be ignored
+            if getattr(cfg, name).missing_class_frac is not None:
+                raise ConfigError(f"{name}.missing_class_frac: only train_seg uses it")
         if not 0 <= cfg.random_walk.tol < 1:
             raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
         return cfg

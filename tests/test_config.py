@@ -35,6 +35,7 @@ def test_overrides_types_and_nesting(tmp_path):
     ("random_walk.tol=-1e-3", "random_walk.tol"),
     ("model.aff_stride=16", "model.aff_stride"),
     ("train_seg.missing_class_frac=1.5", "train_seg.missing_class_frac"),
+    ("train_aff.missing_class_frac=0.01", "train_aff.missing_class_frac"),
 ])
 def test_bad_keys_are_named(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -79,21 +79,19 @@ def test_seg_loader_leaves_out_the_background_of_labels_missing_a_class(tmp_path
     data = tmp_path / "data"
     write_synth(SynthConfig(image_size=32, num_train=12, num_val=2, min_objects=2, max_objects=2,
                             num_classes=6), data, shard_size=6, workers=1, progress=False)
-    truth, labels = {}, tmp_path / "rw"
+    truth, labels, per_shard = {}, tmp_path / "rw", {}
     labels.mkdir()
+    for raw in iter_split(data, "train"):
+        s = decode_sample(raw, ["image", "cls", "mask"])
+        pseudo = s["mask"].copy()
+        lost = len(s["cls"]) > 1 and int(s["key"][-1]) % 2 == 0
+        if lost:
+            pseudo[pseudo == s["cls"][0]] = 0              # the walk lost this class's object
+        truth[s["key"]] = (s, pseudo, lost)
+        per_shard.setdefault(raw["__url__"], []).append(
+            {"__key__": s["key"], "pseudo.png": encode_mask(pseudo)})
     for shard in split_shards(data, "train"):
-        out = []
-        for raw in iter_split(data, "train"):
-            s = decode_sample(raw, ["image", "cls", "mask"])
-            if raw["__url__"] != str(shard):
-                continue
-            pseudo = s["mask"].copy()
-            lost = len(s["cls"]) > 1 and int(s["key"][-1]) % 2 == 0
-            if lost:
-                pseudo[pseudo == s["cls"][0]] = 0          # the walk lost this class's object
-            truth[s["key"]] = (s, pseudo, lost)
-            out.append({"__key__": s["key"], "pseudo.png": encode_mask(pseudo)})
-        write_shard(labels / shard.name, out)
+        write_shard(labels / shard.name, per_shard[str(shard)])
     assert any(v[2] for v in truth.values()) and not all(v[2] for v in truth.values())
     tcfg = TrainConfig(batch_size=4, crop_size=32, resize_long=[], color_jitter=[0, 0, 0, 0],
                        num_workers=0, missing_class_frac=0.01)
