@@ -103,10 +103,12 @@ class TrainConfig(JobConfig):
     resize_long: tuple = (256, 512)
     color_jitter: tuple = (0.3, 0.3, 0.3, 0.1)
     num_workers: int = 2
+    threads: Optional[int] = None   # intra-op threads per CPU rank; None: its CPUs less num_workers
     resample: bool = False          # draw shards with replacement (else each epoch splits them)
     log_every: int = 20             # steps between JSON log lines
     checkpoint_every: int = 500     # steps between checkpoints (and one at every epoch end)
-    amp: str = "bf16"               # bf16 | fp16 | none (CUDA only; ignored on CPU)
+    amp: str = "bf16"               # bf16 | fp16 | none: autocast on CUDA, and bf16 on CPUs with
+                                    # native bf16 (AMX / AVX512-BF16; else float32 there)
     # Segmenter on pseudo labels only: where a class of the image label covers less than this
     # fraction of an image's pseudo label, that image's background is left out of the loss
     # (cam.distrust_background). None: the paper's plain training on every pseudo-label pixel.
@@ -119,6 +121,7 @@ class CamConfig:
     flip: bool = True
     eval_bg_score: float = 0.2      # constant background score when CAMs are scored as labels
     batch_size: int = 8
+    amp: str = "bf16"               # the classifier's forward under autocast, as train.amp
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The one training loop shared by the classifier, AffinityNet and segmenter trainers.
 
 SGD with the authors' parameter groups and a poly schedule, DDP across ranks (``dist.py``), AMP
-(bf16/fp16) on CUDA only; one JSON line of metrics every ``log_every`` steps and per epoch, from
-rank 0 only; a checkpoint written atomically by rank 0 every ``checkpoint_every`` steps and at every
+(bf16/fp16 on CUDA; bf16 on CPUs with native bf16 matrix units, see ``amp_dtype``); one JSON line
+of metrics every ``log_every`` steps and per epoch, from rank 0 only; a checkpoint written atomically by rank 0 every ``checkpoint_every`` steps and at every
 epoch end. A checkpoint is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step,
 step in epoch, RNG states, config) and there is one resume path: a run finding ``checkpoint.pth``
 in its directory continues from it, the loader skipping the batches the epoch already trained on.
@@ -28,16 +28,17 @@ from .optim import build_optimizer, build_poly_scheduler
 
 
 def loss_for(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: int = 5):
-    """The training loss of each trainer, on one batch."""
+    """The training loss of each trainer, on one batch. Under autocast the network runs in the low
+    precision; its outputs are cast back to float32 so that every loss is taken in full precision."""
     if kind == "cls":
-        return Classifier.loss(model(x), y)
+        return Classifier.loss(model(x).float(), y)
     if kind == "aff":
-        f = model(x)
+        f = model(x).float()
         # Labels to the feature grid by nearest neighbour, as the authors' RescaleNearest does.
         lab = F.interpolate(y[:, None].float(), size=f.shape[-2:], mode="nearest")[:, 0].long()
         return affinity_loss(f, lab, radius=radius)
     if kind in ("seg", "seg_full"):
-        return F.cross_entropy(model(x), y, ignore_index=255)
+        return F.cross_entropy(model(x).float(), y, ignore_index=255)
     raise ValueError(f"unknown trainer kind {kind!r}")
 
 
@@ -68,11 +69,25 @@ class JsonLog:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-def amp_dtype(amp: str, device: torch.device):
-    """The autocast dtype: bf16/fp16 on CUDA, None (full precision) on CPU or with ``none``."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16): there
+    oneDNN's bf16 convolutions train the small backbone 2-3x faster than float32 (README,
+    *Performance*); elsewhere bf16 on the CPU is emulated and slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(f()) for f in checks if f is not None)
+
+
+def amp_dtype(amp: str, device: torch.device, field: str = "train.amp"):
+    """The autocast dtype for ``amp`` on ``device``: bf16/fp16 on CUDA; on the CPU bf16 only where
+    the CPU has native bf16 (``cpu_has_native_bf16``), else None (float32). fp16 autocast is for
+    CUDA only (None on the CPU). ``none`` is float32 everywhere."""
     if amp not in AMP_DTYPES:
-        raise ValueError(f"train.amp: expected one of {sorted(AMP_DTYPES)}, got {amp!r}")
-    return AMP_DTYPES[amp] if device.type == "cuda" else None
+        raise ValueError(f"{field}: expected one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    if torch.device(device).type == "cuda":
+        return dtype
+    return dtype if dtype is torch.bfloat16 and cpu_has_native_bf16() else None
 
 
 def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radius: int = 5):
@@ -115,7 +130,11 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     net = wrap_ddp(model, info)
     steps_per_epoch = len(loader)
     max_steps = train_cfg.epochs * steps_per_epoch
-    dtype = amp_dtype(train_cfg.amp, info.device)
+    field = {"cls": "train_cls", "aff": "train_aff"}.get(kind, "train_seg") + ".amp"
+    dtype = amp_dtype(train_cfg.amp, info.device, field)
+    if info.is_main:
+        print(f"[{kind}] precision: {'autocast ' + str(dtype).split('.')[-1] if dtype else 'float32'}"
+              f" on {info.device.type} ({field}={train_cfg.amp})", flush=True)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum, new_modules)
     sched = build_poly_scheduler(opt, max_steps)

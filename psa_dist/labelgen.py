@@ -90,9 +90,10 @@ def _decode_all(data_url, *label_urls, fields, label_fields, failed):
 
 @torch.inference_mode()
 def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.5, 2.0),
-              flip: bool = True, device="cpu", batch_size: int = 8) -> dict:
+              flip: bool = True, device="cpu", batch_size: int = 8, amp=None) -> dict:
     """Multi-scale CAMs of every image; ``cam.npy`` float16 (K, H, W) for the K classes in
-    ``cls.json`` (in that order), at image resolution."""
+    ``cls.json`` (in that order), at image resolution. ``amp``: the autocast dtype of the
+    classifier's forward (None: float32); the maps are summed and normalised in float32."""
     t0, failed, out, io = time.monotonic(), [], [], {}
     batch: list[dict] = []
 
@@ -103,7 +104,9 @@ def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.
         hot = torch.zeros(len(batch), num_classes, device=device)
         for i, s in enumerate(batch):
             hot[i, torch.tensor(s["cls"], dtype=torch.long) - 1] = 1
-        cams = cam_multiscale_batch(model, imgs, hot, scales, flip).cpu()
+        with torch.autocast(torch.device(device).type, dtype=amp or torch.float32,
+                            enabled=amp is not None):
+            cams = cam_multiscale_batch(model, imgs, hot, scales, flip).cpu()
         for s, cam in zip(batch, cams):
             keep = torch.tensor(s["cls"], dtype=torch.long) - 1
             out.append({"__key__": s["key"], "cls.json": encode_json(s["cls"]),

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from .engine import amp_dtype
 from .labelgen import aff_label_shard, cam_shard, output_path, rw_shard
 from .progress import Progress
 from .shards import shard_basename
@@ -63,7 +64,7 @@ class LabelWorker:
         if stage == "cams":
             c = cfg.cams
             res = cam_shard(self.model, in_shard, out_shard, self.num_classes, tuple(c.scales), c.flip,
-                            self.device, c.batch_size)
+                            self.device, c.batch_size, amp_dtype(c.amp, self.device, "cams.amp"))
         elif stage == "aff_labels":
             res = aff_label_shard(in_shard, cams_in, out_shard, cfg.aff_labels.alpha_lo,
                                   cfg.aff_labels.alpha_hi, crf_settings(cfg, cfg.aff_labels.crf))

@@ -33,7 +33,7 @@ def build_model(run, kind: str):
 
 def run_trainer(cfg: Config, kind: str) -> dict:
     """Train ``kind`` on this rank (one of ``WORLD_SIZE``, or alone); returns the engine's summary."""
-    from .dist import cleanup, init_distributed
+    from .dist import cleanup, cpu_threads, init_distributed
     from .engine import train
     from .pipeline import Run
     from .train_data import make_train_loader
@@ -46,6 +46,11 @@ def run_trainer(cfg: Config, kind: str) -> dict:
     try:
         run = Run(cfg)
         tcfg = train_config(cfg, kind)
+        if info.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(tcfg.num_workers, tcfg.threads))
+            if info.is_main:
+                print(f"[{kind}] {torch.get_num_threads()} intra-op thread(s) per rank, "
+                      f"{tcfg.num_workers} loader worker(s)", flush=True)
         torch.manual_seed(cfg.seed)      # the same initial weights on every rank
         if info.is_main and kind != "aff" and not cfg.model.pretrained:
             print(f"[{kind}] backbone {cfg.model.backbone}: no pretrained weights (model.pretrained "

@@ -1,0 +1,130 @@
+"""bf16 autocast on the CPU (training steps and CAM inference), the CPU thread count of a trainer
+rank, and the loader's colour jitter through PIL: each against a float32 or hand computation."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from psa_dist.backbones import build_backbone
+from psa_dist.dist import cpu_threads
+from psa_dist.engine import amp_dtype, cpu_has_native_bf16, train_step
+from psa_dist.models import Classifier
+from psa_dist.optim import build_optimizer, build_poly_scheduler
+from psa_dist.train_data import Augment
+
+CPU = torch.device("cpu")
+
+
+def test_amp_dtype_by_device_and_cpu():
+    native = cpu_has_native_bf16()
+    assert amp_dtype("bf16", CPU) is (torch.bfloat16 if native else None)
+    assert amp_dtype("fp16", CPU) is None           # fp16 autocast is for CUDA only
+    assert amp_dtype("none", CPU) is None
+    assert amp_dtype("bf16", torch.device("cuda")) is torch.bfloat16
+    assert amp_dtype("fp16", torch.device("cuda")) is torch.float16
+    assert amp_dtype("none", torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="train_aff.amp"):
+        amp_dtype("fp8", CPU, "train_aff.amp")
+
+
+def _steps(dtype, n=3):
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("small"), 6)
+    opt = build_optimizer(model, 0.01, 5e-4, 0.9, model.new_modules())
+    sched = build_poly_scheduler(opt, 10)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 48, 48, generator=g)
+    y = (torch.rand(4, 6, generator=g) > 0.5).float()
+    losses = [float(train_step(model, "cls", x, y, opt, sched, scaler, dtype)) for _ in range(n)]
+    return losses, model
+
+
+def test_bf16_training_step_on_cpu_follows_float32():
+    # autocast runs on any CPU (emulated where there is no native bf16), so this always runs
+    ref, m32 = _steps(None)
+    got, m16 = _steps(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in m16.parameters())     # master weights stay fp32
+    assert ref[0] != got[0]                 # the forward really ran in bf16
+    for a, b in zip(ref, got):
+        assert abs(a - b) < 0.02 * abs(a), (ref, got)
+    start = _steps(None, 0)[1]
+    d16 = torch.cat([(p - p0).detach().flatten() for p, p0 in zip(m16.parameters(), start.parameters())])
+    d32 = torch.cat([(p - p0).detach().flatten() for p, p0 in zip(m32.parameters(), start.parameters())])
+    # the weights moved the way float32 moved them, up to bf16's rounding of the gradients
+    assert float(torch.nn.functional.cosine_similarity(d16, d32, dim=0)) > 0.95
+
+
+def test_cams_under_bf16_autocast_match_float32():
+    from psa_dist.cam import cam_multiscale_batch
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("small"), 4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    hot = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+    ref = cam_multiscale_batch(model, x, hot, (1.0, 0.5), True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cam_multiscale_batch(model, x, hot, (1.0, 0.5), True)
+    assert got.dtype == torch.float32
+    assert not torch.equal(got, ref)
+    assert (got - ref).abs().max() < 0.05        # maps in [0, 1]: a few bf16 roundings apart
+    assert got[0, [1, 3]].abs().max() == 0 and got[1, [0, 2, 3]].abs().max() == 0   # absent: zero
+
+
+def test_cpu_threads(monkeypatch):
+    for k in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SUBMITIT_EXECUTOR",
+              "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert cpu_threads(2) == 6
+    assert cpu_threads(0) == 8
+    assert cpu_threads(2, threads=3) == 3                   # the config wins
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")             # four ranks share the 8 CPUs
+    assert cpu_threads(1) == 1
+    assert cpu_threads(0) == 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "10")         # SLURM's allocation per task
+    assert cpu_threads(2) == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")              # set by the user or torchrun
+    assert cpu_threads(2) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert cpu_threads(4) == 1                              # never below one
+
+
+def _pil_reference(img: np.ndarray, ops) -> np.ndarray:
+    """PIL's own enhancers in the given order (torchvision's PIL path is these, and a hue shift
+    of the H channel in PIL's HSV)."""
+    from PIL import ImageEnhance
+    pil = Image.fromarray(img)
+    for name, f in ops:
+        if name == "b":
+            pil = ImageEnhance.Brightness(pil).enhance(f)
+        elif name == "c":
+            pil = ImageEnhance.Contrast(pil).enhance(f)
+        elif name == "s":
+            pil = ImageEnhance.Color(pil).enhance(f)
+        else:
+            h, s, v = pil.convert("HSV").split()
+            # torchvision adds int(f * 255) to PIL's 8-bit hue, wrapping around
+            hue = ((np.asarray(h, np.int32) + int(f * 255)) % 256).astype(np.uint8)
+            pil = Image.merge("HSV", (Image.fromarray(hue), s, v)).convert("RGB")
+    return np.asarray(pil)
+
+
+def test_colour_jitter_draws_from_rng_and_matches_pil():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    aug = Augment(crop=20, jitter=(0.3, 0.3, 0.3, 0.1), flip=False)
+    t = torch.from_numpy(img).permute(2, 0, 1)
+    a = aug._jitter(t, random.Random(5))
+    assert a.dtype == torch.uint8 and a.shape == (3, 20, 24)
+    assert torch.equal(a, aug._jitter(t, random.Random(5)))        # a pure function of the rng
+    assert not torch.equal(a, aug._jitter(t, random.Random(6)))
+    # the same draws as _jitter makes, replayed through PIL's enhancers
+    r = random.Random(5)
+    ops = [("b", r.uniform(0.7, 1.3)), ("c", r.uniform(0.7, 1.3)), ("s", r.uniform(0.7, 1.3)),
+           ("h", r.uniform(-0.1, 0.1))]
+    r.shuffle(ops)
+    exp = _pil_reference(img, ops)
+    assert np.abs(a.permute(1, 2, 0).numpy().astype(int) - exp.astype(int)).max() <= 1
