@@ -81,6 +81,12 @@ def test_affinitynet_stride4_and_stride8_grids():
         parts = [F.elu(a8.reduce[0](pooled))] + [
             F.elu(conv(taps[n])) for n, conv in zip(a8.tap_names[1:], a8.reduce[1:])]
         torch.testing.assert_close(f8, F.elu(a8.head(torch.cat(parts, 1))), atol=1e-5, rtol=1e-5)
+        # the stride-4 head: the coarser taps upsampled bilinearly to the stride-4 grid first,
+        # then reduced (the net reduces first; the two commute)
+        parts = [F.elu(a4.reduce[0](l1))] + [
+            F.elu(conv(F.interpolate(taps[n], size=(9, 12), mode="bilinear", align_corners=False)))
+            for n, conv in zip(a4.tap_names[1:], a4.reduce[1:])]
+        torch.testing.assert_close(f4, F.elu(a4.head(torch.cat(parts, 1))), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="aff_stride"):
         AffinityNet(cls.backbone, stride=2)
 
