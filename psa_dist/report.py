@@ -58,6 +58,21 @@ def panels(run, seg_model=None, count: int = PANEL_SAMPLES) -> list[str]:
     return written
 
 
+def final_losses(out) -> dict:
+    """Each trainer's loss over its last epoch (from its log.jsonl), as a check on the schedules:
+    a classifier still far from converged leaves faint objects out of the CAMs, and everything
+    after inherits it (psa_dist/BENCHMARK.md, round 8)."""
+    res = {}
+    for kind in ("cls", "aff", "seg", "seg_full"):
+        log = out / kind / "log.jsonl"
+        if not log.is_file():
+            continue
+        epochs = [r for r in map(json.loads, log.read_text().splitlines()) if "epoch_seconds" in r]
+        if epochs:
+            res[kind] = round(epochs[-1]["loss"], 4)
+    return res
+
+
 def write_report(run) -> dict:
     from .models import build_segmenter
     from .pipeline import load_weights
@@ -77,6 +92,7 @@ def write_report(run) -> dict:
     for stage in ("train_cls", "cams", "aff_labels", "train_aff", "random_walk", "train_seg", "eval"):
         if run.done(stage):
             report["stage_seconds"][stage] = json.loads(run.marker(stage).read_text())["seconds"]
+    report["final_loss"] = final_losses(run.out)
     seg = None
     if (run.out / "seg" / "checkpoint.pth").is_file():
         seg = load_weights(build_segmenter(run.cfg.model, run.num_classes + 1),
@@ -114,6 +130,8 @@ def markdown(report: dict, name: str) -> str:
     lines += [f"Affinity labels: {100 * a['coverage']:.0f}% of pixels confident, "
               f"{100 * a['precision']:.0f}% of those correct.", "",
               "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()),
+              "", "Training loss over the last epoch: " + ", ".join(
+                  f"{k} {v:.3f}" for k, v in report.get("final_loss", {}).items()),
               "", "## Samples", "",
               "image | ground truth | CAM | affinity labels (neutral in beige) | random-walk label | segmenter",
               ""]

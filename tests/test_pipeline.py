@@ -43,6 +43,9 @@ def test_pipeline_end_to_end_and_cached(tiny_cfg, tmp_path, capsys):
     assert set(rep["stage_seconds"]) >= {"train_cls", "cams", "aff_labels", "train_aff",
                                          "random_walk", "train_seg", "eval"}
     assert len(rep["panels"]) == 4 and all((out / p).is_file() for p in rep["panels"])
+    for kind in ("cls", "aff", "seg", "seg_full"):     # the last epoch's line of each trainer's log
+        last = [json.loads(x) for x in (out / kind / "log.jsonl").read_text().splitlines()][-1]
+        assert rep["final_loss"][kind] == round(last["loss"], 4) and "epoch_seconds" in last
     md = (out / "report.md").read_text()
     assert "| CAM (train) |" in md and "![panels/" in md
     # every label stage wrote one shard per train shard with all keys, in order
