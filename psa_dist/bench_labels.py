@@ -76,7 +76,7 @@ def bench_cams(cfg: Config, images: int = 48, out_dir: str | Path | None = None)
         with autocast():
             cam_multiscale_batch(model, *batches[0], tuple(c.scales), c.flip)    # warm-up
         bare, stage, summary = [], [], {}
-        for rep in range(2):      # alternate, keep the best of each: the machine's noise hits both
+        for rep in range(4):      # alternate, keep the best of each: the machine's noise hits both
             t0 = time.perf_counter()
             for x, hot in batches:
                 with autocast():
