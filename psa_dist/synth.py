@@ -1,6 +1,7 @@
 """The embedded synthetic dataset: a small benchmark that poses the problem AffinityNet solves.
 
-Why it looks the way it does (the measured history is in ../shared/BENCHMARK-NOTES.md and psa_dist/BENCHMARK.md):
+Why it looks the way it does (the measured history is in psa_dist/BENCHMARK.md, after the first
+prototype's BENCHMARK-NOTES.md):
 
 * **Objects are large and elongated** (a rotated capsule spanning 45-85 % of the image, its width
   ``object_width`` of the image), so at stride 8 an object covers 10-20 feature cells and a CAM blob
