@@ -108,7 +108,8 @@ def cpu_threads(loader_workers: int, threads: int | None = None) -> int:
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         cpus = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
-        cpus = len(os.sched_getaffinity(0)) // local_world_size()
+        mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        cpus = len(mask) // local_world_size()
     return max(1, cpus - loader_workers)
 
 
