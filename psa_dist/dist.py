@@ -103,8 +103,9 @@ def cpu_threads(loader_workers: int, threads: int | None = None) -> int:
     img/s, 1 thread + 1 worker at 89 (bf16)."""
     if threads:
         return threads
-    if os.environ.get("OMP_NUM_THREADS"):
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()   # "4,2": nested levels
+    if omp.isdigit():
+        return max(1, int(omp))
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         cpus = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:

@@ -67,7 +67,14 @@ def final_losses(out) -> dict:
         log = out / kind / "log.jsonl"
         if not log.is_file():
             continue
-        epochs = [r for r in map(json.loads, log.read_text().splitlines()) if "epoch_seconds" in r]
+        epochs = []
+        for line in log.read_text().splitlines():
+            try:                # a line cut short by a kill before a resume is passed over
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "epoch_seconds" in rec:
+                epochs.append(rec)
         if epochs:
             res[kind] = round(epochs[-1]["loss"], 4)
     return res

@@ -40,6 +40,7 @@ def run_trainer(cfg: Config, kind: str) -> dict:
     if kind not in KINDS:
         raise ValueError(f"unknown trainer {kind!r} (have {KINDS})")
     info = init_distributed(cfg.device)
+    threads_before = torch.get_num_threads()
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(f"[{kind}] rank {info.rank}/{info.world_size} on node {node}, device {info.device}",
           flush=True)   # one line per rank; after this only rank 0 speaks
@@ -66,3 +67,5 @@ def run_trainer(cfg: Config, kind: str) -> dict:
                      config_dict=config_to_dict(cfg))
     finally:
         cleanup()
+        # an inline trainer runs in the pipeline's own process: later stages get its threads back
+        torch.set_num_threads(threads_before)

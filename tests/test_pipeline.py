@@ -33,7 +33,14 @@ def tiny_cfg(tmp_path):
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_cached(tiny_cfg, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", str(tiny_cfg), f"out_dir={out}"]) == 0
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # an inline trainer sets its own (2 here: 2 CPUs, no workers)...
+    try:
+        assert main(["run", str(tiny_cfg), f"out_dir={out}"]) == 0
+        assert torch.get_num_threads() == 1     # ...and hands the process's back
+    finally:
+        torch.set_num_threads(threads)
     rep = json.loads((out / "report.json").read_text())
     info = read_dataset_json(tmp_path / "data")
     for k in ("cam", "rw", "seg", "seg_full"):
@@ -150,3 +157,14 @@ def test_segmenter_can_start_from_the_trained_classifier(tiny_cfg, tmp_path):
     assert not torch.equal(plain.backbone.stem[0].weight, cls.backbone.stem[0].weight)
     with pytest.raises(Exception, match="seg_from_classifier"):
         load_config(tiny_cfg, ["model.seg_from_classifier=true", "model.segmenter=deeplabv3_resnet50"])
+
+
+def test_final_losses_read_the_last_epoch_and_pass_over_a_cut_line(tmp_path):
+    from psa_dist.report import final_losses
+    (tmp_path / "cls").mkdir()
+    lines = [{"kind": "cls", "epoch": 0, "step": 5, "of": 10, "loss": 0.9},
+             {"kind": "cls", "epoch": 0, "step": 5, "loss": 0.8, "epoch_seconds": 1.0},
+             {"kind": "cls", "epoch": 1, "step": 10, "loss": 0.61234, "epoch_seconds": 1.0}]
+    text = "\n".join(json.dumps(r) for r in lines[:2]) + '\n{"kind": "cls", "ep\n'  # killed mid-line
+    (tmp_path / "cls" / "log.jsonl").write_text(text + json.dumps(lines[2]) + "\n")
+    assert final_losses(tmp_path) == {"cls": 0.6123}

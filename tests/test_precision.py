@@ -76,7 +76,7 @@ def test_cpu_threads(monkeypatch):
     for k in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SUBMITIT_EXECUTOR",
               "SUBMITIT_LOCAL_JOB_ID"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert cpu_threads(2) == 6
     assert cpu_threads(0) == 8
     assert cpu_threads(2, threads=3) == 3                   # the config wins
@@ -87,9 +87,16 @@ def test_cpu_threads(monkeypatch):
     assert cpu_threads(2) == 8
     monkeypatch.setenv("OMP_NUM_THREADS", "1")              # set by the user or torchrun
     assert cpu_threads(2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")            # nested levels: the first counts
+    assert cpu_threads(2) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert cpu_threads(4) == 1                              # never below one
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)   # no affinity mask (macOS)
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert cpu_threads(1) == 5
 
 
 def _pil_reference(img: np.ndarray, ops) -> np.ndarray:
