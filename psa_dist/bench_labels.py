@@ -55,13 +55,12 @@ def _scratch_run(cfg: Config, root: Path, num_train: int, shard_size: int, image
 def bench_cams(cfg: Config, images: int = 48, out_dir: str | Path | None = None) -> dict:
     """Stage images/s against bare-forward images/s on one shard of ``images`` images."""
     from .cam import cam_multiscale_batch
-    from .engine import amp_dtype
+    from .engine import amp_dtype, autocast
     from .labelgen import cam_shard
     from .models import build_classifier, normalize
     from .shards import decode_sample, iter_shard
     c = cfg.cams
     amp = amp_dtype(c.amp, torch.device("cpu"), "cams.amp")
-    autocast = lambda: torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         shards, run, num_classes = _scratch_run(cfg, Path(tmp), images, images, cfg.synth.image_size)
         model = build_classifier(cfg.model, num_classes).eval()
@@ -73,13 +72,13 @@ def bench_cams(cfg: Config, images: int = 48, out_dir: str | Path | None = None)
             for j, s in enumerate(group):
                 hot[j, torch.tensor(s["cls"]) - 1] = 1
             batches.append((normalize(torch.from_numpy(np.stack([s["image"] for s in group]))), hot))
-        with autocast():
+        with autocast("cpu", amp):
             cam_multiscale_batch(model, *batches[0], tuple(c.scales), c.flip)    # warm-up
         bare, stage, summary = [], [], {}
         for rep in range(4):      # alternate, keep the best of each: the machine's noise hits both
             t0 = time.perf_counter()
             for x, hot in batches:
-                with autocast():
+                with autocast("cpu", amp):
                     cam_multiscale_batch(model, x, hot, tuple(c.scales), c.flip)
             bare.append(time.perf_counter() - t0)
             t0 = time.perf_counter()

@@ -52,7 +52,9 @@ def _submitit_env() -> dict | None:
     # The same port on every rank and on a requeued run of the same job: derived from the job id.
     port = os.environ.get("PSA_MASTER_PORT") or str(random.Random(str(env.job_id)).randint(20000, 59999))
     return {"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
-            "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": master, "MASTER_PORT": port}
+            "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // max(1, env.num_nodes))),
+            "MASTER_ADDR": master, "MASTER_PORT": port}
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -80,27 +82,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def local_world_size() -> int:
-    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, else submitit's tasks per node, else 1."""
-    if "LOCAL_WORLD_SIZE" in os.environ:
-        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
-    if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ:
-        import submitit
-        try:
-            env = submitit.JobEnvironment()
-            return max(1, env.num_tasks // max(1, env.num_nodes))
-        except RuntimeError:
-            pass
-    return 1
-
-
 def cpu_threads(loader_workers: int, threads: int | None = None) -> int:
-    """Intra-op threads for a CPU rank: ``threads`` when set, else OMP_NUM_THREADS when set (torchrun
-    sets it to 1 for several ranks a node), else this rank's share of the CPUs it may run on
-    (SLURM_CPUS_PER_TASK, or the affinity mask split among the node's ranks) less one per loader
-    worker; at least 1. A step's threads and the loader workers on more threads
-    than cores slow each other: on 2 cores, 2 threads + 1 worker trained the classifier at 62-71
-    img/s, 1 thread + 1 worker at 89 (bf16)."""
+    """Intra-op threads for a CPU rank: ``threads`` when set, else OMP_NUM_THREADS when set
+    (torchrun sets it to 1 for several ranks a node), else this rank's share of the CPUs it may
+    run on (SLURM_CPUS_PER_TASK, or the affinity mask split among the node's LOCAL_WORLD_SIZE
+    ranks, which torchrun sets and ``init_distributed`` sets from submitit) less one per loader
+    worker; at least 1. A step's threads and the loader workers on more threads than cores slow
+    each other: on 2 cores, 2 threads + 1 worker trained the classifier at 62-71 img/s, 1 thread
+    + 1 worker at 89 (bf16)."""
     if threads:
         return threads
     omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()   # "4,2": nested levels
@@ -110,7 +99,7 @@ def cpu_threads(loader_workers: int, threads: int | None = None) -> int:
         cpus = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
         mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-        cpus = len(mask) // local_world_size()
+        cpus = len(mask) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, cpus - loader_workers)
 
 

@@ -2,8 +2,8 @@
 
 SGD with the authors' parameter groups and a poly schedule, DDP across ranks (``dist.py``), AMP
 (bf16/fp16 on CUDA; bf16 on CPUs with native bf16 matrix units, see ``amp_dtype``); one JSON line
-of metrics every ``log_every`` steps and per epoch, from rank 0 only; a checkpoint written atomically by rank 0 every ``checkpoint_every`` steps and at every
-epoch end. A checkpoint is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step,
+of metrics every ``log_every`` steps and per epoch, from rank 0 only; a checkpoint written
+atomically by rank 0 every ``checkpoint_every`` steps and at every epoch end. A checkpoint is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step,
 step in epoch, RNG states, config) and there is one resume path: a run finding ``checkpoint.pth``
 in its directory continues from it, the loader skipping the batches the epoch already trained on.
 Since the loader's batches are a pure function of (seed, epoch, rank, worker), a run stopped at any
@@ -90,9 +90,15 @@ def amp_dtype(amp: str, device: torch.device, field: str = "train.amp"):
     return dtype if dtype is torch.bfloat16 and cpu_has_native_bf16() else None
 
 
+def autocast(device, dtype):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op for None (float32)."""
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32,
+                          enabled=dtype is not None)
+
+
 def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radius: int = 5):
     """One optimisation step on one batch; returns the (detached) loss."""
-    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(x.device, dtype):
         loss = loss_for(kind, net, x, y, radius)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

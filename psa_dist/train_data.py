@@ -89,7 +89,7 @@ class Augment:
     def _jitter(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """torchvision's ColorJitter, with its factors and order drawn from ``rng``, applied to a
         PIL image as in the authors' code: the tensor path's hue shift (an RGB -> HSV -> RGB round
-        trip in float ops) cost 14.5 ms of the 15.5 ms a 128-px sample took to augment, PIL's 0.3 ms,
+        trip in float ops) cost 14.5 ms of the 15.5 ms a 128-px sample took to augment, PIL's 1.3 ms,
         and the loader's one worker could not keep up with a bf16 training step."""
         b, c, s, h = self.jitter
         ops = []

@@ -73,8 +73,7 @@ def test_cams_under_bf16_autocast_match_float32():
 
 
 def test_cpu_threads(monkeypatch):
-    for k in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SUBMITIT_EXECUTOR",
-              "SUBMITIT_LOCAL_JOB_ID"):
+    for k in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert cpu_threads(2) == 6
