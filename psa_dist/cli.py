@@ -6,6 +6,23 @@ import json
 import sys
 from pathlib import Path
 
+from .bench.labels import bench_cams, bench_scaling
+from .bench.loader import bench_loader
+from .bench.random_walk import SIZES, bench_random_walk
+from .cluster.launch import LAUNCHERS
+from .cluster.slurm_chain import ChainError
+from .config import ConfigError, load_config
+from .data.convert_coco import convert_coco
+from .data.convert_voc import convert_voc
+from .data.dataset_writer import BuildError
+from .data.inspect import format_report, inspect_dataset, preview_dataset
+from .data.shards import ShardError
+from .data.synth import write_synth
+from .pipeline import run_pipeline
+from .stages import table
+from .submit import submit_chain
+from .util.runinfo import write_run_info
+
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("config", nargs=None if required else "?", help="YAML config (configs/*.yaml)")
@@ -13,14 +30,11 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def _load(args):
-    from .config import load_config
     return load_config(args.config, args.overrides)
 
 
 # ----------------------------------------------------------------------------- data
 def cmd_data_synth(args) -> int:
-    from .runinfo import write_run_info
-    from .synth import write_synth
     cfg = _load(args)
     out = Path(args.out or cfg.data.root)
     write_synth(cfg.synth, out, shard_size=cfg.data.shard_size, workers=cfg.data.workers, config=cfg)
@@ -29,28 +43,24 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_convert_voc(args) -> int:
-    from .convert_voc import convert_voc
     convert_voc(args.voc_root, args.out, splits=args.splits, sbd_root=args.sbd_root,
                        shard_size=args.shard_size, workers=args.workers, strict=args.strict)
     return 0
 
 
 def cmd_data_convert_coco(args) -> int:
-    from .convert_coco import convert_coco
     convert_coco(args.coco_root, args.out, splits=args.splits, shard_size=args.shard_size,
                         workers=args.workers, strict=args.strict)
     return 0
 
 
 def cmd_data_inspect(args) -> int:
-    from .inspect_data import format_report, inspect_dataset
     report = inspect_dataset(args.root, verify=not args.quick, shard_url=args.shard_url)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["problems"] else 0
 
 
 def cmd_data_preview(args) -> int:
-    from .inspect_data import preview_dataset
     out = preview_dataset(args.root, args.out, split=args.split, count=args.count,
                           shard_url=args.shard_url)
     print(f"wrote {out}")
@@ -59,19 +69,17 @@ def cmd_data_preview(args) -> int:
 
 # ----------------------------------------------------------------------------- pipeline
 def cmd_run(args) -> int:
-    from .pipeline import run_pipeline
     _launcher_overrides(args)
     return run_pipeline(_load(args), force=args.force)
 
 
 def _launcher_overrides(args) -> None:
     if getattr(args, "launcher", None):
-        args.overrides = list(args.overrides) + [f"train_{k}.launcher={args.launcher}"
-                                                 for k in ("cls", "aff", "seg")]
+        sections = dict.fromkeys(m.section for m in table.MODELS.values())
+        args.overrides = list(args.overrides) + [f"{s}.launcher={args.launcher}" for s in sections]
 
 
 def cmd_stage(args) -> int:
-    from .pipeline import run_pipeline
     if getattr(args, "ray_address", None):
         args.overrides = list(args.overrides) + [f"ray.address={args.ray_address}"]
     _launcher_overrides(args)
@@ -79,55 +87,37 @@ def cmd_stage(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .chain import submit_chain
     submit_chain(_load(args), args.config, dry_run=args.dry_run, force=args.force,
                  keep_blocked=args.keep_blocked)
     return 0
 
 
 def _add_launcher_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--launcher", choices=["inline", "torchrun", "local", "slurm"],
+    p.add_argument("--launcher", choices=list(LAUNCHERS),
                    help="where the trainers run (sets train_*.launcher): in this process, as a "
                         "torchrun rank, as a submitit job on this machine, or as a SLURM job")
 
 
 def cmd_bench_loader(args) -> int:
-    from .bench import bench_loader
     bench_loader(_load(args), args.kind, args.batches, args.workers)
     return 0
 
 
 def cmd_bench_random_walk(args) -> int:
-    from .bench_walk import SIZES, bench_random_walk
     bench_random_walk(args.out, args.beta, args.t, args.radius, tuple(args.channels), args.batch,
                       tuple(args.sizes or SIZES), args.tol)
     return 0
 
 
 def cmd_bench_cams(args) -> int:
-    from .bench_labels import bench_cams
     bench_cams(_load(args), args.images)
     return 0
 
 
 def cmd_bench_scaling(args) -> int:
-    from .bench_labels import bench_scaling
     bench_scaling(_load(args), tuple(args.actors), args.images, args.shards,
                   tuple(args.tiny_shards))
     return 0
-
-
-STAGE_HELP = {
-    "train-cls": ("train_cls", "train the classifier on image-level labels"),
-    "cams": ("cams", "multi-scale CAMs of the train split (shards in out_dir/cams)"),
-    "aff-labels": ("aff_labels", "confident-region affinity labels from the CAMs (out_dir/aff_labels)"),
-    "train-aff": ("train_aff", "train AffinityNet on the affinity labels"),
-    "random-walk": ("random_walk", "random-walk pseudo labels from CAMs and AffinityNet (out_dir/rw)"),
-    "train-seg": ("train_seg", "train the segmenter on the pseudo labels (and on ground truth if "
-                               "seg_full)"),
-    "eval": ("eval", "mIoU of CAMs, pseudo labels (train) and segmenters (val)"),
-    "report": ("report", "write report.json, report.md and sample panels"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="submit the whole pipeline as dependent SLURM jobs and exit",
-                       description="Submit one SLURM job per step (train-cls, cams, aff-labels, "
-                                   "train-aff, random-walk, train-seg, eval-report), each starting "
-                                   "when the previous one succeeded; steps already done are left "
-                                   "out. Job ids go to out_dir/stages/submitted.json.")
+                       description="Submit one SLURM job per step (" +
+                       ", ".join(name for name, _ in table.chain_steps()) + "), each starting "
+                       "when the previous one succeeded; steps already done are left out. Job ids "
+                       "go to out_dir/stages/submitted.json.")
     _add_config_args(p, required=True)
     p.add_argument("--dry-run", action="store_true",
                    help="print each job's sbatch parameters without submitting")
@@ -159,23 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of letting SLURM cancel them")
     p.set_defaults(func=cmd_submit)
 
-    for name, (stage, text) in STAGE_HELP.items():
-        p = sub.add_parser(name, help=text, description=f"Run one stage of the pipeline: {text}. "
-                           "Reads and writes the config's out_dir, so stages can run on other machines.")
+    for stage in table.STAGES:
+        p = sub.add_parser(stage.cli, help=stage.help,
+                           description=f"Run one stage of the pipeline: {stage.help}. Reads and "
+                           "writes the config's out_dir, so stages can run on other machines.")
         _add_config_args(p, required=True)
         p.add_argument("--force", action="store_true", help="redo the stage even if marked done")
-        if stage in ("cams", "aff_labels", "random_walk"):
+        if stage.kind == "labels":
             p.add_argument("--ray-address", help="run on an existing Ray cluster (same as the "
                            "override ray.address=HOST:PORT)")
-        if stage.startswith("train_"):
+        if stage.kind == "train":
             _add_launcher_arg(p)
-        p.set_defaults(func=cmd_stage, stage=stage)
+        p.set_defaults(func=cmd_stage, stage=stage.name)
 
     bench = sub.add_parser("bench", help="speed benchmarks, as ratios against a baseline")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("loader", help="training loader samples/s vs what a training step consumes")
     _add_config_args(p, required=True)
-    p.add_argument("--kind", default="cls", choices=["cls", "aff", "seg", "seg_full"])
+    p.add_argument("--kind", default="cls", choices=list(table.MODELS), help="the model trained")
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--workers", type=int, help="loader workers (default: the trainer's)")
     p.set_defaults(func=cmd_bench_loader)
@@ -263,10 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .chain import ChainError
-    from .config import ConfigError
-    from .dataset_writer import BuildError
-    from .shards import ShardError
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also come after options (`train-cls cfg.yaml --launcher local a.b=1`)

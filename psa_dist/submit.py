@@ -1,134 +1,140 @@
-"""The thin launcher of the training stages: where the ranks of a trainer run.
+"""`psa-dist submit`: the whole pipeline as a chain of SLURM jobs, submitted at once.
 
-``train.launcher`` (per trainer, in the config or ``--launcher`` on the command line):
+One job per step of the stage table's chain (``stages/table.py``: ``chain_steps``), each starting
+only when the previous one succeeded:
 
-* ``inline``: in this process, one rank.
-* ``torchrun``: this process is one rank that torchrun started (``RANK``, ``WORLD_SIZE``, ...).
-* ``local``: submitit's local executor, ``tasks_per_node`` processes on this machine.
-* ``slurm``: submitit's SLURM executor: an sbatch job with ``nodes`` x ``tasks_per_node`` ranks and
-  the usual knobs (partition, account, qos, constraint, time, memory, GPUs and CPUs, extra sbatch
-  lines) from the config.
+=============  ==========================================================================
+train-cls      DDP job with ``train_cls``'s shape (nodes x tasks, GPUs, partition, ...)
+cams           ``ray`` section's shape: a Ray cluster over the job's nodes (``cluster/ray_job.py``)
+aff-labels     the same
+train-aff      DDP job with ``train_aff``'s shape
+random-walk    Ray job as ``cams``
+train-seg      DDP job with ``train_seg``'s shape (and the fully supervised one if seg_full)
+eval-report    one task of ``train_seg``'s partition/account, one GPU if the trainers have GPUs
+=============  ==========================================================================
 
-A submitted trainer is a :class:`TrainJob`: every rank calls it, and on preemption or timeout
-(SLURM's USR2) submitit calls its ``checkpoint()`` on rank 0, which requeues the same job; the
-requeued ranks resume from the last checkpoint the engine wrote. The caller waits, prints the
-trainer's JSON log lines as they appear, and gets the rank-0 summary, or the job's error.
+Inside its allocation each job runs its stages through :func:`psa_dist.pipeline.run_pipeline`,
+the same code as ``psa-dist <stage>``: training ranks take their place from submitit's environment
+(the ``torchrun`` launcher), label stages drive the Ray cluster the job started. Stages already
+marked done are not submitted, so the same command after a failure resubmits from the failed step
+on; the chain is checked (needs, optional packages) before anything is submitted. The job ids go
+to ``out_dir/stages/submitted.json``.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import os
-import time
 from pathlib import Path
 
+from .cluster import slurm_chain
+from .cluster.ray_job import RayClusterJob, ray_job_env
 from .config import Config
-from .train_main import run_trainer, train_config
+from .pipeline import check_chain, run_pipeline
+from .stages import table
+from .stages.run_dir import Run, ensure_dataset
+from .util.dist import submitit_env
 
-LAUNCHERS = ("inline", "torchrun", "local", "slurm")
+
+def in_allocation(cfg: Config) -> Config:
+    """The config as a job of the chain runs it: trainers as ranks of this job (``torchrun``-style
+    launcher, ranks from submitit's environment), label stages on the job's own Ray cluster."""
+    cfg = copy.deepcopy(cfg)
+    for model in table.MODELS.values():
+        getattr(cfg, model.section).launcher = "torchrun"
+    cfg.ray.launcher = "inline"
+    return cfg
 
 
-class TrainJob:
-    """A training stage as a submitit job (picklable: a config and a trainer name)."""
+def _finished(cfg: Config, stages: list[str]) -> dict:
+    run = Path(cfg.out_dir) / "stages"
+    return {s: json.loads((run / f"{s}.json").read_text()) for s in stages
+            if (run / f"{s}.json").is_file()}
 
-    def __init__(self, cfg: Config, kind: str):
-        self.cfg, self.kind = cfg, kind
+
+class StagesJob:
+    """A chain step run in this job's tasks: a train stage (every task a DDP rank) and, as one
+    task, eval + report or a label stage with ``ray.enabled=false``. Picklable."""
+
+    def __init__(self, cfg: Config, stages: list[str]):
+        self.cfg, self.stages = cfg, list(stages)
 
     def __call__(self) -> dict:
-        return run_trainer(self.cfg, self.kind)
+        env = submitit_env()
+        if env is not None:     # RANK, WORLD_SIZE, ... before the pipeline asks who is rank 0
+            os.environ.update(env)
+        run_pipeline(in_allocation(self.cfg), stages=self.stages)
+        return _finished(self.cfg, self.stages)
 
     def checkpoint(self, *args, **kwargs):
-        # Called by submitit on rank 0 when the job is preempted or times out. The engine has been
-        # writing checkpoint.pth every checkpoint_every steps; the requeued job resumes from it.
+        # preempted or timed out (SLURM's USR2): requeue; trainers resume from their checkpoint,
+        # a finished stage is skipped by its marker
         import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.kind))
+        return submitit.helpers.DelayedSubmission(StagesJob(self.cfg, self.stages))
 
 
-def sbatch_extra(lines: list) -> dict:
-    """``["--mail-type=END", "exclusive"]`` -> submitit's ``additional_parameters``."""
-    out = {}
-    for item in lines:
-        key, eq, value = str(item).lstrip("-").partition("=")
-        if not key:
-            raise ValueError(f"train.sbatch_extra: cannot read {item!r} (expected --key=value)")
-        out[key.replace("-", "_")] = value if eq else True
-    return out
+class StagesOnCluster:
+    """A label stage of the chain on the Ray cluster its job started, as ``psa-dist <stage>
+    ray.address=...`` runs it (resume, marker, summary). Picklable."""
+
+    def __init__(self, cfg: Config, stages: list[str]):
+        self.cfg, self.stages = cfg, list(stages)
+
+    def __call__(self, address: str) -> dict:
+        cfg = in_allocation(self.cfg)
+        cfg.ray.address = address
+        run_pipeline(cfg, stages=self.stages)
+        return _finished(cfg, self.stages)
 
 
-def executor_params(tcfg, launcher: str, name: str) -> dict:
-    """submitit's ``update_parameters`` for a job of shape ``tcfg`` (a train_* or the ray section)."""
-    gpus = tcfg.gpus_per_node
-    tasks = tcfg.tasks_per_node or max(gpus, 1)
-    params = {"name": name, "timeout_min": tcfg.time_min, "nodes": tcfg.nodes,
-              "tasks_per_node": tasks, "cpus_per_task": tcfg.cpus_per_task}
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if tcfg.mem_gb:
-        params["mem_gb"] = tcfg.mem_gb
-    if launcher == "local":
-        if tcfg.nodes != 1:
-            raise ValueError(f"train.nodes={tcfg.nodes}: the local launcher runs on one node")
-    else:
-        for key in ("partition", "account", "qos", "constraint"):
-            if getattr(tcfg, key):
-                params[f"slurm_{key}"] = getattr(tcfg, key)
-        if tcfg.sbatch_extra:
-            params["slurm_additional_parameters"] = sbatch_extra(tcfg.sbatch_extra)
-    return params
+def job_shape(cfg: Config, stages: list[str]):
+    """The section whose resources a step's job asks for (train_*, ray, or derived for eval)."""
+    first = table.stage(stages[0])
+    if first.kind == "train":
+        return getattr(cfg, first.section)
+    if first.kind == "labels":
+        if cfg.ray.enabled:
+            return cfg.ray
+        return dataclasses.replace(cfg.ray, nodes=1, tasks_per_node=1)
+    seg = cfg.train_seg          # eval + report: one task on the segmenter's kind of node
+    return dataclasses.replace(seg, nodes=1, tasks_per_node=1, gpus_per_node=min(seg.gpus_per_node, 1))
 
 
-def make_executor(tcfg, launcher: str, folder: Path, name: str, **extra):
-    """A submitit executor for ``tcfg``'s job shape; ``extra``: more submitit parameters."""
-    import submitit
-    ex = submitit.AutoExecutor(folder=folder, cluster="local" if launcher == "local" else "slurm")
-    ex.update_parameters(**{**executor_params(tcfg, launcher, name), **extra})
-    return ex
+def job_callable(cfg: Config, stages: list[str], folder: Path):
+    """What the tasks of a step's job run; ``folder``: the step's own (logs, Ray's marker)."""
+    if table.stage(stages[0]).kind == "labels" and cfg.ray.enabled:
+        return RayClusterJob(cfg.ray, StagesOnCluster(cfg, stages), folder, ray_job_env(),
+                             stages[0])
+    return StagesJob(cfg, stages)
 
 
-def launch_training(cfg: Config, kind: str) -> dict:
-    """Run trainer ``kind`` with its configured launcher and return the rank-0 summary."""
-    tcfg = train_config(cfg, kind)
-    launcher = tcfg.launcher
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"train launcher {launcher!r} unknown (train.launcher: one of {LAUNCHERS})")
-    if launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("launcher=torchrun but WORLD_SIZE is not set: start this command with "
-                           "`torchrun --nproc_per_node=N -m psa_dist.cli ...`")
-    if launcher in ("inline", "torchrun"):
-        return run_trainer(cfg, kind)
-    out = Path(cfg.out_dir) / kind
-    # A folder per submission: SLURM job ids restart on a fresh cluster, and submitit would read an
-    # old job's result pickle from a reused folder.
-    folder = out / "submitit" / time.strftime("%Y%m%d-%H%M%S")
-    folder = folder.with_name(f"{folder.name}-{os.getpid()}")
-    ex = make_executor(tcfg, launcher, folder, f"psa-{cfg.name}-{kind}")
-    job = ex.submit(TrainJob(cfg, kind))
-    print(f"[{kind}] submitted {launcher} job {job.job_id} ({tcfg.nodes} node(s) x "
-          f"{tcfg.tasks_per_node or max(tcfg.gpus_per_node, 1)} task(s)); logs in {folder}",
-          flush=True)
-    return follow_job(job, out / "log.jsonl")
-
-
-def follow_job(job, log_path: Path | None):
-    """Wait for ``job``, echoing ``log_path``'s new lines; rank 0's result, or the job's error
-    (``results()`` raises the first failed task's traceback)."""
-    if log_path is not None:
-        follow(job, log_path)
-    return job.results()[0]
-
-
-def follow(job, log_path: Path, poll_s: float = 1.0) -> None:
-    """Echo the trainer's new JSON log lines until the job ends (the job's own progress view)."""
-    pos = log_path.stat().st_size if log_path.is_file() else 0   # only what this job adds
-    while True:
-        finished = job.done()
-        if log_path.is_file():
-            with open(log_path) as f:
-                f.seek(pos)
-                chunk = f.read()
-            # only whole lines; a partial one is read on the next poll
-            cut = chunk.rfind("\n") + 1
-            if cut:
-                print(chunk[:cut], end="", flush=True)
-                pos += len(chunk[:cut].encode())
-        if finished:
-            return
-        time.sleep(poll_s)
+def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = False,
+                 force: bool = False, keep_blocked: bool = False) -> list:
+    """Submit the steps not yet done as dependent SLURM jobs; returns the submitit jobs (dry run:
+    the sbatch parameters of each step). ``keep_blocked``: after a failure, leave the later jobs
+    pending (reason DependencyNeverSatisfied) instead of having SLURM cancel them."""
+    out = Path(cfg.out_dir)
+    record = out / "stages" / "submitted.json"
+    done = set(_finished(cfg, table.ORDER))
+    steps = []
+    for name, stages in table.chain_steps():
+        if all(s in done for s in stages):
+            print(f"[submit] {name}: done (stages/{stages[-1]}.json), not submitted", flush=True)
+            continue
+        steps.append(slurm_chain.Step(name, stages, job_shape(cfg, stages),
+                                      lambda folder, stages=stages: job_callable(cfg, stages, folder)))
+    check_chain(cfg, [s for step in steps for s in step.stages], lambda s: s in done)
+    prefix = f"psa-{cfg.name}"
+    if dry_run:
+        return slurm_chain.dry_run(steps, prefix, keep_blocked)
+    ensure_dataset(cfg)          # a missing dataset fails here, not in the first job
+    Run(cfg).check_same_dataset(force)
+    if not force:
+        slurm_chain.check_not_queued(record)
+    jobs = slurm_chain.submit(steps, prefix, out / "stages" / "submitit", record,
+                              keep_blocked=keep_blocked, meta={
+        "config": str(Path(config_path).resolve()) if config_path else None, "out_dir": str(out)})
+    if not jobs:
+        print("[submit] every stage is done; nothing submitted", flush=True)
+    return jobs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from psa_dist import affinity_labels, affinity_loss, neighbor_offsets
-from psa_dist.affinity import pair_distances
+from psa_dist.core.affinity import pair_distances
 
 
 def naive_offsets(r):

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from psa_dist.bench_walk import bench_random_walk, run_case, synthetic_inputs
+from psa_dist.bench.random_walk import bench_random_walk, run_case, synthetic_inputs
 from psa_dist.config import load_config
-from psa_dist.random_walk import random_walk
+from psa_dist.core.random_walk import random_walk
 
 
 def test_bench_random_walk_compares_equal_outputs(tmp_path):
@@ -32,7 +32,7 @@ def test_bench_dense_case_is_the_walk(tmp_path):
 
 @pytest.mark.slow
 def test_bench_cams_runs_stage_and_bare_forward(tmp_path):
-    from psa_dist.bench_labels import bench_cams
+    from psa_dist.bench.labels import bench_cams
     cfg = load_config("configs/demo.yaml", [f"out_dir={tmp_path}", "synth.image_size=48",
                                             "cams.scales=[1.0, 0.5]"])
     res = bench_cams(cfg, images=6)
@@ -43,7 +43,7 @@ def test_bench_cams_runs_stage_and_bare_forward(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_bench_scaling_on_ray(tmp_path):
-    from psa_dist.bench_labels import bench_scaling
+    from psa_dist.bench.labels import bench_scaling
     cfg = load_config("configs/demo.yaml", [f"out_dir={tmp_path}", "synth.image_size=48",
                                             "cams.scales=[1.0]", "cams.flip=false"])
     res = bench_scaling(cfg, actors=(1, 2), images=8, shards_per_run=4, tiny_shards=(6, 12))

@@ -105,7 +105,7 @@ def test_crf_missing_is_a_clear_error(monkeypatch):
 
 
 def test_perfect_walk_label_is_the_region_mean_argmax():
-    from psa_dist.evaluate import perfect_walk_label
+    from psa_dist.stages.evaluate import perfect_walk_label
     g = torch.Generator().manual_seed(3)
     gt = torch.zeros(6, 8, dtype=torch.long)
     gt[1:5, 1:4] = 2          # object of class 2: CAM weak on most of it, strong on one pixel
@@ -128,8 +128,8 @@ def test_walk_with_crf_snaps_the_label_to_the_colour_edge():
     # walked maps' argmax follows the CAM; with random_walk.crf the dense CRF moves the boundary to
     # the colour edge (the paper's CAM + RW + dCRF labels).
     from psa_dist.config import ModelConfig
-    from psa_dist.labelgen import walk_image
-    from psa_dist.models import AffinityNet, build_classifier
+    from psa_dist.stages.labelgen import walk_images
+    from psa_dist.nets.models import AffinityNet, build_classifier
     torch.manual_seed(0)
     aff = AffinityNet.from_classifier(build_classifier(ModelConfig(backbone="small"), 1),
                                       dims=(4, 4, 4, 4), stride=4).eval()
@@ -142,8 +142,8 @@ def test_walk_with_crf_snaps_the_label_to_the_colour_edge():
     truth[:, :32] = 3
     settings = {"iters": 10, "gauss_sxy": 3.0, "gauss_compat": 3.0, "bi_sxy": 20.0,
                 "bi_srgb": 13.0, "bi_compat": 10.0}
-    plain = walk_image(aff, img, cam, [3], t=2, tol=1e-5)
-    refined = walk_image(aff, img, cam, [3], t=2, tol=1e-5, crf=settings)
+    plain = walk_images(aff, [img], [cam], [[3]], t=2, tol=1e-5)[0]
+    refined = walk_images(aff, [img], [cam], [[3]], t=2, tol=1e-5, crf=settings)[0]
     assert set(refined.unique().tolist()) <= {0, 3}
     wrong_plain, wrong_crf = int((plain != truth).sum()), int((refined != truth).sum())
     assert wrong_plain >= 48 * 3                    # the CAM's boundary is columns off
@@ -151,7 +151,7 @@ def test_walk_with_crf_snaps_the_label_to_the_colour_edge():
 
 
 def test_distrust_background_matches_a_pixel_loop():
-    from psa_dist.cam import distrust_background
+    from psa_dist.core.cam import distrust_background
     rng = np.random.default_rng(3)
     for trial in range(40):
         lab = rng.choice([0, 1, 3, 5, 255], size=(9, 11), p=[0.5, 0.2, 0.15, 0.1, 0.05])

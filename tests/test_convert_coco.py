@@ -12,9 +12,9 @@ from PIL import Image
 import pycocotools  # noqa: F401  (installed by the test command: psa-dist[coco])
 import pycocotools.mask as mask_utils  # noqa: E402
 
-from psa_dist.convert_coco import convert_coco  # noqa: E402
-from psa_dist.dataset_writer import BuildError  # noqa: E402
-from psa_dist.shards import decode_sample, iter_split, read_dataset_json  # noqa: E402
+from psa_dist.data.convert_coco import convert_coco  # noqa: E402
+from psa_dist.data.dataset_writer import BuildError  # noqa: E402
+from psa_dist.data.shards import decode_sample, iter_split, read_dataset_json  # noqa: E402
 
 # Non-contiguous category ids, listed out of order: sorted by id they must become 1, 2, 3.
 CATEGORIES = [{"id": 90, "name": "toothbrush", "supercategory": "indoor"},

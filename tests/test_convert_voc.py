@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from psa_dist.cli import main
-from psa_dist.convert_voc import convert_voc
-from psa_dist.dataset_writer import BuildError
-from psa_dist.shards import decode_sample, iter_split, read_dataset_json
+from psa_dist.data.convert_voc import convert_voc
+from psa_dist.data.dataset_writer import BuildError
+from psa_dist.data.shards import decode_sample, iter_split, read_dataset_json
 
 VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
              "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

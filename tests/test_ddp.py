@@ -13,15 +13,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from psa_dist.backbones import build_backbone
+from psa_dist.nets.backbones import build_backbone
 from psa_dist.config import SynthConfig, TrainConfig
-from psa_dist.dist import init_distributed
-from psa_dist.engine import load_checkpoint, train_step
-from psa_dist.models import Classifier, set_bn_eval
-from psa_dist.optim import build_optimizer, build_poly_scheduler
-from psa_dist.shards import split_shards
-from psa_dist.synth import write_synth
-from psa_dist.train_data import make_train_loader
+from psa_dist.util.dist import init_distributed
+from psa_dist.nets.checkpoint import load_checkpoint
+from psa_dist.stages.engine import train_step
+from psa_dist.nets.models import Classifier, set_bn_eval
+from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
+from psa_dist.data.shards import split_shards
+from psa_dist.data.synth import write_synth
+from psa_dist.data.train_data import make_train_loader
 
 CFG = """
 name: ddptest
@@ -62,7 +63,7 @@ def _ddp_rank(rank, port, x, y, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     info = init_distributed("cpu")
-    from psa_dist.dist import cleanup, wrap_ddp
+    from psa_dist.util.dist import cleanup, wrap_ddp
     model = tiny_model()
     net = wrap_ddp(model, info)
     half = x.shape[0] // 2

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from psa_dist.backbones import build_backbone
+from psa_dist.nets.backbones import build_backbone
 from psa_dist.config import ModelConfig
-from psa_dist.metrics import ConfusionMatrix, confusion_matrix, iou_from_confusion, miou_from_confusion
-from psa_dist.models import AffinityNet, Classifier, build_classifier, build_segmenter, set_bn_eval
-from psa_dist.optim import build_optimizer, build_poly_scheduler, parameter_groups
+from psa_dist.core.metrics import (ConfusionMatrix, confusion_matrix, iou_from_confusion, miou_from_confusion)
+from psa_dist.nets.models import (AffinityNet, Classifier, build_classifier, build_segmenter, set_bn_eval)
+from psa_dist.nets.optim import build_optimizer, build_poly_scheduler, parameter_groups
 
 
 def ceil8(n):
@@ -92,7 +92,7 @@ def test_affinitynet_stride4_and_stride8_grids():
 
 
 def test_resnet38_affinity_head_is_448():
-    from psa_dist.backbones import ResNet38
+    from psa_dist.nets.backbones import ResNet38
     net = ResNet38()
     aff = AffinityNet(net)
     assert aff.out_dim == 448 and [m.in_channels for m in aff.reduce] == [512, 1024, 4096]
@@ -196,7 +196,7 @@ def test_confusion_reduces_across_processes():
 
 def test_pretrained_file_of_another_network_is_an_error(tmp_path):
     # ResNet-38 names into the small net (and vice versa) match nothing but BN counters: refuse.
-    from psa_dist.backbones import load_pretrained
+    from psa_dist.nets.backbones import load_pretrained
     small = build_backbone("small")
     wrong = {f"other.{k}": v for k, v in small.state_dict().items()}
     wrong.update({k: v for k, v in small.state_dict().items() if k.endswith("num_batches_tracked")})
@@ -245,7 +245,7 @@ def psa_resnet38_names():
 
 
 def test_authors_resnet38_names_are_renamed_onto_ours():
-    from psa_dist.backbones import ResNet38, from_psa_resnet38, is_psa_resnet38
+    from psa_dist.nets.backbones import ResNet38, from_psa_resnet38, is_psa_resnet38
     with torch.device("meta"):                  # names and shapes only: no 400 MB of weights
         net = ResNet38()
     want = net.state_dict()
@@ -264,7 +264,7 @@ def test_authors_resnet38_names_are_renamed_onto_ours():
 
 @pytest.mark.slow
 def test_authors_resnet38_file_loads(tmp_path):
-    from psa_dist.backbones import ResNet38, load_pretrained
+    from psa_dist.nets.backbones import ResNet38, load_pretrained
     torch.manual_seed(0)
     src = ResNet38()
     theirs = {t: src.state_dict()[o] for t, o in psa_resnet38_names()}

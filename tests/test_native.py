@@ -1,4 +1,4 @@
-"""The C kernels of psa_dist.native against naive loops written here (numpy, float64), and the
+"""The C kernels of psa_dist.core.native against naive loops written here (numpy, float64), and the
 torch fallback where no compiler is found."""
 import json
 import os
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from psa_dist import native, random_walk
-from psa_dist.affinity import neighbor_offsets, pair_distances
+from psa_dist import random_walk
+from psa_dist.core import native
+from psa_dist.core.affinity import neighbor_offsets, pair_distances
 
 # Shifts of both signs (the walk reads neighbours before and after a pixel), a length that is no
 # multiple of the kernel's pixel block, and 1 or 2 threads (the pixels or channels split up).
@@ -134,7 +135,8 @@ def test_float32_walk_uses_the_kernels_and_matches_the_dense_power(threads):
 
 
 def _in_subprocess(env: dict) -> dict:
-    code = ("import json, torch; from psa_dist import native, transition_weights; "
+    code = ("import json, torch; from psa_dist import transition_weights; "
+            "from psa_dist.core import native; "
             "g = torch.Generator().manual_seed(3); f = torch.randn(1, 7, 6, 8, generator=g); "
             "print(json.dumps({'available': native.available(), "
             "'weights': transition_weights(f, 8.0, 5).flatten().tolist()}))")
@@ -158,7 +160,7 @@ def test_without_a_compiler_torch_ops_give_the_same_weights(tmp_path):
 
 def test_images_of_different_sizes_in_one_batch_match_each_alone():
     """random_walk_many in float32: padded grids through the C step give each image's own walk."""
-    from psa_dist.random_walk import random_walk_many
+    from psa_dist.core.random_walk import random_walk_many
     g = torch.Generator().manual_seed(5)
     shapes = [(2, 6, 9), (3, 11, 7), (1, 1, 1), (2, 4, 40)]    # a 1x1 map has no links at all
     feats = [torch.randn(4, h, w, generator=g) * 0.4 for _, h, w in shapes]

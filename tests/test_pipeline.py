@@ -1,12 +1,14 @@
 """The whole pipeline on a tiny config: end to end, a valid report, caching and resume."""
 import json
+import sys
 
 import pytest
 
 from psa_dist.cli import main
 from psa_dist.config import load_config
-from psa_dist.pipeline import STAGES, run_pipeline
-from psa_dist.shards import iter_shard, read_dataset_json
+from psa_dist.data.shards import iter_shard, read_dataset_json
+from psa_dist.pipeline import STAGES, ChainUnmet, run_pipeline
+from psa_dist.stages.run_dir import Run
 
 TINY = """
 name: tiny
@@ -57,7 +59,7 @@ def test_pipeline_end_to_end_and_cached(tiny_cfg, tmp_path, capsys):
     assert "| CAM (train) |" in md and "![panels/" in md
     # every label stage wrote one shard per train shard with all keys, in order
     keys = [r["__key__"] for r in iter_shard(tmp_path / "data" / "train-000000.tar")]
-    for d, field in (("cams", "cam.npy"), ("aff_labels", "aff.png"), ("rw", "pseudo.png")):
+    for d, field in (("cams", "cam.npy"), ("aff_labels", "aff.png"), ("random_walk", "pseudo.png")):
         got = list(iter_shard(out / d / "train-000000.tar"))
         assert [g["__key__"] for g in got] == keys and all(field in g for g in got)
     ri = json.loads((out / "run_info.json").read_text())
@@ -119,30 +121,29 @@ def test_paper_configs_validate():
 
 
 def test_synth_data_follows_its_settings_and_stale_runs_are_refused(tiny_cfg, tmp_path, capsys):
-    from psa_dist.pipeline import Run, check_same_dataset
     out = tmp_path / "run"
     run = Run(load_config(tiny_cfg, [f"out_dir={out}"]))
-    check_same_dataset(run, force=False)
-    check_same_dataset(run, force=False)           # same data: fine
+    run.check_same_dataset(force=False)
+    run.check_same_dataset(force=False)           # same data: fine
     # other generator settings: the generated dataset is made anew, not reused
     run2 = Run(load_config(tiny_cfg, [f"out_dir={out}", "synth.body_pattern=0.2"]))
     assert "generating it anew" in capsys.readouterr().out
     assert read_dataset_json(tmp_path / "data")["source"]["synth"]["body_pattern"] == 0.2
     # ... and the run directory made from the old data is not silently reused
     with pytest.raises(FileExistsError, match="another dataset"):
-        check_same_dataset(run2, force=False)
-    check_same_dataset(run2, force=True)
-    check_same_dataset(run2, force=False)
+        run2.check_same_dataset(force=False)
+    run2.check_same_dataset(force=True)
+    run2.check_same_dataset(force=False)
 
 
 def test_segmenter_can_start_from_the_trained_classifier(tiny_cfg, tmp_path):
     import torch
-    from psa_dist.models import build_classifier
-    from psa_dist.pipeline import Run
-    from psa_dist.train_main import build_model
+    from psa_dist.nets.models import build_classifier
+    from psa_dist.stages.trained import model_to_train as build_model
     out = tmp_path / "run"
     run = Run(load_config(tiny_cfg, [f"out_dir={out}", "model.seg_from_classifier=true"]))
-    with pytest.raises(FileNotFoundError, match="cls/checkpoint.pth"):
+    with pytest.raises(FileNotFoundError, match="cls/checkpoint.pth not found: run `psa-dist "
+                                                "train-cls CONFIG` first"):
         build_model(run, "seg")                    # no classifier yet: a clear error
     torch.manual_seed(1)
     cls = build_classifier(run.cfg.model, run.num_classes)
@@ -160,7 +161,7 @@ def test_segmenter_can_start_from_the_trained_classifier(tiny_cfg, tmp_path):
 
 
 def test_final_losses_read_the_last_epoch_and_pass_over_a_cut_line(tmp_path):
-    from psa_dist.report import final_losses
+    from psa_dist.stages.report import final_losses
     (tmp_path / "cls").mkdir()
     lines = [{"kind": "cls", "epoch": 0, "step": 5, "of": 10, "loss": 0.9},
              {"kind": "cls", "epoch": 0, "step": 5, "loss": 0.8, "epoch_seconds": 1.0},
@@ -168,3 +169,29 @@ def test_final_losses_read_the_last_epoch_and_pass_over_a_cut_line(tmp_path):
     text = "\n".join(json.dumps(r) for r in lines[:2]) + '\n{"kind": "cls", "ep\n'  # killed mid-line
     (tmp_path / "cls" / "log.jsonl").write_text(text + json.dumps(lines[2]) + "\n")
     assert final_losses(tmp_path) == {"cls": 0.6123}
+
+
+def test_chain_is_checked_before_the_first_stage(tiny_cfg, tmp_path, monkeypatch):
+    """A stage whose earlier stages are not done, or whose settings need a package that is not
+    installed, stops the run before anything trains (not a quarter of an hour later)."""
+    out = tmp_path / "run"
+    cfg = load_config(tiny_cfg, [f"out_dir={out}"])
+    with pytest.raises(ChainUnmet, match="cams needs the outputs of train_cls.*psa-dist train-cls"):
+        run_pipeline(cfg, stages=["cams"])
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)     # as without psa-dist[crf]
+    with pytest.raises(ChainUnmet) as e:
+        run_pipeline(cfg)
+    assert "aff_labels: aff_labels.crf=true needs the pydensecrf module" in str(e.value)
+    assert "random_walk: random_walk.crf=true" in str(e.value)
+    assert "pip install 'psa-dist[crf]'" in str(e.value)
+    assert not (out / "cls").exists() and not (out / "stages" / "train_cls.json").exists()
+    assert main(["run", str(tiny_cfg), f"out_dir={out}"]) == 2     # the CLI: an error, no trace
+
+
+def test_a_run_directory_from_before_the_rename_keeps_its_walk(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    (out / "rw").mkdir(parents=True)
+    (out / "rw" / "train-000000.tar").write_bytes(b"x")
+    run = Run(load_config(tiny_cfg, [f"out_dir={out}"]))
+    assert run.stage_dir("random_walk") == out / "random_walk"
+    assert (out / "random_walk" / "train-000000.tar").read_bytes() == b"x" and not (out / "rw").exists()

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from psa_dist.backbones import build_backbone
-from psa_dist.dist import cpu_threads
-from psa_dist.engine import amp_dtype, cpu_has_native_bf16, train_step
-from psa_dist.models import Classifier
-from psa_dist.optim import build_optimizer, build_poly_scheduler
-from psa_dist.train_data import Augment
+from psa_dist.nets.backbones import build_backbone
+from psa_dist.util.dist import cpu_threads
+from psa_dist.util.precision import amp_dtype, cpu_has_native_bf16
+from psa_dist.stages.engine import train_step
+from psa_dist.nets.models import Classifier
+from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
+from psa_dist.data.train_data import Augment
 
 CPU = torch.device("cpu")
 
@@ -58,7 +59,7 @@ def test_bf16_training_step_on_cpu_follows_float32():
 
 
 def test_cams_under_bf16_autocast_match_float32():
-    from psa_dist.cam import cam_multiscale_batch
+    from psa_dist.core.cam import cam_multiscale_batch
     torch.manual_seed(0)
     model = Classifier(build_backbone("small"), 4).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -69,7 +69,7 @@ def test_batched_equals_per_image():
 
 def test_walk_of_images_of_different_sizes_in_one_batch_matches_naive():
     # random_walk_many pads the batch: each image must still get exactly its own T^t (naive matrix).
-    from psa_dist.random_walk import random_walk_many
+    from psa_dist.core.random_walk import random_walk_many
     g = torch.Generator().manual_seed(11)
     shapes = [(2, 5, 7), (4, 8, 6), (1, 3, 9)]          # (channels, h, w): all three differ
     feats = [torch.randn(5, h, w, generator=g, dtype=torch.float64) * 0.5 for _, h, w in shapes]
@@ -106,8 +106,8 @@ def test_shape_mismatch_is_an_error():
 def test_walk_images_batch_equals_one_by_one(stride, tol):
     # The label stage walks several images together; sizes not multiples of 8 exercise the padding.
     from psa_dist.config import ModelConfig
-    from psa_dist.labelgen import walk_image, walk_images
-    from psa_dist.models import AffinityNet, build_classifier
+    from psa_dist.stages.labelgen import walk_images
+    from psa_dist.nets.models import AffinityNet, build_classifier
     torch.manual_seed(0)
     aff = AffinityNet.from_classifier(build_classifier(ModelConfig(backbone="small"), 3),
                                       dims=(4, 4, 4, 4), stride=stride).eval()
@@ -117,15 +117,66 @@ def test_walk_images_batch_equals_one_by_one(stride, tol):
     cams = [torch.rand(len(c), h, w) for c, (h, w) in zip(ids, sizes)]
     together = walk_images(aff, images, cams, ids, t=40, tol=tol)
     for img, cam, c, lab in zip(images, cams, ids, together):
-        alone = walk_image(aff, img, cam, c, t=40, tol=tol)
+        alone = walk_images(aff, [img], [cam], [c], t=40, tol=tol)[0]
         assert lab.shape == img.shape[:2] and torch.equal(lab, alone)
         assert set(lab.unique().tolist()) <= {0, *c}
+
+
+def naive_walk_label(feat, cam, ids, beta, t, r, bg_alpha):
+    """The authors' infer_aff for one image, written out with numpy and the dense T above: the
+    background score at full resolution, zero-pad to a multiple of 8, mean over each cell, T^t,
+    bilinear upsampling (half-pixel centres), crop, argmax."""
+    k, h, w = cam.shape
+    maps = np.concatenate([(1 - cam.max(0, keepdims=True)) ** bg_alpha, cam])
+    ph, pw = (-h) % 8, (-w) % 8
+    maps = np.pad(maps, ((0, 0), (0, ph), (0, pw)))
+    gh, gw = feat.shape[1:]
+    cell = (h + ph) // gh
+    pooled = maps.reshape(k + 1, gh, cell, gw, cell).mean((2, 4))
+    tm = np.linalg.matrix_power(naive_transition(feat, beta, r), t)
+    walked = (tm @ pooled.reshape(k + 1, -1).T).T.reshape(k + 1, gh, gw)
+    up = torch.nn.functional.interpolate(torch.from_numpy(walked)[None], size=(h + ph, w + pw),
+                                         mode="bilinear", align_corners=False)[0].numpy()
+    return np.array([0, *ids])[up[:, :h, :w].argmax(0)]
+
+
+@pytest.mark.parametrize("stride", [8, 4])
+def test_walk_labels_match_the_authors_steps(stride):
+    from psa_dist.core.pseudo_labels import walk_labels
+    g = torch.Generator().manual_seed(stride)
+    sizes, ids = [(37, 50), (24, 17)], [[2], [1, 3]]
+    feats, cams = [], []
+    for (h, w), c in zip(sizes, ids):
+        gh, gw = -(-h // 8) * 8 // stride, -(-w // 8) * 8 // stride
+        feats.append(torch.randn(5, gh, gw, generator=g, dtype=torch.float64) * 0.3)
+        blob = torch.rand(len(c), 1, 1, generator=g, dtype=torch.float64)
+        cams.append(torch.rand(len(c), h, w, generator=g, dtype=torch.float64) * blob)
+    got = walk_labels(feats, cams, ids, beta=4.0, t=9, radius=3, bg_alpha=2.0)
+    for lab, f, cam, c in zip(got, feats, cams, ids):
+        ref = naive_walk_label(f.numpy(), cam.numpy(), c, 4.0, 9, 3, 2.0)
+        assert lab.shape == cam.shape[1:] and (lab.numpy() == ref).mean() > 0.999
+
+
+def test_walk_labels_refine_sees_normalised_scores_and_sets_the_argmax():
+    from psa_dist.core.pseudo_labels import walk_labels
+    feat, cam = torch.zeros(4, 2, 2), torch.full((1, 16, 16), 0.9)
+    seen = []
+
+    def refine(p):
+        seen.append(p)
+        return torch.stack([torch.ones_like(p[0]), torch.zeros_like(p[0])])   # all background
+    plain, refined = walk_labels([feat, feat], [cam, cam], [[5], [5]], t=3,
+                                 refine=[None, refine])
+    assert (plain == 5).all() and (refined == 0).all()
+    assert torch.allclose(seen[0].sum(0), torch.ones(16, 16), atol=1e-4)
+    with pytest.raises(ValueError, match="one of each per image"):
+        walk_labels([feat], [cam, cam], [[5]])
 
 
 def test_chebyshev_coefficients_rebuild_the_power():
     # Independent check: numpy's Chebyshev series evaluation of the coefficients equals x^t.
     from numpy.polynomial import chebyshev
-    from psa_dist.random_walk import chebyshev_power_coefficients
+    from psa_dist.core.random_walk import chebyshev_power_coefficients
     x = np.linspace(-1, 1, 201)
     for t in (0, 1, 2, 7, 64, 256):
         c = np.array(chebyshev_power_coefficients(t))
@@ -138,7 +189,7 @@ def test_chebyshev_coefficients_rebuild_the_power():
 @pytest.mark.parametrize("tol", [1e-2, 1e-4])
 def test_chebyshev_degree_bounds_the_truncation_error(tol):
     from numpy.polynomial import chebyshev
-    from psa_dist.random_walk import chebyshev_degree, chebyshev_power_coefficients
+    from psa_dist.core.random_walk import chebyshev_degree, chebyshev_power_coefficients
     t, n, k = 256, 400, 69
     d = chebyshev_degree(t, tol, n, k)
     assert 0 < d < t
@@ -155,7 +206,7 @@ def test_chebyshev_degree_bounds_the_truncation_error(tol):
 def test_truncated_walk_is_within_tol_of_the_exact_power(tol):
     # Float64, so the difference measured is the truncation alone; at tol 0.1 the truncation is
     # large enough (degree ~40 of 256) that the bound is really exercised.
-    from psa_dist.random_walk import chebyshev_degree
+    from psa_dist.core.random_walk import chebyshev_degree
     h, w, r, beta, t = 9, 11, 5, 2.0, 256
     g = torch.Generator().manual_seed(7)
     feat = torch.randn(6, h, w, generator=g, dtype=torch.float64) * 0.3
@@ -174,7 +225,7 @@ def test_truncated_walk_is_within_tol_of_the_exact_power(tol):
 def test_truncated_walk_of_a_padded_batch_equals_each_image_alone():
     # Images of different sizes get different degrees inside one batch; each must equal its walk
     # alone bit for bit (its result may not depend on the batch it is in), and be within tol.
-    from psa_dist.random_walk import random_walk_many
+    from psa_dist.core.random_walk import random_walk_many
     g = torch.Generator().manual_seed(2)
     shapes = [(2, 5, 7), (3, 12, 10), (1, 3, 9)]
     feats = [torch.randn(5, h, w, generator=g) * 0.5 for _, h, w in shapes]

@@ -1,5 +1,6 @@
 """Label generation on real Ray clusters: equal results for any number of actors, resume, a worker
-killed mid-run, a node removed mid-run, undecodable samples, and GPU scheduling."""
+killed mid-run, a node removed mid-run, undecodable samples, and GPU scheduling; and the same
+scheduler in this process (``ray.enabled=false``) with the same accounting."""
 import hashlib
 import json
 import os
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from psa_dist.config import load_config
-from psa_dist.pipeline import Run, run_pipeline
-from psa_dist.ray_labels import ShardedLabelJob, StageFailed
-from psa_dist.shards import iter_shard, write_shard
+from psa_dist.cluster.shard_pool import StageFailed
+from psa_dist.pipeline import run_pipeline
+from psa_dist.stages.labels import label_pool
+from psa_dist.stages.run_dir import Run
+from psa_dist.data.shards import iter_shard, write_shard
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -67,16 +70,19 @@ def digests(directory):
 
 
 def job_for(base, cfg_path, out, stage, actors, **over):
-    cfg = load_config(cfg_path, [f"out_dir={out}"] + [f"{k}={v}" for k, v in over.items()])
+    """The stage's pool (Ray unless ray.enabled=false is passed), its tasks and sample counts."""
+    cfg = load_config(cfg_path, [f"out_dir={out}", "ray.enabled=true"] +
+                      [f"{k}={v}" for k, v in over.items()])
     run = Run(cfg)
     counts = {str(run.root / s["name"]): s["count"] for s in run.info["splits"]["train"]["shards"]}
-    return ShardedLabelJob(stage, cfg, out, run.num_classes, actors), run.train_shards, counts
+    tasks = list(zip(run.train_shards, run.label_shards(stage)))
+    return label_pool(run, stage, actors), tasks, counts
 
 
 def test_same_outputs_for_1_2_4_actors_and_resume(trained, ray_local):
     base, cfg_path = trained
     results = {}
-    for stage, d in (("cams", "cams"), ("random_walk", "rw")):
+    for stage, d in (("cams", "cams"), ("random_walk", "random_walk")):
         for n in (1, 2, 4):
             out = clone_run(base, f"{stage}{n}", ("cls", "aff", "cams") if stage != "cams" else ("cls",))
             job, shards, counts = job_for(base, cfg_path, out, stage, n)
@@ -93,15 +99,15 @@ def test_same_outputs_for_1_2_4_actors_and_resume(trained, ray_local):
         assert 0 <= x["read_wait_seconds"] + x["write_seconds"] <= x["seconds"] + 1e-3
     # resume: drop two outputs, leave a stale temp file; only the two are redone, same bytes
     out = base / "random_walk2"
-    (out / "rw" / "train-000001.tar").unlink()
-    (out / "rw" / "train-000004.tar").unlink()
-    (out / "rw" / ".train-000004.tar.123.tmp").write_bytes(b"partial")
-    keep = (out / "rw" / "train-000000.tar").stat().st_mtime_ns
+    (out / "random_walk" / "train-000001.tar").unlink()
+    (out / "random_walk" / "train-000004.tar").unlink()
+    (out / "random_walk" / ".train-000004.tar.123.tmp").write_bytes(b"partial")
+    keep = (out / "random_walk" / "train-000000.tar").stat().st_mtime_ns
     job, shards, counts = job_for(base, cfg_path, out, "random_walk", 2)
     summary = job.run(shards, counts)
     assert summary["shards_done"] == 2 and summary["shards_skipped"] == 4
-    assert (out / "rw" / "train-000000.tar").stat().st_mtime_ns == keep
-    assert digests(out / "rw") == results[("random_walk", 1)]
+    assert (out / "random_walk" / "train-000000.tar").stat().st_mtime_ns == keep
+    assert digests(out / "random_walk") == results[("random_walk", 1)]
 
 
 def _kill_first_worker(log_path, stop):
@@ -128,8 +134,8 @@ def test_worker_killed_mid_run(trained, ray_local):
     stop.set()
     killer.join()
     assert summary["restarts"] >= 1
-    assert digests(out / "rw") == digests(ref / "rw")
-    keys = [r["__key__"] for p in sorted((out / "rw").glob("*.tar")) for r in iter_shard(p)]
+    assert digests(out / "random_walk") == digests(ref / "random_walk")
+    keys = [r["__key__"] for p in sorted((out / "random_walk").glob("*.tar")) for r in iter_shard(p)]
     assert len(keys) == 18 and len(set(keys)) == 18
 
 
@@ -155,7 +161,7 @@ def test_node_removed_mid_run(trained):
         t.start()
         summary = job.run(shards, counts)
         t.join()
-        keys = [r["__key__"] for p in sorted((out / "rw").glob("*.tar")) for r in iter_shard(p)]
+        keys = [r["__key__"] for p in sorted((out / "random_walk").glob("*.tar")) for r in iter_shard(p)]
         assert summary["shards_done"] == 6 and len(set(keys)) == 18
         assert summary["restarts"] >= 1      # the removed node's actor was lost and replaced
         nodes = {json.loads(x)["node"] for x in log.read_text().splitlines()}
@@ -165,7 +171,9 @@ def test_node_removed_mid_run(trained):
         cluster.shutdown()
 
 
-def test_undecodable_sample_recorded_and_threshold(trained, ray_local):
+@pytest.mark.parametrize("on_ray", [True, False])
+def test_undecodable_sample_recorded_and_threshold(trained, ray_local, on_ray):
+    """One accounting whether the stage runs on Ray actors or in this process."""
     base, cfg_path = trained
     cfg = load_config(cfg_path)
     # a dataset copy whose shard 2 holds one corrupt image
@@ -175,17 +183,19 @@ def test_undecodable_sample_recorded_and_threshold(trained, ray_local):
     bad_key = samples[1]["__key__"]
     samples[1]["jpg"] = samples[1]["jpg"][:100]
     write_shard(data / "train-000002.tar", samples)
-    out = clone_run(base, "bad", ("cls",))
-    job, shards, counts = job_for(base, cfg_path, out, "cams", 2, **{"data.root": data,
-                                                                     "ray.max_failures": 0.1})
+    out = clone_run(base, f"bad{on_ray}", ("cls",))
+    over = {"data.root": data, "ray.enabled": str(on_ray).lower()}
+    job, shards, counts = job_for(base, cfg_path, out, "cams", 2, **over, **{"ray.max_failures": 0.1})
     summary = job.run(shards, counts)
+    assert summary["shards_done"] == 6 and summary["failed_shards"] == []
     assert [f["key"] for f in summary["failed"]] == [bad_key]
     assert "image" in summary["failed"][0]["reason"]
     assert len(list(iter_shard(out / "cams" / "train-000002.tar"))) == 2   # rest of the shard
     # with no tolerance the stage fails (after finishing every shard)
-    out2 = clone_run(base, "bad2", ("cls",))
-    job, shards, counts = job_for(base, cfg_path, out2, "cams", 2, **{"data.root": data,
-                                                                      "ray.max_failures": 0.0})
+    lines = (out / "stages" / "cams.shards.jsonl").read_text().splitlines()
+    assert len(lines) == 6                          # the per-shard log in both modes
+    out2 = clone_run(base, f"bad2{on_ray}", ("cls",))
+    job, shards, counts = job_for(base, cfg_path, out2, "cams", 2, **over, **{"ray.max_failures": 0.0})
     with pytest.raises(StageFailed, match=bad_key):
         job.run(shards, counts)
     assert len(digests(out2 / "cams")) == 6
@@ -207,6 +217,8 @@ def test_gpu_actors_are_scheduled_one_per_gpu(trained):
                  (out / "stages" / "cams.shards.jsonl").read_text().splitlines()]
         gpus = {tuple(x["gpus"]) for x in lines}
         assert all(len(g) == 1 for g in gpus) and len({g[0] for g in gpus}) == 2
+        cpu_only, _, _ = job_for(base, cfg_path, out, "cams", 0, device="cpu")
+        assert cpu_only.gpus == 0 and cpu_only.num_actors == 3    # device=cpu is honoured
         job, shards, counts = job_for(base, cfg_path, out, "aff_labels", 0)
         assert job.gpus == 0 and job.num_actors == 3
         job.run(shards, counts)
@@ -228,7 +240,7 @@ def test_pipeline_uses_ray_by_default(trained):
         assert ray.is_initialized()
     finally:
         ray.shutdown()
-    for stage, d in (("cams", "cams"), ("aff_labels", "aff_labels"), ("random_walk", "rw")):
+    for stage, d in (("cams", "cams"), ("aff_labels", "aff_labels"), ("random_walk", "random_walk")):
         marker = json.loads((out / "stages" / f"{stage}.json").read_text())
         assert marker["shards_done"] == 6 and marker["actors"] == 2   # ran on two Ray actors
         keys = [r["__key__"] for p in sorted((out / d).glob("*.tar")) for r in iter_shard(p)]
@@ -241,7 +253,8 @@ def test_worker_that_cannot_start_fails_the_stage(trained, ray_local):
     base, cfg_path = trained
     out = clone_run(base, "badckpt", ("cls",))
     (out / "cls" / "checkpoint.pth").write_bytes(b"not a checkpoint")
-    job, shards, counts = job_for(base, cfg_path, out, "cams", 2)
-    with pytest.raises(StageFailed, match="failed to start"):
-        job.run(shards, counts)
-    assert not list((out / "cams").glob("*.tar"))
+    for on_ray in ("true", "false"):
+        job, shards, counts = job_for(base, cfg_path, out, "cams", 2, **{"ray.enabled": on_ray})
+        with pytest.raises(StageFailed, match="failed to start"):
+            job.run(shards, counts)
+        assert not list((out / "cams").glob("*.tar"))

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from psa_dist.config import load_config
-from psa_dist.engine import load_checkpoint, save_checkpoint
+from psa_dist.nets.checkpoint import load_checkpoint, save_checkpoint
 
 
 class Payload:
@@ -42,7 +42,7 @@ def test_config_with_python_tags_is_refused(tmp_path, monkeypatch):
 
 def test_pretrained_weights_with_code_are_refused(tmp_path, monkeypatch):
     """model.pretrained goes through torch.load(weights_only=True) as well."""
-    from psa_dist.backbones import build_backbone
+    from psa_dist.nets.backbones import build_backbone
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "weights.pth"
     torch.save({"conv.weight": torch.ones(1), "evil": Payload()}, bad)
@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ray_heads_keep_the_dashboard_off_and_local_by_default():
-    from psa_dist.ray_job import ray_start_command
+    from psa_dist.cluster.ray_job import ray_start_command
     rc = load_config(None).ray
     assert (rc.dashboard, rc.dashboard_host) == (False, "127.0.0.1")
     head = ray_start_command(rc, True, "10.0.0.1", 6379, "8", "0", "/tmp/r")
@@ -78,7 +78,7 @@ def test_ray_heads_keep_the_dashboard_off_and_local_by_default():
 @pytest.mark.slow
 def test_local_ray_dashboard_listens_on_localhost_only():
     import ray
-    from psa_dist.ray_labels import ensure_ray
+    from psa_dist.cluster.shard_pool import ensure_ray
     ensure_ray(load_config(None, ["ray.dashboard=true"]).ray, 1)
     try:
         url = ray._private.worker.global_worker.node.address_info["webui_url"]

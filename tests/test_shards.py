@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from psa_dist.shards import (SampleError, ShardedWriter, ShardError, decode_mask, decode_npy,
-                             decode_sample, encode_image, encode_json, encode_mask, encode_npy,
-                             iter_shard, write_shard)
+from psa_dist.data.shards import (SampleError, ShardedWriter, ShardError, decode_mask, decode_npy, decode_sample, encode_image, encode_json, encode_mask, encode_npy, iter_shard, write_shard)
 
 
 def _sample(i, rng):

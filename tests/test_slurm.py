@@ -17,11 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from psa_dist.cluster.launch import make_executor
+from psa_dist.cluster.ray_job import RayClusterJob
 from psa_dist.config import SynthConfig, load_config
-from psa_dist.engine import load_checkpoint
-from psa_dist.pipeline import run_pipeline
-from psa_dist.submit import TrainJob, make_executor
-from psa_dist.synth import write_synth
+from psa_dist.data.synth import write_synth
+from psa_dist.nets.checkpoint import load_checkpoint
+from psa_dist.pipeline import STAGES, run_pipeline
+from psa_dist.stages.labels import LabelStageOnCluster
+from psa_dist.stages.train import TrainJob
+from psa_dist.submit import submit_chain
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +160,10 @@ def test_preempted_job_is_requeued_and_resumes(slurm, cfg_path, uninterrupted, t
 
 def test_failing_job_error_reaches_the_caller(cfg_path, slurm, tmp_path):
     # AffinityNet needs the classifier's checkpoint, which this run directory does not have
+    # (its earlier stages are marked done, so the check before the run lets the job start)
+    (tmp_path / "fails" / "stages").mkdir(parents=True)
+    for done in ("train_cls", "aff_labels"):
+        (tmp_path / "fails" / "stages" / f"{done}.json").write_text("{}")
     cfg = load_config(cfg_path, [f"out_dir={tmp_path / 'fails'}", "train_aff.launcher=slurm",
                                  "train_aff.gpus_per_node=0", "train_aff.cpus_per_task=1",
                                  "train_aff.partition=debug", "train_aff.time_min=5"])
@@ -206,8 +214,7 @@ def test_preempted_label_stage_job_is_requeued_and_resumes_at_its_first_unfinish
         slurm, cfg_path, tmp_path, monkeypatch):
     """A Ray stage job preempted (USR2) after some shards: submitit requeues it, the new attempt
     starts its own Ray cluster and does only the shards the first one had not written."""
-    from psa_dist.ray_job import RayStageJob
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")           # as submit_label_stage sets them
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")           # as submit_ray_job sets them
     monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 64)
     out = tmp_path / "raypreempt"
     base = [f"out_dir={out}", "train_cls.launcher=inline", "train_cls.epochs=1"]
@@ -219,7 +226,8 @@ def test_preempted_label_stage_job_is_requeued_and_resumes_at_its_first_unfinish
     folder = out / "stages" / "submitit" / "cams-preempt"
     folder.mkdir(parents=True)
     job = make_executor(cfg.ray, "slurm", folder, "ray-preempt").submit(
-        RayStageJob(cfg, "cams", folder, 21000 + os.getpid() % 1000))
+        RayClusterJob(cfg.ray, LabelStageOnCluster(cfg, "cams"), folder,
+                      21000 + os.getpid() % 1000, "cams"))
     log = out / "stages" / "cams.shards.jsonl"
     preempt_when(job, lambda: log.is_file() and len(log.read_text().splitlines()) >= 2)
     res = job.results()[0]
@@ -232,7 +240,7 @@ def test_preempted_label_stage_job_is_requeued_and_resumes_at_its_first_unfinish
 
 
 # ----------------------------------------------------------------------------- psa-dist submit
-# The whole pipeline as dependent jobs (psa_dist/chain.py), every stage on the real cluster:
+# The whole pipeline as dependent jobs (psa_dist/submit.py), every stage on the real cluster:
 # trainers as 2-task / 1-task DDP jobs, label stages on a Ray cluster started in their job.
 CHAIN_OVERRIDES = ["train_cls.epochs=1", "train_cls.checkpoint_every=50", "aff_labels.crf=false",
                    "random_walk.t=16", "ray.enabled=true", "ray.nodes=1", "ray.cpus_per_task=1",
@@ -259,8 +267,6 @@ def own_ray_token(monkeypatch):
 
 
 def test_submitted_chain_runs_every_stage_to_the_report(slurm, cfg_path, tmp_path, own_ray_token):
-    from psa_dist.chain import submit_chain
-    from psa_dist.pipeline import STAGES
     out = tmp_path / "chain"
     cfg = load_config(cfg_path, [f"out_dir={out}", *CHAIN_OVERRIDES])
     t0 = time.monotonic()
@@ -286,14 +292,14 @@ def test_submitted_chain_runs_every_stage_to_the_report(slurm, cfg_path, tmp_pat
     assert all((out / "stages" / f"{s}.json").is_file() for s in STAGES)
     assert json.loads((out / "stages" / "train_cls.json").read_text())["world_size"] == 2
     assert json.loads((out / "stages" / "cams.json").read_text())["shards_done"] == 8
-    assert len(list((out / "rw").glob("*.tar"))) == 8
+    assert len(list((out / "random_walk").glob("*.tar"))) == 8
     assert {"cam", "rw", "seg"} <= set(json.loads((out / "report.json").read_text())["miou"])
     assert (out / "report.md").is_file()
     assert submit_chain(cfg, str(cfg_path)) == []      # all done: the same command submits nothing
 
 
 def test_failing_step_leaves_the_later_ones_never_run(slurm, cfg_path, tmp_path, own_ray_token):
-    from psa_dist.chain import ChainError, submit_chain
+    from psa_dist.cluster.slurm_chain import ChainError
     # a file that exists but holds no weights: train-cls fails inside its job, not at submission
     broken = [*CHAIN_OVERRIDES, f"model.pretrained={cfg_path}"]
     cfg = load_config(cfg_path, [f"out_dir={tmp_path / 'cancelled'}", *broken])

@@ -3,9 +3,9 @@ import hashlib
 import numpy as np
 
 from psa_dist.config import SynthConfig
-from psa_dist.inspect_data import inspect_dataset, preview_dataset
-from psa_dist.shards import decode_sample, iter_split, read_dataset_json, split_shards
-from psa_dist.synth import class_names, render, write_synth
+from psa_dist.data.inspect import inspect_dataset, preview_dataset
+from psa_dist.data.shards import decode_sample, iter_split, read_dataset_json, split_shards
+from psa_dist.data.synth import class_names, render, write_synth
 
 
 def test_render_is_deterministic_and_consistent():

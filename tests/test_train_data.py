@@ -7,10 +7,10 @@ import numpy as np
 import torch
 
 from psa_dist.config import SynthConfig, TrainConfig
-from psa_dist.models import normalize
-from psa_dist.shards import decode_sample, iter_split, split_shards
-from psa_dist.synth import write_synth
-from psa_dist.train_data import Augment, make_train_loader
+from psa_dist.core.image import normalize
+from psa_dist.data.shards import decode_sample, iter_split, split_shards
+from psa_dist.data.synth import write_synth
+from psa_dist.data.train_data import Augment, make_train_loader
 
 
 def test_loader_pairs_images_with_their_labels(tmp_path):
@@ -75,7 +75,7 @@ def test_augment_keeps_image_and_label_aligned():
 def test_seg_loader_leaves_out_the_background_of_labels_missing_a_class(tmp_path):
     """train_seg.missing_class_frac: the pseudo label of an image that lost one of its image-level
     classes keeps its class pixels and has its background ignored (255); the others are untouched."""
-    from psa_dist.shards import encode_mask, write_shard
+    from psa_dist.data.shards import encode_mask, write_shard
     data = tmp_path / "data"
     write_synth(SynthConfig(image_size=32, num_train=12, num_val=2, min_objects=2, max_objects=2,
                             num_classes=6), data, shard_size=6, workers=1, progress=False)

@@ -1,0 +1,258 @@
+"""Training data: WebDataset shards (optionally joined with a stage's label shards) as batches.
+
+A training set is a list of shard *groups*: the dataset shard and, for AffinityNet and the segmenter,
+the label shard a stage wrote for it (same keys, same order). Each epoch the groups are shuffled the
+same way on every rank, split across ranks (DDP) and loader workers, read as raw samples, shuffled
+in a buffer, decoded, augmented as the paper does (random resize of the long side, flip, colour
+jitter, crop) and batched.
+
+Every rank runs exactly ``steps`` batches an epoch, whatever its share of the shards (a short share
+is read again), so DDP never waits on a rank that ran out. And an epoch's batches are a pure
+function of (seed, epoch, rank, worker): shuffles and augmentations draw from generators seeded by
+those, never from global state. A run resumed from a checkpoint taken after step k of an epoch
+skips the first k batches without decoding them and then sees exactly what an uninterrupted run
+sees (see ``stages/engine.py``).
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+# Imported here, in the trainer, not in the loader workers: a worker starts afresh every epoch and
+# importing torchvision there took 2.3 s each time.
+from torchvision.transforms import functional as TF
+
+from ..core.cam import distrust_background
+from ..core.image import normalize
+from .shards import SampleError, decode_sample, iter_joined
+
+IGNORE = 255
+FIELDS = {"cls": ("image", "cls"), "aff": ("image", "aff"), "seg": ("image", "cls", "pseudo"),
+          "seg_full": ("image", "mask")}
+
+
+class Augment:
+    """The paper's augmentation on an image and (optionally) a label map, jointly.
+
+    ``resize_long``: the long side is resized to a random length in this range (None: keep);
+    horizontal flip; colour jitter (brightness, contrast, saturation, hue) on the image only; random
+    crop of ``crop`` pixels, padding with 0 (image, after normalisation) and 255 (label).
+    """
+
+    def __init__(self, crop: int, resize_long=None, jitter=(0.3, 0.3, 0.3, 0.1), flip=True):
+        self.crop, self.resize_long, self.flip = crop, resize_long, flip
+        self.jitter = tuple(jitter) if jitter and any(jitter) else None
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None = None,
+                 rng: random.Random | None = None):
+        """``rng``: where every random choice is drawn from (a fresh one when None)."""
+        rng = rng or random.Random()
+        img = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # uint8 (3, H, W)
+        lab = torch.from_numpy(label.astype(np.int64))[None] if label is not None else None
+        h, w = img.shape[-2:]
+        if self.resize_long:
+            target = rng.randint(*self.resize_long)
+            s = target / max(h, w)
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            img = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            img = img.round().clamp(0, 255).to(torch.uint8)
+            if lab is not None:
+                lab = F.interpolate(lab[None].float(), size=size, mode="nearest")[0].long()
+        if self.flip and rng.random() < 0.5:
+            img = img.flip(-1)
+            lab = lab.flip(-1) if lab is not None else None
+        if self.jitter is not None:
+            img = self._jitter(img, rng)
+        x = normalize(img[None])[0]
+        h, w = x.shape[-2:]
+        ch, cw = max(self.crop, h), max(self.crop, w)
+        oy, ox = rng.randint(0, ch - h), rng.randint(0, cw - w)   # where the image lands
+        canvas = x.new_zeros(3, ch, cw)
+        canvas[:, oy:oy + h, ox:ox + w] = x
+        lcanvas = None
+        if lab is not None:
+            lcanvas = torch.full((1, ch, cw), IGNORE, dtype=torch.long)
+            lcanvas[:, oy:oy + h, ox:ox + w] = lab
+        cy, cx = rng.randint(0, ch - self.crop), rng.randint(0, cw - self.crop)
+        x = canvas[:, cy:cy + self.crop, cx:cx + self.crop]
+        if lcanvas is None:
+            return x, None
+        return x, lcanvas[0, cy:cy + self.crop, cx:cx + self.crop]
+
+
+    def _jitter(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """torchvision's ColorJitter, with its factors and order drawn from ``rng``, applied to a
+        PIL image as in the authors' code: the tensor path's hue shift (an RGB -> HSV -> RGB round
+        trip in float ops) cost 14.5 ms of the 15.5 ms a 128-px sample took to augment, PIL's 1.3 ms,
+        and the loader's one worker could not keep up with a bf16 training step."""
+        b, c, s, h = self.jitter
+        ops = []
+        if b:
+            ops.append((TF.adjust_brightness, rng.uniform(max(0.0, 1 - b), 1 + b)))
+        if c:
+            ops.append((TF.adjust_contrast, rng.uniform(max(0.0, 1 - c), 1 + c)))
+        if s:
+            ops.append((TF.adjust_saturation, rng.uniform(max(0.0, 1 - s), 1 + s)))
+        if h:
+            ops.append((TF.adjust_hue, rng.uniform(-h, h)))
+        rng.shuffle(ops)
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        for fn, f in ops:
+            pil = fn(pil, f)
+        return torch.from_numpy(np.array(pil, copy=True)).permute(2, 0, 1)
+
+
+class ToTraining:
+    """Decoded sample -> (image tensor, target) for one of the three trainers."""
+
+    def __init__(self, kind: str, num_classes: int, augment: Augment,
+                 missing_class_frac: float | None = None):
+        self.kind, self.num_classes, self.augment = kind, num_classes, augment
+        self.missing_class_frac = missing_class_frac if kind == "seg" else None
+
+    def __call__(self, s: dict, rng: random.Random | None = None):
+        if self.kind == "cls":
+            x, _ = self.augment(s["image"], None, rng)
+            y = torch.zeros(self.num_classes)
+            y[torch.tensor(s["cls"], dtype=torch.long) - 1] = 1.0
+            return x, y
+        field = {"aff": "aff", "seg": "pseudo", "seg_full": "mask"}[self.kind]
+        if field not in s:
+            raise SampleError(f"sample {s['key']!r} has no {field!r} field for {self.kind} training")
+        label = s[field]
+        if self.missing_class_frac is not None:
+            label = distrust_background(torch.from_numpy(label.astype(np.int64)), s["cls"],
+                                        self.missing_class_frac, IGNORE).numpy()
+        return self.augment(s["image"], label, rng)
+
+
+
+def _groups(urls: Sequence, label_urls: Sequence | None) -> list[dict]:
+    if label_urls is not None and len(label_urls) != len(urls):
+        raise ValueError(f"{len(urls)} dataset shards but {len(label_urls)} label shards")
+    return [{"url": str(u), "labels": str(label_urls[i]) if label_urls else None}
+            for i, u in enumerate(urls)]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The batches of one epoch for one rank and loader worker.
+
+    Shard groups are shuffled by (seed, epoch), identically on every rank, then rank r takes every
+    world-th group and worker w of that every workers-th (WebDataset's split_by_node and
+    split_by_worker, done here with explicit ranks so the split never depends on global state).
+    With fewer groups than rank x worker slots the list is repeated first; with ``resample`` each
+    worker draws groups with replacement instead (for datasets with a few huge shards). Worker w
+    makes global batches w, w + workers, ... of the epoch, the order in which the DataLoader
+    interleaves them; the first ``skip`` of the epoch are read but not decoded.
+    """
+
+    def __init__(self, groups: list[dict], kind: str, to_training: ToTraining, batch_size: int,
+                 steps: int, rank: int, world: int, seed: int, shuffle_buffer: int,
+                 resample: bool = False):
+        self.groups, self.fields, self.to_training = groups, FIELDS[kind], to_training
+        self.batch_size, self.steps, self.rank, self.world = batch_size, steps, rank, world
+        self.seed, self.shuffle_buffer, self.resample = seed, shuffle_buffer, resample
+        self.epoch, self.skip = 0, 0
+
+    def _my_groups(self, worker: int, workers: int, rng: random.Random):
+        order = list(self.groups)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        if self.resample:
+            while True:
+                yield rng.choice(order)
+        slots = self.world * workers
+        order = order * math.ceil(slots / len(order))
+        mine = order[self.rank::self.world][worker::workers]
+        while True:             # passes over this worker's share until the epoch has its batches
+            yield from mine
+            rng.shuffle(mine)
+
+    def _raw(self, worker: int, workers: int, rng: random.Random):
+        """Raw samples (bytes, joined with their labels) of this worker, shuffled in a buffer."""
+        def samples():
+            for g in self._my_groups(worker, workers, rng):
+                labels = [g["labels"]] if g["labels"] else []
+                yield from iter_joined(g["url"], *labels)
+        buf = max(1, self.shuffle_buffer // workers)
+        return iter(wds.shuffle(buf, initial=buf, rng=rng)(samples()))
+
+    def _decode(self, raw: dict, labs: list[dict]) -> dict:
+        own = [f for f in self.fields if f in ("image", "cls", "mask")]
+        extra = [f for f in self.fields if f in ("aff", "pseudo")]
+        s = decode_sample(raw, own)
+        for lab in labs:
+            s.update({k: v for k, v in decode_sample(lab, extra).items() if k != "key"})
+        return s
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 1
+        # The DataLoader takes batches from its workers in turn starting with worker 0; after a
+        # resume the first batch due is ``skip``, made by logical worker skip % workers, so the
+        # DataLoader's worker i plays logical worker (i + skip) % workers.
+        worker = ((info.id if info else 0) + self.skip) % workers
+        mine = range(worker, self.steps, workers)           # global batch indices made here
+        n_skip = sum(1 for j in mine if j < self.skip)
+        tag = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
+        raw = self._raw(worker, workers, random.Random(tag))
+        n = 0                                               # raw samples taken: seeds augmentation
+        for _ in range(n_skip * self.batch_size):
+            next(raw)
+            n += 1
+        for _ in range(len(mine) - n_skip):
+            xs, ys = [], []
+            while len(xs) < self.batch_size:
+                sample, labs = next(raw)
+                n += 1
+                try:
+                    x, y = self.to_training(self._decode(sample, labs), random.Random(f"{tag}/{n}"))
+                except SampleError as e:    # reported and passed over; training goes on
+                    print(f"[data] skipping undecodable sample: {e}", flush=True)
+                    continue
+                xs.append(x)
+                ys.append(y)
+            yield torch.stack(xs), torch.stack(ys)
+
+
+class EpochLoader:
+    """Batches of one epoch at a time: ``set_epoch(e, skip)`` then iterate; ``len`` = steps."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+
+    def __len__(self) -> int:
+        return self.stream.steps
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.stream.epoch, self.stream.skip = epoch, skip
+
+    def __iter__(self):
+        # Fresh workers each epoch: they start from this epoch's state (epoch, skip).
+        return iter(wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=self.pin_memory))
+
+
+def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, num_classes: int,
+                      train_cfg, num_samples: int, rank: int = 0, world_size: int = 1,
+                      seed: int = 0, pin_memory: bool = False) -> EpochLoader:
+    """The loader of one rank; every rank gets ``num_samples // (batch_size * world_size)`` steps."""
+    if kind not in FIELDS:
+        raise ValueError(f"unknown trainer kind {kind!r} (have {sorted(FIELDS)})")
+    aug = Augment(train_cfg.crop_size, tuple(train_cfg.resize_long) if train_cfg.resize_long else None,
+                  tuple(train_cfg.color_jitter))
+    steps = max(1, num_samples // (train_cfg.batch_size * world_size))
+    # A buffer larger than a rank's share would hold several passes over its shards and repeat
+    # samples within an epoch; a quarter of the share keeps passes apart.
+    buf = max(1, min(1000, num_samples // (4 * world_size)))
+    to_training = ToTraining(kind, num_classes, aug, getattr(train_cfg, "missing_class_frac", None))
+    stream = ShardStream(_groups(urls, label_urls), kind, to_training,
+                         train_cfg.batch_size, steps, rank, world_size, seed, buf,
+                         resample=getattr(train_cfg, "resample", False))
+    return EpochLoader(stream, train_cfg.num_workers, pin_memory)

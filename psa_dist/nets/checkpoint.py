@@ -1,0 +1,30 @@
+"""Checkpoint files: plain dicts of tensors, numbers and strings (model, optimizer, scheduler, grad
+scaler, counters, RNG states, config), written atomically and read without unpickling code."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """``model`` with the weights of the checkpoint at ``path``; a missing file says which stage
+    to run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that trains it first")
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model

@@ -1,0 +1,177 @@
+"""The one training loop shared by the classifier, AffinityNet and segmenter trainers.
+
+SGD with the authors' parameter groups and a poly schedule, DDP across ranks (``util/dist.py``),
+AMP (bf16/fp16 on CUDA; bf16 on CPUs with native bf16 matrix units, see ``util/precision.py``); one JSON line
+of metrics every ``log_every`` steps and per epoch, from rank 0 only; a checkpoint written
+atomically by rank 0 every ``checkpoint_every`` steps and at every epoch end. A checkpoint is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step,
+step in epoch, RNG states, config) and there is one resume path: a run finding ``checkpoint.pth``
+in its directory continues from it, the loader skipping the batches the epoch already trained on.
+Since the loader's batches are a pure function of (seed, epoch, rank, worker), a run stopped at any
+point and resumed ends with the weights of an uninterrupted run (on deterministic kernels; tested
+on CPU), having redone at most ``checkpoint_every`` steps.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.affinity import affinity_loss
+from ..nets.checkpoint import load_checkpoint, save_checkpoint
+from ..nets.models import Classifier, set_bn_eval
+from ..nets.optim import build_optimizer, build_poly_scheduler
+from ..util.dist import DistInfo, all_reduce_sum, wrap_ddp
+from ..util.precision import amp_dtype, autocast
+from . import table
+
+
+def loss_for(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: int = 5):
+    """The training loss of each trainer, on one batch. Under autocast the network runs in the low
+    precision; its outputs are cast back to float32 so that every loss is taken in full precision."""
+    if kind == "cls":
+        return Classifier.loss(model(x).float(), y)
+    if kind == "aff":
+        f = model(x).float()
+        # Labels to the feature grid by nearest neighbour, as the authors' RescaleNearest does.
+        lab = F.interpolate(y[:, None].float(), size=f.shape[-2:], mode="nearest")[:, 0].long()
+        return affinity_loss(f, lab, radius=radius)
+    if kind in ("seg", "seg_full"):
+        return F.cross_entropy(model(x).float(), y, ignore_index=255)
+    raise ValueError(f"unknown trainer kind {kind!r}")
+
+
+class JsonLog:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record)
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radius: int = 5):
+    """One optimisation step on one batch; returns the (detached) loss."""
+    with autocast(x.device, dtype):
+        loss = loss_for(kind, net, x, y, radius)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss.detach()
+
+
+def _rng_state() -> dict:
+    # Only torch's generators: the loader draws from its own seeded generators (train_data.py),
+    # and a checkpoint must load with weights_only (tensors, no numpy or pickled objects).
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: DistInfo,
+          new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
+          config_dict: dict | None = None) -> dict:
+    """Train ``model`` (already on ``info.device``) for ``train_cfg.epochs`` epochs of
+    ``len(loader)`` steps on every rank; returns a summary. Checkpoints hold the bare model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pth"
+    if freeze_bn:   # before DDP: it registers only the parameters that require grad
+        set_bn_eval(model)
+    net = wrap_ddp(model, info)
+    steps_per_epoch = len(loader)
+    max_steps = train_cfg.epochs * steps_per_epoch
+    field = table.MODELS[kind].section + ".amp"
+    dtype = amp_dtype(train_cfg.amp, info.device, field)
+    if info.is_main:
+        print(f"[{kind}] precision: {'autocast ' + str(dtype).split('.')[-1] if dtype else 'float32'}"
+              f" on {info.device.type} ({field}={train_cfg.amp})", flush=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum, new_modules)
+    sched = build_poly_scheduler(opt, max_steps)
+    step, epoch0, skip = 0, 0, 0
+    if ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        step, epoch0, skip = ck["step"], ck["epoch"], ck["step_in_epoch"]
+        _set_rng_state(ck["rng"])
+        if info.is_main:
+            print(f"[{kind}] resumed from {ckpt_path} at epoch {epoch0}, step {step}", flush=True)
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        if info.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
+                "config": config_dict or {}, "world_size": info.world_size})
+
+    log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
+    t_start, images_seen = time.monotonic(), 0
+    for epoch in range(epoch0, train_cfg.epochs):
+        net.train()
+        if freeze_bn:
+            set_bn_eval(model)
+        loader.set_epoch(epoch, skip)
+        k = skip
+        t0 = t_log = time.monotonic()
+        ep_loss = torch.zeros(2, dtype=torch.float64, device=info.device)   # sum, count
+        win_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
+        n_img = n_win = 0
+        for x, y in loader:
+            x = x.to(info.device, non_blocking=True)
+            y = y.to(info.device, non_blocking=True)
+            loss = train_step(net, kind, x, y, opt, sched, scaler, dtype, radius)
+            step, k = step + 1, k + 1
+            win_loss += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
+            n_img, n_win = n_img + x.shape[0], n_win + x.shape[0]
+            if step % train_cfg.log_every == 0:
+                ep_loss += win_loss
+                mean = all_reduce_sum(win_loss)
+                now = time.monotonic()
+                log.write({"kind": kind, "epoch": epoch, "step": step, "of": max_steps,
+                           "loss": float(mean[0] / mean[1]), "lr": opt.param_groups[0]["lr"],
+                           "images_per_s": round(n_win * info.world_size / max(now - t_log, 1e-9), 2),
+                           "eta_seconds": round((max_steps - step) * (now - t0) / max(k - skip, 1))})
+                win_loss.zero_()
+                t_log, n_win = now, 0
+            if step % train_cfg.checkpoint_every == 0 and k < steps_per_epoch:
+                save(epoch, k)
+        ep_loss += win_loss
+        ep_loss = all_reduce_sum(ep_loss)
+        images_seen += n_img * info.world_size
+        dt = time.monotonic() - t0
+        log.write({"kind": kind, "epoch": epoch, "step": step,
+                   "loss": float(ep_loss[0] / ep_loss[1].clamp(min=1)),
+                   "lr": opt.param_groups[0]["lr"],
+                   "images_per_s": round(n_img * info.world_size / max(dt, 1e-9), 2),
+                   "epoch_seconds": round(dt, 2),
+                   "eta_seconds": round((train_cfg.epochs - epoch - 1) * dt * steps_per_epoch
+                                        / max(k - skip, 1), 1)})
+        skip = 0
+        save(epoch + 1, 0)
+    seconds = time.monotonic() - t_start
+    if info.is_main:
+        print(f"[{kind}] done: {train_cfg.epochs} epochs, {step} steps, {images_seen} images in "
+              f"{seconds:.0f}s on {info.world_size} rank(s)", flush=True)
+    return {"steps": step, "seconds": round(seconds, 2), "images": images_seen,
+            "world_size": info.world_size}

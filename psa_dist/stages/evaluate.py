@@ -1,0 +1,101 @@
+"""mIoU of every stage: CAMs and pseudo labels on the train split, segmenters on val."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core.cam import cam_to_label
+from ..core.image import normalize, pad_to_multiple
+from ..core.metrics import ConfusionMatrix, recall_and_leak
+from ..core.pseudo_labels import perfect_walk_label
+from ..data.shards import decode_sample, iter_joined, output_path, split_shards
+from .run_dir import Run
+from .trained import load_trained
+
+
+def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
+                      bg_score: float = 0.2, bg_alpha: float = 16.0,
+                      shard_url: str | None = None) -> dict:
+    """Score a stage's outputs against the ground-truth masks of ``split``.
+
+    ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
+    evaluation); "pseudo": the random-walk labels; "aff": confident-region labels, where neutral
+    pixels are left out and the share of labelled pixels is reported as ``coverage``;
+    "perfect_walk": :func:`perfect_walk_label` of the CAMs (the walk's ceiling on these CAMs).
+    """
+    cm = ConfusionMatrix(num_classes + 1)
+    labelled = total = 0
+    for shard in split_shards(root, split, url=shard_url):
+        for raw, (lab,) in iter_joined(shard, output_path(stage_dir, shard)):
+            gt = decode_sample(raw, ["mask"]).get("mask")
+            if gt is None:
+                continue
+            out = decode_sample(lab, ["cam" if field == "perfect_walk" else field])
+            target = torch.from_numpy(gt.astype(np.int64))
+            if field == "perfect_walk":
+                pred = perfect_walk_label(torch.from_numpy(out["cam"].astype(np.float32)),
+                                          decode_sample(raw, ["cls"])["cls"], target, bg_alpha)
+            elif field == "cam":
+                pred = cam_to_label(torch.from_numpy(out["cam"].astype(np.float32)),
+                                    decode_sample(raw, ["cls"])["cls"], bg_score)
+            else:
+                pred = torch.from_numpy(out[field].astype(np.int64))
+            if field == "aff":
+                keep = pred != 255
+                labelled += int(keep.sum())
+                total += pred.numel()
+                target = torch.where(keep, target, torch.full_like(target, 255))
+                pred = torch.where(keep, pred, torch.zeros_like(pred))
+            cm.update(pred, target)
+    res = {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist(),
+           **recall_and_leak(cm.mat)}
+    if field == "aff":
+        res["coverage"] = labelled / max(total, 1)
+        res["precision"] = float(cm.mat.diag().sum()) / max(float(cm.mat.sum()), 1.0)
+    return res
+
+
+@torch.inference_mode()
+def eval_segmenter(model, root, split, num_classes: int, device="cpu", batch_size: int = 8,
+                   shard_url: str | None = None) -> dict:
+    """Single-scale prediction at image resolution on every image of ``split``."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes + 1)
+    for shard in split_shards(root, split, url=shard_url):
+        for raw, _ in iter_joined(shard):
+            s = decode_sample(raw, ["image", "mask"])
+            if "mask" not in s:
+                continue
+            x = normalize(torch.from_numpy(s["image"])[None].to(device))
+            h, w = x.shape[-2:]
+            logits = model(pad_to_multiple(x, 8))[..., :h, :w]
+            cm.update(logits.argmax(1)[0].cpu(), torch.from_numpy(s["mask"].astype(np.int64)))
+    return {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist()}
+
+
+def run_eval(run: Run) -> dict:
+    """The eval stage: every label stage's outputs and the walk's ceiling on the train split, and
+    each trained segmenter on the val split."""
+    cfg, res = run.cfg, {}
+    split, url, k = cfg.data.train_split, cfg.data.shard_url, run.num_classes
+    res["cam"] = eval_label_shards(run.root, split, run.stage_dir("cams"), "cam", k,
+                                   cfg.cams.eval_bg_score, shard_url=url)
+    res["aff_labels"] = eval_label_shards(run.root, split, run.stage_dir("aff_labels"), "aff", k,
+                                          shard_url=url)
+    res["rw"] = eval_label_shards(run.root, split, run.stage_dir("random_walk"), "pseudo", k,
+                                  shard_url=url)
+    res["perfect_walk"] = eval_label_shards(run.root, split, run.stage_dir("cams"), "perfect_walk",
+                                            k, bg_alpha=cfg.random_walk.bg_alpha, shard_url=url)
+    for model in ["seg"] + (["seg_full"] if cfg.seg_full else []):
+        if not run.checkpoint(model).is_file():
+            print(f"[eval] {model}: no checkpoint yet (run train-seg), not evaluated", flush=True)
+            continue
+        res[model] = eval_segmenter(load_trained(run, model), run.root, cfg.data.val_split, k,
+                                    run.device, shard_url=url)
+    for name, v in res.items():
+        print(f"[eval] {name}: mIoU {v['miou']:.1f}" +
+              (f", object recall {v['fg_recall']:.2f}, background false positives "
+               f"{v['bg_false_pos']:.2f}" if "fg_recall" in v else "") +
+              (f" (coverage {v['coverage']:.2f}, precision {v['precision']:.2f})"
+               if "coverage" in v else ""), flush=True)
+    return res

@@ -1,0 +1,119 @@
+"""The label stages (CAMs, affinity labels, random walk) over the train shards: the worker that
+turns one input shard into one output shard, and where the stage runs.
+
+``ray.enabled`` (default): a :class:`~psa_dist.cluster.shard_pool.ShardPool` of Ray actors, on a
+local instance or ``ray.address``, or (``ray.launcher: local | slurm``) on a Ray cluster that a
+submitit job starts for the stage. ``ray.enabled: false``: the same pool in this process. Either
+way the failure accounting, the summary, the per-shard log and the device choice (``device``) are
+the same, and shards whose output exists are skipped.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from ..cluster.ray_job import submit_ray_job
+from ..cluster.shard_pool import ShardPool, ensure_ray
+from ..config import Config
+from ..data.shards import output_path
+from ..util.precision import amp_dtype
+from . import table
+from .labelgen import aff_label_shard, cam_shard, rw_shard
+from .run_dir import Run
+from .trained import load_trained
+
+
+def crf_settings(cfg: Config, enabled: bool) -> dict | None:
+    """The dense CRF's settings (``aff_labels.crf_*``, shared by both stages that use it), or None
+    when that stage does not."""
+    a = cfg.aff_labels
+    if not enabled:
+        return None
+    return {"iters": a.crf_iters, "gauss_sxy": a.crf_gauss_sxy, "gauss_compat": a.crf_gauss_compat,
+            "bi_sxy": a.crf_bi_sxy, "bi_srgb": a.crf_bi_srgb, "bi_compat": a.crf_bi_compat}
+
+
+class LabelWorker:
+    """One label-stage worker: loads its stage's model once (on ``device``), then turns input
+    shards into output shards (decode, the core's functions, encode)."""
+
+    def __init__(self, stage: str, cfg: Config, device: str = "cpu", threads: int = 1):
+        torch.set_num_threads(threads)
+        self.stage, self.cfg = stage, cfg
+        self.run = Run(cfg, prepare=False)   # the driver made the dataset; read it only
+        self.device = torch.device(device)
+        models = table.stage(stage).uses_models
+        self.model = load_trained(self.run, models[0], self.device) if models else None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def process(self, in_shard: str, out_shard: str) -> dict:
+        cfg, stage = self.cfg, self.stage
+        cams_in = output_path(self.run.stage_dir("cams"), in_shard)
+        if stage == "cams":
+            c = cfg.cams
+            res = cam_shard(self.model, in_shard, out_shard, self.run.num_classes, tuple(c.scales),
+                            c.flip, self.device, c.batch_size,
+                            amp_dtype(c.amp, self.device, "cams.amp"))
+        elif stage == "aff_labels":
+            res = aff_label_shard(in_shard, cams_in, out_shard, cfg.aff_labels.alpha_lo,
+                                  cfg.aff_labels.alpha_hi, crf_settings(cfg, cfg.aff_labels.crf))
+        else:
+            r = cfg.random_walk
+            res = rw_shard(self.model, in_shard, cams_in, out_shard, r.beta, r.t, r.radius,
+                           r.bg_alpha, self.device, r.batch_size, r.tol, crf_settings(cfg, r.crf))
+        res["pid"] = os.getpid()
+        import ray
+        if ray.is_initialized():
+            res["node"] = ray.get_runtime_context().get_node_id()
+            res["gpus"] = [str(g) for g in ray.get_gpu_ids()]
+        return res
+
+
+def label_pool(run: Run, stage: str, num_actors: int = 0, log_path=None) -> ShardPool:
+    """The pool a label stage runs on: Ray actors with ``ray.enabled``, else this process. Actors
+    get GPUs where the stage has a model and ``device`` allows CUDA (affinity labels are CAM
+    thresholds and the dense CRF: CPU work, one actor per CPU even where there are GPUs)."""
+    cfg = run.cfg
+    if cfg.ray.enabled:
+        ensure_ray(cfg.ray, cfg.ray.num_cpus or None)
+    use_gpus = bool(table.stage(stage).uses_models) and not cfg.device.startswith("cpu")
+    if cfg.ray.enabled and cfg.device.startswith("cuda"):
+        import ray
+        if not ray.cluster_resources().get("GPU"):
+            raise RuntimeError(f"device={cfg.device}, but the Ray cluster has no GPU for {stage}: "
+                               f"set device=auto or cpu, or start Ray with GPUs")
+    return ShardPool(stage, LabelWorker, (stage, cfg), use_ray=cfg.ray.enabled,
+                     num_actors=num_actors or cfg.ray.num_actors, use_gpus=use_gpus,
+                     max_failures=cfg.ray.max_failures,
+                     log_path=log_path or run.out / "stages" / f"{stage}.shards.jsonl",
+                     local_device=str(run.device), local_threads=torch.get_num_threads())
+
+
+class LabelStageOnCluster:
+    """A label stage on the Ray cluster a submitit job started (picklable)."""
+
+    def __init__(self, cfg: Config, stage: str):
+        self.cfg, self.stage = cfg, stage
+
+    def __call__(self, address: str) -> dict:
+        cfg = copy.deepcopy(self.cfg)
+        cfg.ray.launcher, cfg.ray.address = "inline", address
+        return run_label_stage(Run(cfg), self.stage)
+
+
+def run_label_stage(run: Run, stage: str) -> dict:
+    """Label stage ``stage`` over the train shards; returns its summary."""
+    cfg = run.cfg
+    if cfg.ray.enabled and cfg.ray.launcher != "inline":
+        if cfg.ray.launcher not in ("local", "slurm"):
+            raise ValueError(f"ray.launcher: expected inline, local or slurm, got "
+                             f"{cfg.ray.launcher!r}")
+        folder = run.out / "stages" / "submitit"
+        return submit_ray_job(cfg.ray, LabelStageOnCluster(cfg, stage), folder,
+                              f"psa-{cfg.name}-{stage}", stage)
+    tasks = list(zip(run.train_shards, run.label_shards(stage)))
+    return label_pool(run, stage).run(tasks, run.shard_counts())

@@ -1,0 +1,142 @@
+"""report.json, report.md and per-sample panels of a finished run."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core.image import normalize, pad_to_multiple
+from ..data.inspect import colorize
+from ..data.shards import decode_sample, iter_joined, output_path
+from ..util.atomic import atomic_write_bytes, atomic_write_json
+from . import table
+from .trained import load_trained
+
+PANEL_SAMPLES = 4
+STAGE_NAMES = {"cam": "CAM (train)", "rw": "CAM + random walk (train)",
+               "seg": "segmenter on pseudo labels (val)", "seg_full": "segmenter, full supervision (val)"}
+
+
+def _heat(cam: np.ndarray) -> np.ndarray:
+    """Max over classes as a blue-to-red heat map."""
+    m = cam.max(0) if cam.size else np.zeros(cam.shape[1:])
+    m = np.clip(m, 0, 1)
+    return np.stack([255 * m, 255 * (1 - np.abs(2 * m - 1)), 255 * (1 - m)], -1).astype(np.uint8)
+
+
+def panels(run, seg_model=None, count: int = PANEL_SAMPLES) -> list[str]:
+    """PNG per sample: image | ground truth | CAM heat | affinity labels | pseudo label | segmenter."""
+    out_dir = run.out / "panels"
+    pal = run.info["palette"]
+    shard = run.train_shards[0]
+    written = []
+    streams = [output_path(run.stage_dir(d), shard) for d in ("cams", "aff_labels", "random_walk")]
+    for raw, (cam, aff, rw) in iter_joined(shard, *streams):
+        s = decode_sample(raw, ["image", "cls", "mask"])
+        row = [s["image"], colorize(s.get("mask", np.zeros(s["image"].shape[:2], np.uint8)), pal),
+               _heat(decode_sample(cam, ["cam"])["cam"].astype(np.float32)),
+               colorize(decode_sample(aff, ["aff"])["aff"], pal),
+               colorize(decode_sample(rw, ["pseudo"])["pseudo"], pal)]
+        if seg_model is not None:
+            with torch.inference_mode():
+                x = normalize(torch.from_numpy(s["image"])[None].to(run.device))
+                h, w = x.shape[-2:]
+                logits = seg_model(pad_to_multiple(x, 8))[..., :h, :w]
+            row.append(colorize(logits.argmax(1)[0].cpu().numpy().astype(np.uint8), pal))
+        gap = np.full((s["image"].shape[0], 4, 3), 255, np.uint8)
+        img = np.concatenate([x for r in row for x in (r, gap)][:-1], 1)
+        path = out_dir / f"{s['key']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(str(path.relative_to(run.out)))
+        if len(written) >= count:
+            break
+    return written
+
+
+def final_losses(out) -> dict:
+    """Each trainer's loss over its last epoch (from its log.jsonl), as a check on the schedules:
+    a classifier still far from converged leaves faint objects out of the CAMs, and everything
+    after inherits it (psa_dist/BENCHMARK.md, round 8)."""
+    res = {}
+    for model in table.MODELS:
+        log = out / model / "log.jsonl"
+        if not log.is_file():
+            continue
+        epochs = []
+        for line in log.read_text().splitlines():
+            try:                # a line cut short by a kill before a resume is passed over
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "epoch_seconds" in rec:
+                epochs.append(rec)
+        if epochs:
+            res[model] = round(epochs[-1]["loss"], 4)
+    return res
+
+
+def write_report(run) -> dict:
+    ev = run.summary("eval")
+    classes = run.info["classes"]
+    keys = [k for k in ("cam", "rw", "seg", "seg_full") if k in ev]
+    report = {
+        "miou": {k: round(ev[k]["miou"], 2) for k in keys},
+        "per_class": {k: [round(100 * v, 2) if v == v else None for v in ev[k]["iou"]] for k in keys},
+        "classes": ["background"] + classes,
+        "affinity_labels": {k: round(ev["aff_labels"][k], 4) for k in ("coverage", "precision", "miou")},
+        "stage_seconds": {},
+    }
+    if "perfect_walk" in ev:    # the walk's ceiling on these CAMs (reads the ground truth)
+        report["perfect_walk"] = {k: round(ev["perfect_walk"][k], 4)
+                                  for k in ("miou", "fg_recall", "bg_false_pos")}
+    for stage in table.ORDER:
+        if stage != "report" and run.done(stage):
+            report["stage_seconds"][stage] = run.summary(stage)["seconds"]
+    report["final_loss"] = final_losses(run.out)
+    seg = load_trained(run, "seg") if run.checkpoint("seg").is_file() else None
+    report["panels"] = panels(run, seg)
+    if "cam" in report["miou"] and "rw" in report["miou"]:
+        report["rw_gain"] = round(report["miou"]["rw"] - report["miou"]["cam"], 2)
+    if "seg" in report["miou"] and report["miou"].get("seg_full"):
+        report["seg_vs_full"] = round(report["miou"]["seg"] / report["miou"]["seg_full"], 3)
+    atomic_write_json(run.out / "report.json", report)
+    atomic_write_bytes(run.out / "report.md", markdown(report, run.cfg.name).encode())
+    return {"miou": report["miou"]}
+
+
+def markdown(report: dict, name: str) -> str:
+    names = report["classes"]
+    keys = list(report["miou"])
+    lines = [f"# psa-dist report: {name}", "",
+             "Per-class IoU (%), laid out like the paper's per-class table.", "",
+             "| stage | " + " | ".join(names) + " | mIoU |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for k in keys:
+        cells = ["-" if v is None else f"{v:.1f}" for v in report["per_class"][k]]
+        lines.append(f"| {STAGE_NAMES[k]} | " + " | ".join(cells) + f" | **{report['miou'][k]:.1f}** |")
+    lines.append("")
+    if "rw_gain" in report:
+        lines.append(f"Random walk gain over the CAM: **{report['rw_gain']:+.1f}** mIoU points.")
+    if "seg_vs_full" in report:
+        lines.append(f"Segmenter on pseudo labels / fully supervised: **{100 * report['seg_vs_full']:.0f}%**.")
+    if "perfect_walk" in report:
+        lines.append(f"A walk with a perfect affinity (1 inside each ground-truth region, 0 across) "
+                     f"would reach **{report['perfect_walk']['miou']:.1f}** on these CAMs: the "
+                     f"ceiling of what AffinityNet can recover.")
+    a = report["affinity_labels"]
+    lines += [f"Affinity labels: {100 * a['coverage']:.0f}% of pixels confident, "
+              f"{100 * a['precision']:.0f}% of those correct.", "",
+              "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()),
+              "", "Training loss over the last epoch: " + ", ".join(
+                  f"{k} {v:.3f}" for k, v in report.get("final_loss", {}).items()),
+              "", "## Samples", "",
+              "image | ground truth | CAM | affinity labels (neutral in beige) | random-walk label | segmenter",
+              ""]
+    lines += [f"![{p}]({p})" for p in report["panels"]]
+    return "\n".join(lines) + "\n"

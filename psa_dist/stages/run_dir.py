@@ -1,0 +1,143 @@
+"""The run directory every stage reads and writes, and the facts of its dataset.
+
+Layout of ``cfg.out_dir``::
+
+    run_info.json                resolved config, versions, git commit
+    stages/<stage>.json          written when a stage completes (its summary); its presence = done
+    stages/dataset.sha256        the dataset the stages were made from
+    cls/ aff/ seg/ seg_full/     checkpoint.pth + log.jsonl of each model (stages/table.py MODELS)
+    cams/ aff_labels/ random_walk/   one output shard per train shard (same keys, new field)
+    report.json report.md panels/
+
+A rerun skips every stage with a marker, resumes a trainer from its checkpoint, and redoes only the
+label shards that are missing (shards are written atomically, so an existing one is complete).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data.shards import output_path, read_dataset_json, split_shards
+from ..data.synth import write_synth
+from ..util.atomic import atomic_write_json
+from . import table
+
+
+def ensure_dataset(cfg: Config) -> Path:
+    """The dataset directory of the config; the synthetic one is generated when missing."""
+    root = Path(cfg.data.root)
+    if (root / "dataset.json").is_file():
+        if cfg.data.source != "synth" or _synth_matches(root, cfg):
+            return root
+    if cfg.data.source != "synth":
+        raise FileNotFoundError(f"data.root={root} has no dataset.json: convert the dataset first "
+                                f"(psa-dist data convert-{cfg.data.source})")
+    write_synth(cfg.synth, root, shard_size=cfg.data.shard_size, workers=cfg.data.workers,
+                config=cfg)
+    return root
+
+
+def _synth_matches(root: Path, cfg: Config) -> bool:
+    """Whether ``root`` holds the synthetic dataset of ``cfg.synth``; a generated dataset made
+    with other settings (e.g. an older demo config) is removed so it is generated anew."""
+    src = read_dataset_json(root).get("source", {})
+    if src.get("kind") != "synth":
+        raise FileExistsError(f"data.root={root} holds a dataset that is not synthetic "
+                              f"({src.get('kind')!r}); set data.source or another data.root")
+    want = json.loads(json.dumps(dataclasses.asdict(cfg.synth)))
+    have = src.get("synth") or {}
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if not diff:
+        return True
+    print(f"[data] {root} was generated with other synth settings ({', '.join(diff)}): "
+          f"generating it anew", flush=True)
+    shutil.rmtree(root)
+    return False
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` (auto | cpu | cuda | cuda:N) as this process will use it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+class Run:
+    """Paths and shared facts of one run directory."""
+
+    def __init__(self, cfg: Config, prepare: bool = True):
+        """``prepare``: generate the synthetic dataset where it is missing (the driver's job; a
+        worker only reads the dataset the driver made)."""
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.root = ensure_dataset(cfg) if prepare else Path(cfg.data.root)
+        self.info = read_dataset_json(self.root)
+        self.num_classes = self.info["num_classes"]
+        self.device = resolve_device(cfg.device)
+        # paths under data.root, or URLs from data.shard_url (outputs stay local files)
+        self.train_shards = split_shards(self.root, cfg.data.train_split, self.info, cfg.data.shard_url)
+        self.num_train = self.info["splits"][cfg.data.train_split]["count"]
+        old = self.out / "rw"        # the walk's directory before it took the stage's name
+        if prepare and old.is_dir() and not self.stage_dir("random_walk").exists() and is_main_process():
+            os.replace(old, self.stage_dir("random_walk"))
+
+    # ---------------------------------------------------------------- outputs
+    def stage_dir(self, stage: str) -> Path:
+        """The directory of a label stage's output shards."""
+        return self.out / table.stage(stage).output
+
+    def label_shards(self, stage: str) -> list[Path]:
+        """A label stage's output shard for each train shard, in order."""
+        return [output_path(self.stage_dir(stage), s) for s in self.train_shards]
+
+    def model_dir(self, model: str) -> Path:
+        return self.out / table.MODELS[model].name
+
+    def checkpoint(self, model: str) -> Path:
+        return self.model_dir(model) / "checkpoint.pth"
+
+    def shard_counts(self) -> dict[str, int]:
+        """Samples per train shard, keyed by the shard's path or URL."""
+        return {str(url): s["count"] for url, s in
+                zip(self.train_shards, self.info["splits"][self.cfg.data.train_split]["shards"])}
+
+    # ---------------------------------------------------------------- markers
+    def marker(self, stage: str) -> Path:
+        return self.out / "stages" / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        return self.marker(stage).is_file()
+
+    def summary(self, stage: str) -> dict:
+        return json.loads(self.marker(stage).read_text())
+
+    def finish(self, stage: str, summary: dict) -> None:
+        if is_main_process():   # under torchrun every rank runs the stage; one marks it done
+            atomic_write_json(self.marker(stage), summary)
+            # eval and report read every earlier stage's outputs: a stage (re)done after them
+            # (say train-seg run after eval) makes them stale, so they run again
+            for later in table.stale_after(stage):
+                self.marker(later).unlink(missing_ok=True)
+
+    def check_same_dataset(self, force: bool) -> None:
+        """A run directory belongs to one dataset: cached stages made from another one (say, the
+        synthetic data generated anew with other settings) must not be reused silently."""
+        digest = hashlib.sha256((self.root / "dataset.json").read_bytes()).hexdigest()
+        mark = self.out / "stages" / "dataset.sha256"
+        if mark.is_file() and mark.read_text().strip() != digest and not force:
+            raise FileExistsError(f"{self.out} holds stages made from another dataset than "
+                                  f"{self.root} (dataset.json changed): use a new out_dir, or --force")
+        if is_main_process():
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(digest + "\n")

@@ -1,0 +1,143 @@
+"""The stage table: every fact about a stage written once. The run order, the CLI subcommands, the
+chained SLURM jobs, the output directories, the stale-marker rule and the check before a run
+(:func:`unmet_needs`) are all read from here.
+
+A stage has one name everywhere (marker ``stages/<name>.json``, ``psa-dist <name with dashes>``,
+job ``psa-<run>-<step>``); a model has one name too (``cls``, ``aff``, ``seg``, ``seg_full``: the
+directory of its checkpoint and log, and its trainer's ``[name]`` in the logs).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import Config, TrainConfig
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str           # its directory under out_dir (checkpoint.pth, log.jsonl)
+    section: str        # the config section of its trainer
+    stage: str          # the stage that trains it
+    labels_from: str | None   # the label stage whose shards it trains on (None: the dataset's)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str           # train | labels | eval | report
+    help: str
+    section: str | None = None          # its config section
+    output: str | None = None           # label stages: the directory of its output shards
+    models: tuple = ()                  # train stages: the models it trains
+    uses_models: tuple = ()             # checkpoints of earlier stages it loads
+    needs: tuple = ()                   # earlier stages whose outputs it reads
+    extras: Callable[[Config], list] = lambda cfg: []   # [(python module, pip extra, setting)]
+    step: str = ""                      # the chained SLURM job it runs in (default: its CLI name)
+    reads_all: bool = False             # reads every earlier stage: stale when one is redone
+
+    @property
+    def cli(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def job(self) -> str:
+        return self.step or self.cli
+
+
+def _crf(setting: str, on: Callable[[Config], bool]):
+    return lambda cfg: [("pydensecrf", "crf", f"{setting}=true")] if on(cfg) else []
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("train_cls", "train", "train the classifier on image-level labels",
+          section="train_cls", models=("cls",)),
+    Stage("cams", "labels", "multi-scale CAMs of the train split (shards in out_dir/cams)",
+          section="cams", output="cams", uses_models=("cls",), needs=("train_cls",)),
+    Stage("aff_labels", "labels",
+          "confident-region affinity labels from the CAMs (out_dir/aff_labels)",
+          section="aff_labels", output="aff_labels", needs=("cams",),
+          extras=_crf("aff_labels.crf", lambda c: c.aff_labels.crf)),
+    Stage("train_aff", "train", "train AffinityNet on the affinity labels",
+          section="train_aff", models=("aff",), uses_models=("cls",),
+          needs=("train_cls", "aff_labels")),
+    Stage("random_walk", "labels",
+          "random-walk pseudo labels from CAMs and AffinityNet (out_dir/random_walk)",
+          section="random_walk", output="random_walk", uses_models=("aff",),
+          needs=("cams", "train_aff"),
+          extras=_crf("random_walk.crf", lambda c: c.random_walk.crf)),
+    Stage("train_seg", "train",
+          "train the segmenter on the pseudo labels (and on ground truth if seg_full)",
+          section="train_seg", models=("seg", "seg_full"), needs=("random_walk",)),
+    Stage("eval", "eval", "mIoU of CAMs, pseudo labels (train) and segmenters (val)",
+          needs=("cams", "aff_labels", "random_walk"), step="eval-report", reads_all=True),
+    Stage("report", "report", "write report.json, report.md and sample panels",
+          needs=("eval",), step="eval-report", reads_all=True),
+)
+BY_NAME = {s.name: s for s in STAGES}
+ORDER = [s.name for s in STAGES]
+LABEL_STAGES = [s.name for s in STAGES if s.kind == "labels"]
+
+MODELS = {m.name: m for m in (
+    Model("cls", "train_cls", "train_cls", None),
+    Model("aff", "train_aff", "train_aff", "aff_labels"),
+    Model("seg", "train_seg", "train_seg", "random_walk"),
+    Model("seg_full", "train_seg", "train_seg", None),   # the ground truth: the upper bound
+)}
+
+
+def stage(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise ValueError(f"unknown stage {name!r} (have {', '.join(ORDER)})")
+    return BY_NAME[name]
+
+
+def models_trained(cfg: Config, name: str) -> list[str]:
+    """The models a train stage trains under ``cfg`` (the segmenter's upper bound if seg_full)."""
+    return [m for m in stage(name).models if m != "seg_full" or cfg.seg_full]
+
+
+def train_config(cfg: Config, model: str) -> TrainConfig:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r} (have {', '.join(MODELS)})")
+    return getattr(cfg, MODELS[model].section)
+
+
+def stale_after(name: str) -> list[str]:
+    """Stages whose markers a (re)done ``name`` makes stale: the later ones that read every
+    earlier stage's outputs (eval and report)."""
+    later = ORDER[ORDER.index(name) + 1:]
+    return [s for s in later if BY_NAME[s].reads_all]
+
+
+def chain_steps() -> list[tuple[str, list[str]]]:
+    """The chained SLURM jobs in order: (job name, the stages it runs)."""
+    steps: list[tuple[str, list[str]]] = []
+    for s in STAGES:
+        if steps and steps[-1][0] == s.job:
+            steps[-1][1].append(s.name)
+        else:
+            steps.append((s.job, [s.name]))
+    return steps
+
+
+def unmet_needs(cfg: Config, to_run: list[str], done: Callable[[str], bool]) -> list[str]:
+    """What keeps the stages ``to_run`` (in order) from running through, checked before the first
+    one starts: each stage's earlier stages must be done or run before it, and the optional
+    packages its settings need must be installed. One line per problem, saying how to fix it."""
+    problems, scheduled = [], set()
+    for name in to_run:
+        s = stage(name)
+        for need in s.needs:
+            if need not in scheduled and not done(need):
+                problems.append(f"{name} needs the outputs of {need}, which is not done: run "
+                                f"`psa-dist {BY_NAME[need].cli} CONFIG` (or the whole pipeline) "
+                                f"first")
+        for module, extra, setting in s.extras(cfg):
+            if importlib.util.find_spec(module) is None:
+                problems.append(f"{name}: {setting} needs the {module} module, which is not "
+                                f"installed: pip install 'psa-dist[{extra}]', or set "
+                                f"{setting.split('=')[0]}=false")
+        scheduled.add(name)
+    return problems

@@ -1,0 +1,118 @@
+"""The training stages: one rank of a trainer (join the process group, build the model and this
+rank's loader, run the shared engine), and the thin launcher that decides where the ranks run.
+
+``train_*.launcher`` (per trainer, in the config or ``--launcher`` on the command line): ``inline``
+(this process), ``torchrun`` (this process is one of torchrun's ranks), ``local`` or ``slurm`` (a
+submitit job, :mod:`psa_dist.cluster.launch`). A submitted trainer is a :class:`TrainJob`: every
+rank calls it, and on preemption or timeout (SLURM's USR2) submitit calls its ``checkpoint()`` on
+rank 0, which requeues the same job; the requeued ranks resume from the last checkpoint the engine
+wrote. The caller waits, prints the trainer's JSON log lines as they appear, and gets the rank-0
+summary, or the job's error.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from ..cluster.launch import LAUNCHERS, follow_job, make_executor
+from ..config import Config, config_to_dict
+from ..data.train_data import make_train_loader
+from ..util.dist import cleanup, cpu_threads, init_distributed
+from . import table
+from .engine import train
+from .run_dir import Run
+from .trained import model_to_train
+
+
+def train_loader(run: Run, model: str, tcfg, num_samples: int | None = None, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False):
+    """This rank's loader for ``model``: the train shards, joined with the label stage's shards
+    the model trains on (affinity labels, pseudo labels) where it has one."""
+    labels = table.MODELS[model].labels_from
+    return make_train_loader(model, run.train_shards, run.label_shards(labels) if labels else None,
+                             run.num_classes, tcfg, num_samples or run.num_train, rank=rank,
+                             world_size=world_size, seed=run.cfg.seed, pin_memory=pin_memory)
+
+
+def run_trainer(cfg: Config, model: str) -> dict:
+    """Train ``model`` on this rank (one of ``WORLD_SIZE``, or alone); returns the engine's summary."""
+    tcfg = table.train_config(cfg, model)
+    info = init_distributed(cfg.device)
+    threads_before = torch.get_num_threads()
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"[{model}] rank {info.rank}/{info.world_size} on node {node}, device {info.device}",
+          flush=True)   # one line per rank; after this only rank 0 speaks
+    try:
+        run = Run(cfg)
+        if info.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(tcfg.num_workers, tcfg.threads))
+            if info.is_main:
+                print(f"[{model}] {torch.get_num_threads()} intra-op thread(s) per rank, "
+                      f"{tcfg.num_workers} loader worker(s)", flush=True)
+        torch.manual_seed(cfg.seed)      # the same initial weights on every rank
+        if info.is_main and model != "aff" and not cfg.model.pretrained:
+            print(f"[{model}] backbone {cfg.model.backbone}: no pretrained weights (model.pretrained "
+                  f"unset), training from random initialisation", flush=True)
+        net = model_to_train(run, model).to(info.device)
+        loader = train_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size,
+                              pin_memory=info.device.type == "cuda")
+        return train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
+                     freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
+                     config_dict=config_to_dict(cfg))
+    finally:
+        cleanup()
+        # an inline trainer runs in the pipeline's own process: later stages get its threads back
+        torch.set_num_threads(threads_before)
+
+
+class TrainJob:
+    """A trainer as a submitit job (picklable: a config and a model name)."""
+
+    def __init__(self, cfg: Config, model: str):
+        self.cfg, self.model = cfg, model
+
+    def __call__(self) -> dict:
+        return run_trainer(self.cfg, self.model)
+
+    def checkpoint(self, *args, **kwargs):
+        # Called by submitit on rank 0 when the job is preempted or times out. The engine has been
+        # writing checkpoint.pth every checkpoint_every steps; the requeued job resumes from it.
+        import submitit
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.model))
+
+
+def launch_training(cfg: Config, model: str) -> dict:
+    """Train ``model`` with its configured launcher and return the rank-0 summary."""
+    tcfg = table.train_config(cfg, model)
+    launcher = tcfg.launcher
+    section = table.MODELS[model].section
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"{section}.launcher: {launcher!r} unknown (one of {LAUNCHERS})")
+    if launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("launcher=torchrun but WORLD_SIZE is not set: start this command with "
+                           "`torchrun --nproc_per_node=N -m psa_dist.cli ...`")
+    if launcher in ("inline", "torchrun"):
+        return run_trainer(cfg, model)
+    out = Path(cfg.out_dir) / table.MODELS[model].name
+    # A folder per submission: SLURM job ids restart on a fresh cluster, and submitit would read an
+    # old job's result pickle from a reused folder.
+    folder = out / "submitit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    ex = make_executor(tcfg, launcher, folder, f"psa-{cfg.name}-{model}")
+    job = ex.submit(TrainJob(cfg, model))
+    print(f"[{model}] submitted {launcher} job {job.job_id} ({tcfg.nodes} node(s) x "
+          f"{tcfg.tasks_per_node or max(tcfg.gpus_per_node, 1)} task(s)); logs in {folder}",
+          flush=True)
+    return follow_job(job, out / "log.jsonl")
+
+
+def run_train_stage(run: Run, stage: str) -> dict:
+    """Train every model of ``stage``: the summary of its one model, or one per model (train_seg
+    with seg_full: ``{"seg": ..., "seg_full": ...}``)."""
+    models = table.models_trained(run.cfg, stage)
+    if len(table.stage(stage).models) == 1:
+        return launch_training(run.cfg, models[0])
+    return {m: launch_training(run.cfg, m) for m in models}
