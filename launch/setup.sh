@@ -26,6 +26,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first, pinned: these are the builds that resolve on the project's machines (CPU-only
   # torch has no working torchvision here). On another machine any torch>=2.1 works.
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
-  .venv/bin/python -m pip install -q -e ".[test,crf,coco]"
+  .venv/bin/python -m pip install -q -e ".[test,crf,coco,tensorboard]"
   touch "$stamp"
 fi

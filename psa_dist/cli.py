@@ -18,7 +18,9 @@ from .data.dataset_writer import BuildError
 from .data.inspect import format_report, inspect_dataset, preview_dataset
 from .data.shards import ShardError
 from .data.synth import write_synth
-from .pipeline import run_pipeline
+from .pipeline import label_dataset, run_pipeline
+from .stages.export import LAYOUTS, WHAT, ExportError, export
+from .stages.predict import predict
 from .stages import table
 from .submit import submit_chain
 from .util.runinfo import write_run_info
@@ -92,6 +94,24 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    export(_load(args), args.what, args.out, layout=args.layout, split=args.split,
+           workers=args.workers, overwrite=args.overwrite, scales=tuple(args.scales),
+           flip=args.flip)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    summary = predict(_load(args), args.input, args.out, scales=tuple(args.scales), flip=args.flip,
+                      crf=args.crf, split=args.split, use_ray=False if args.no_ray else None)
+    return 1 if summary["failed"] or summary["failed_shards"] else 0
+
+
+def cmd_label(args) -> int:
+    label_dataset(_load(args), args.input, args.out, split=args.split)
+    return 0
+
+
 def _add_launcher_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", choices=list(LAUNCHERS),
                    help="where the trainers run (sets train_*.launcher): in this process, as a "
@@ -161,6 +181,56 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.kind == "train":
             _add_launcher_arg(p)
         p.set_defaults(func=cmd_stage, stage=stage.name)
+
+    p = sub.add_parser("export", help="write a run's pseudo labels, CAMs, affinity labels or "
+                       "segmenter predictions as files (VOC or mmsegmentation layout)",
+                       description="One file per image, named by its key: index PNGs in the "
+                       "dataset's palette (class ids unchanged, 255 ignore) beside the images, "
+                       "with an image list; CAMs as float16 .npy. Resumes; refuses a directory "
+                       "holding other files unless --overwrite.")
+    _add_config_args(p, required=True)
+    p.add_argument("--what", required=True, choices=list(WHAT),
+                   help="pseudo: random-walk pseudo labels; aff_labels; cams; pred: the segmenter")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--layout", default="voc", choices=list(LAYOUTS),
+                   help="voc: JPEGImages/ SegmentationClassAug/ ImageSets/; mmseg: img_dir/ ann_dir/")
+    p.add_argument("--split", help="split (default: data.train_split; for pred data.val_split)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="pred: test scales")
+    p.add_argument("--flip", action="store_true", help="pred: average with the mirror image")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="the trained segmenter on new images (folder, glob or "
+                       "shard dataset): index PNGs and colour overlays",
+                       description="Predict with the run's segmenter (out_dir/seg): a folder of "
+                       "JPEG/PNG files, a glob, or a shard dataset. Writes OUT/<name>.png and "
+                       "OUT/overlay/<name>.png; resumes; a corrupt file is reported and skipped. "
+                       "A shard dataset with masks is scored (OUT/eval.json, eval.md).")
+    _add_config_args(p, required=True)
+    p.add_argument("--input", required=True, help="folder, glob ('imgs/**/*.jpg') or dataset dir")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--split", help="a dataset's split (default data.val_split)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales, e.g. "
+                   "0.5 1.0 1.5")
+    p.add_argument("--flip", action="store_true", help="average with the mirror image")
+    p.add_argument("--crf", action="store_true", help="dense CRF on the probabilities "
+                   "(aff_labels.crf_* settings; needs psa-dist[crf])")
+    p.add_argument("--no-ray", action="store_true", help="in this process, not on Ray actors")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("label", help="CAMs and pseudo labels for another dataset from a run's "
+                       "trained classifier and AffinityNet (nothing is trained)",
+                       description="The label stages of the run CONFIG, pointed at another "
+                       "converted dataset: OUT becomes a run directory whose models are the run's "
+                       "and whose cams/ and random_walk/ hold the new data's CAMs and pseudo "
+                       "labels (psa-dist export them with out_dir=OUT data.root=INPUT "
+                       "data.source=shards).")
+    _add_config_args(p, required=True)
+    p.add_argument("--input", required=True, help="dataset directory (dataset.json + shards)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--split", default="train", help="the dataset's split to label")
+    p.set_defaults(func=cmd_label)
 
     bench = sub.add_parser("bench", help="speed benchmarks, as ratios against a baseline")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -264,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardError, BuildError, ChainError, FileNotFoundError, ImportError) as e:
+    except (ConfigError, ShardError, BuildError, ChainError, ExportError, FileNotFoundError,
+            ImportError) as e:
         print(f"psa-dist: error: {e}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SynthConfig:
-    """The embedded synthetic dataset (see psa_dist/synth.py for what each knob does)."""
+    """The embedded synthetic dataset (see psa_dist/data/synth.py for what each knob does)."""
     seed: int = 0
     image_size: int = 160
     num_train: int = 800
@@ -45,7 +45,8 @@ class DataConfig:
     # Read the shards from elsewhere: a WebDataset URL template with {name} (and {root}), e.g.
     # "pipe:aws s3 cp s3://bucket/voc/{name} -"; dataset.json is still read from root. None: root/name
     shard_url: Optional[str] = None
-    source: str = "synth"           # synth | voc | coco (synth: generated into root when missing)
+    source: str = "synth"           # synth | voc | coco | shards (synth: generated into root when
+                                    # missing; the others: converted shards, used as they are)
     train_split: str = "train"
     val_split: str = "val"
     shard_size: int = 100           # samples per shard when the dataset is written
@@ -107,6 +108,7 @@ class TrainConfig(JobConfig):
     resample: bool = False          # draw shards with replacement (else each epoch splits them)
     log_every: int = 20             # steps between JSON log lines
     checkpoint_every: int = 500     # steps between checkpoints (and one at every epoch end)
+    tensorboard: bool = False       # also log to <model dir>/tensorboard (psa-dist[tensorboard])
     amp: str = "bf16"               # bf16 | fp16 | none: autocast on CUDA, and bf16 on CPUs with
                                     # native bf16 (AMX / AVX512-BF16; else float32 there)
     # Segmenter on pseudo labels only: where a class of the image label covers less than this

@@ -1,5 +1,6 @@
 """`psa-dist run` and `psa-dist <stage>`: the stages of the table (``stages/table.py``) in order, as
-cached steps of one run directory (``stages/run_dir.py`` has its layout).
+cached steps of one run directory (``stages/run_dir.py`` has its layout); and `psa-dist label`: a
+run's label stages pointed at another dataset.
 
 Before the first stage starts, the whole chain is checked (:func:`check_chain`): every stage's
 earlier stages are done or will run before it, and the optional packages its settings need are
@@ -9,12 +10,15 @@ checkpoint, label stages at the first missing shard).
 """
 from __future__ import annotations
 
+import copy
+import os
+import shutil
 import time
 from pathlib import Path
 
 from .config import Config, ConfigError
 from .stages import table
-from .stages.evaluate import run_eval
+from .stages.evaluate import eval_label_shards, run_eval
 from .stages.labels import run_label_stage
 from .stages.report import write_report
 from .stages.run_dir import Run, is_main_process
@@ -68,6 +72,54 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     t0 = time.monotonic()
     for name in stages:
         run_stage(run, name, force=force)
-    print(f"[run] {cfg.name}: finished in {time.monotonic() - t0:.0f}s; report in {out / 'report.md'}",
-          flush=True)
+    print(f"[run] {cfg.name}: finished in {time.monotonic() - t0:.0f}s; report in "
+          f"{out / 'report.md'}", flush=True)
     return 0
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:             # another file system: a copy
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def label_dataset(cfg: Config, dataset, out, split: str = "train") -> dict:
+    """CAMs and random-walk pseudo labels for ``split`` of another (converted) dataset, from the
+    classifier and AffinityNet the run ``cfg`` trained: a run directory ``out`` whose models are
+    the run's (linked, not trained) and whose label stages read ``dataset``. Where the dataset has
+    masks, both are scored. Returns the summary."""
+    src = Run(cfg, prepare=False)
+    for stage, model in (("train_cls", "cls"), ("train_aff", "aff")):
+        if not src.done(stage) or not src.checkpoint(model).is_file():
+            raise ChainUnmet(f"label needs the run's {stage} ({src.checkpoint(model)}): run "
+                             f"`psa-dist {table.stage(stage).cli} CONFIG` first")
+    new = copy.deepcopy(cfg)
+    new.data.root, new.data.source, new.data.shard_url = str(dataset), "shards", None
+    new.data.train_split, new.out_dir = split, str(out)
+    dst = Run(new)
+    if split not in dst.info["splits"]:
+        raise ConfigError(f"{dataset}: no split {split!r} (have {', '.join(dst.info['splits'])})")
+    for stage, model in (("train_cls", "cls"), ("train_aff", "aff")):
+        _link_or_copy(src.checkpoint(model), dst.checkpoint(model))
+        if not dst.done(stage):
+            dst.finish(stage, {"seconds": 0.0, "models_from": str(src.out)})
+    run_pipeline(new, stages=["cams", "random_walk"])
+    summary = {"dataset": str(dataset), "split": split, "out": str(out), "models_from": str(src.out),
+               "images": dst.num_train}
+    scores = {"cam": ("cams", "cam"), "rw": ("random_walk", "pseudo")}
+    for key, (stage, field) in scores.items():
+        res = eval_label_shards(dst.root, split, dst.stage_dir(stage), field, dst.num_classes,
+                                new.cams.eval_bg_score)
+        if res["confusion"] and any(map(any, res["confusion"])):
+            summary[f"miou_{key}"] = round(res["miou"], 2)
+    if "miou_rw" in summary:
+        print(f"[label] against the masks of {dataset} ({split}): CAM {summary['miou_cam']:.1f}, "
+              f"random walk {summary['miou_rw']:.1f} mIoU", flush=True)
+    print(f"[label] pseudo labels of {dst.num_train} images in {dst.stage_dir('random_walk')}; "
+          f"`psa-dist export` them with out_dir={out} data.root={dataset} data.source=shards",
+          flush=True)
+    return summary

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -98,7 +99,8 @@ def job_shape(cfg: Config, stages: list[str]):
             return cfg.ray
         return dataclasses.replace(cfg.ray, nodes=1, tasks_per_node=1)
     seg = cfg.train_seg          # eval + report: one task on the segmenter's kind of node
-    return dataclasses.replace(seg, nodes=1, tasks_per_node=1, gpus_per_node=min(seg.gpus_per_node, 1))
+    return dataclasses.replace(seg, nodes=1, tasks_per_node=1,
+                               gpus_per_node=min(seg.gpus_per_node, 1))
 
 
 def job_callable(cfg: Config, stages: list[str], folder: Path):
@@ -123,7 +125,7 @@ def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = Fa
             print(f"[submit] {name}: done (stages/{stages[-1]}.json), not submitted", flush=True)
             continue
         steps.append(slurm_chain.Step(name, stages, job_shape(cfg, stages),
-                                      lambda folder, stages=stages: job_callable(cfg, stages, folder)))
+                                      functools.partial(job_callable, cfg, stages)))
     check_chain(cfg, [s for step in steps for s in step.stages], lambda s: s in done)
     prefix = f"psa-{cfg.name}"
     if dry_run:

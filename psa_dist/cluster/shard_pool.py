@@ -50,7 +50,8 @@ class _Tally:
 
     def __init__(self, name: str, todo: list, counts: dict, log_path: Path):
         self.name, self.counts, self.log_path = name, counts, log_path
-        self.bar = Progress(name.replace("_", "-"), total=sum(counts.get(s, 0) for s in todo) or None)
+        total = sum(counts.get(s, 0) for s in todo) or None
+        self.bar = Progress(name.replace("_", "-"), total=total)
         self.bar.extra = {"shards": f"0/{len(todo)}"}
         self.done, self.failed_samples, self.failed_shards = 0, [], []
         self.busy_s = self.io_s = 0.0     # worker seconds on shards, and of those on input/output
@@ -175,7 +176,8 @@ class ShardPool:
                 for i in sorted(live):
                     if todo and sum(1 for a, _, _ in inflight.values() if a == i) < depth:
                         shard = todo.popleft()
-                        inflight[actors[i].process.remote(shard, out_of[shard])] = (i, shard, actors[i])
+                        ref = actors[i].process.remote(shard, out_of[shard])
+                        inflight[ref] = (i, shard, actors[i])
 
         fill()
         while inflight or (todo and starting):
@@ -208,7 +210,8 @@ class ShardPool:
                 # capacity (a removed node) carries on with the actors it still has.
                 attempts[shard] = attempts.get(shard, 0) + 1
                 if attempts[shard] > self.max_retries:
-                    raise StageFailed(f"{shard}: lost its worker {attempts[shard]} times: {e}") from e
+                    raise StageFailed(f"{shard}: lost its worker {attempts[shard]} times: "
+                                      f"{e}") from e
                 todo.appendleft(shard)
                 if actors[i] is actor:   # replace a dead actor once (its queued task fails too)
                     live.discard(i)
@@ -221,7 +224,8 @@ class ShardPool:
                           flush=True)
             except RayTaskError as e:
                 # The shard itself is bad (e.g. an unreadable tar): recorded, the work goes on.
-                tally.shard_failed(shard, str(e.cause if e.cause is not None else e).splitlines()[0])
+                cause = e.cause if e.cause is not None else e
+                tally.shard_failed(shard, str(cause).splitlines()[0])
             else:
                 tally.finished(res, len(todo) + len(inflight))
             fill()

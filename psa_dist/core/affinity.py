@@ -1,4 +1,4 @@
-"""Affinity labels from CAMs and the AffinityNet loss (PAPER.md, stages 2 and 3). Pure tensor code."""
+"""Affinity labels from CAMs and the AffinityNet loss (the paper, stages 2 and 3). Pure tensor code."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -242,7 +242,7 @@ def affinity_labels(cams: torch.Tensor, alpha_lo: float = 4.0, alpha_hi: float =
 
 def affinity_loss(features: torch.Tensor, labels: torch.Tensor, radius: int = 5,
                   return_terms: bool = False):
-    """``L_bg+/4 + L_fg+/4 + L-/2`` over every in-image pair within ``radius`` (PAPER.md stage 3).
+    """``L_bg+/4 + L_fg+/4 + L-/2`` over every in-image pair within ``radius`` (the paper, stage 3).
 
     features (B, D, H, W), labels (B, H, W) as made by :func:`affinity_labels` at the same
     resolution. Positive pairs share a non-neutral label (bg+ if it is 0, else fg+); negative pairs

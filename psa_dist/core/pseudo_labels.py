@@ -48,7 +48,8 @@ def walk_labels(features: Sequence[torch.Tensor], cams: Sequence[torch.Tensor],
         cell = (h + ph) // f.shape[-2]
         m = F.avg_pool2d(m[None], cell, cell)[0]
         if m.shape[-2:] != f.shape[-2:]:
-            raise ValueError(f"feature grid {tuple(f.shape[-2:])} != CAM grid {tuple(m.shape[-2:])}")
+            raise ValueError(f"feature grid {tuple(f.shape[-2:])} != CAM grid "
+                             f"{tuple(m.shape[-2:])}")
         maps.append(m)
         sizes.append((h, w, ph, pw))
     labels = []

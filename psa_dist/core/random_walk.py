@@ -1,4 +1,4 @@
-"""The random walk that revises CAMs with learned affinities (PAPER.md stage 4). Pure tensor code.
+"""The random walk that revises CAMs with learned affinities (the paper, stage 4). Pure tensor code.
 
 ``T = D^-1 W^{∘beta}`` where W links every pixel to each pixel closer than ``radius`` (the 34
 half-plane offsets, their mirror images, and itself with W_ii = 1). Each row of T has at most 69

@@ -1,12 +1,12 @@
 """The embedded synthetic dataset: a small benchmark that poses the problem AffinityNet solves.
 
-Why it looks the way it does (the measured history is in psa_dist/BENCHMARK.md, after the first
+Why it looks the way it does (the measured history is in docs/benchmark.md, after the first
 prototype's BENCHMARK-NOTES.md):
 
 * **Objects are large and elongated** (a rotated capsule spanning 45-85 % of the image, its width
   ``object_width`` of the image), so at stride 8 an object covers 10-20 feature cells and a CAM blob
   around one end cannot cover it. The demo uses 1-2 objects 22-32 % wide (3.5-5 cells at 128 px):
-  thinner objects are nearly all boundary cells at stride 8 (psa_dist/BENCHMARK.md).
+  thinner objects are nearly all boundary cells at stride 8 (docs/benchmark.md).
 * **Each object has one smooth, saturated colour of its own** (random hue per object, never tied to
   the class), with soft cylinder shading. Its surface is coherent and distinct from the clutter,
   which is what a learned affinity can follow; since colour says nothing about the class, the
@@ -18,7 +18,7 @@ prototype's BENCHMARK-NOTES.md):
   real network on a real image (head of a person, wheels of a car). BENCHMARK-NOTES.md measured
   that the walk gains only in this regime: body CAM around 0.2-0.3 of the peak. With the colour
   mark at 128 px, ``body_pattern`` 0.3 gives part-shown bodies a CAM median of 0.12 and 0.4 gives
-  0.30 (psa_dist/BENCHMARK.md, variants A and B).
+  0.30 (docs/benchmark.md, variants A and B).
 * **The part is sometimes hidden** (probability ``1 - part_prob``): then only the faint body mark
   tells the class, so the classifier must learn it too and its CAM stays weak but non-zero over
   bodies, as on real images where the most discriminative part is not always in view.

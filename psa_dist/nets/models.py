@@ -46,7 +46,7 @@ class Classifier(nn.Module):
 
 
 class AffinityNet(nn.Module):
-    """Multi-level head of PAPER.md: a 1×1 conv + ELU per backbone tap, concat, 1×1 conv + ELU.
+    """The paper's multi-level head: a 1×1 conv + ELU per backbone tap, concat, 1×1 conv + ELU.
 
     For ResNet-38 the taps (512, 1024, 4096 channels) are reduced to 64 / 128 / 256 and the head
     outputs 448 channels; ``dims`` sets these for other backbones. Output at ``stride`` 8 (the

@@ -1,14 +1,16 @@
 """The one training loop shared by the classifier, AffinityNet and segmenter trainers.
 
 SGD with the authors' parameter groups and a poly schedule, DDP across ranks (``util/dist.py``),
-AMP (bf16/fp16 on CUDA; bf16 on CPUs with native bf16 matrix units, see ``util/precision.py``); one JSON line
-of metrics every ``log_every`` steps and per epoch, from rank 0 only; a checkpoint written
-atomically by rank 0 every ``checkpoint_every`` steps and at every epoch end. A checkpoint is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step,
-step in epoch, RNG states, config) and there is one resume path: a run finding ``checkpoint.pth``
-in its directory continues from it, the loader skipping the batches the epoch already trained on.
+AMP (bf16/fp16 on CUDA; bf16 on CPUs with native bf16 matrix units, see ``util/precision.py``);
+one JSON line of metrics every ``log_every`` steps and per epoch, from rank 0 only; a checkpoint
+written atomically by rank 0 every ``checkpoint_every`` steps and at every epoch end. A checkpoint
+is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step, step in epoch, RNG states,
+config; ``nets/checkpoint.py``) and there is one resume path: a run finding ``checkpoint.pth`` in
+its directory continues from it, the loader skipping the batches the epoch already trained on.
 Since the loader's batches are a pure function of (seed, epoch, rank, worker), a run stopped at any
 point and resumed ends with the weights of an uninterrupted run (on deterministic kernels; tested
-on CPU), having redone at most ``checkpoint_every`` steps.
+on CPU), having redone at most ``checkpoint_every`` steps. ``kind`` is the model's name in the
+stage table (``cls``, ``aff``, ``seg``, ``seg_full``).
 """
 from __future__ import annotations
 
@@ -86,9 +88,10 @@ def _set_rng_state(st: dict) -> None:
 
 def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: DistInfo,
           new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
-          config_dict: dict | None = None) -> dict:
+          config_dict: dict | None = None, tensorboard=None) -> dict:
     """Train ``model`` (already on ``info.device``) for ``train_cfg.epochs`` epochs of
-    ``len(loader)`` steps on every rank; returns a summary. Checkpoints hold the bare model."""
+    ``len(loader)`` steps on every rank; returns a summary. Checkpoints hold the bare model.
+    ``tensorboard``: rank 0's :class:`~psa_dist.stages.tensorboard.TensorBoardLog`, or None."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
@@ -125,7 +128,13 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
                 "config": config_dict or {}, "world_size": info.world_size})
 
-    log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
+    json_log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
+
+    def log(record: dict) -> None:
+        json_log.write(record)
+        if tensorboard is not None:
+            tensorboard.scalars(record)
+
     t_start, images_seen = time.monotonic(), 0
     for epoch in range(epoch0, train_cfg.epochs):
         net.train()
@@ -148,10 +157,10 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 ep_loss += win_loss
                 mean = all_reduce_sum(win_loss)
                 now = time.monotonic()
-                log.write({"kind": kind, "epoch": epoch, "step": step, "of": max_steps,
-                           "loss": float(mean[0] / mean[1]), "lr": opt.param_groups[0]["lr"],
-                           "images_per_s": round(n_win * info.world_size / max(now - t_log, 1e-9), 2),
-                           "eta_seconds": round((max_steps - step) * (now - t0) / max(k - skip, 1))})
+                log({"kind": kind, "epoch": epoch, "step": step, "of": max_steps,
+                     "loss": float(mean[0] / mean[1]), "lr": opt.param_groups[0]["lr"],
+                     "images_per_s": round(n_win * info.world_size / max(now - t_log, 1e-9), 2),
+                     "eta_seconds": round((max_steps - step) * (now - t0) / max(k - skip, 1))})
                 win_loss.zero_()
                 t_log, n_win = now, 0
             if step % train_cfg.checkpoint_every == 0 and k < steps_per_epoch:
@@ -160,16 +169,20 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         ep_loss = all_reduce_sum(ep_loss)
         images_seen += n_img * info.world_size
         dt = time.monotonic() - t0
-        log.write({"kind": kind, "epoch": epoch, "step": step,
-                   "loss": float(ep_loss[0] / ep_loss[1].clamp(min=1)),
-                   "lr": opt.param_groups[0]["lr"],
-                   "images_per_s": round(n_img * info.world_size / max(dt, 1e-9), 2),
-                   "epoch_seconds": round(dt, 2),
-                   "eta_seconds": round((train_cfg.epochs - epoch - 1) * dt * steps_per_epoch
-                                        / max(k - skip, 1), 1)})
+        log({"kind": kind, "epoch": epoch, "step": step,
+             "loss": float(ep_loss[0] / ep_loss[1].clamp(min=1)),
+             "lr": opt.param_groups[0]["lr"],
+             "images_per_s": round(n_img * info.world_size / max(dt, 1e-9), 2),
+             "epoch_seconds": round(dt, 2),
+             "eta_seconds": round((train_cfg.epochs - epoch - 1) * dt * steps_per_epoch
+                                  / max(k - skip, 1), 1)})
+        if tensorboard is not None and n_img:     # panels of the epoch's last batch
+            tensorboard.panels(epoch + 1, model, x, y)
         skip = 0
         save(epoch + 1, 0)
     seconds = time.monotonic() - t_start
+    if tensorboard is not None:
+        tensorboard.close()
     if info.is_main:
         print(f"[{kind}] done: {train_cfg.epochs} epochs, {step} steps, {images_seen} images in "
               f"{seconds:.0f}s on {info.world_size} rank(s)", flush=True)

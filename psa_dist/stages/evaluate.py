@@ -1,8 +1,11 @@
 """mIoU of every stage: CAMs and pseudo labels on the train split, segmenters on val."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
 from ..core.cam import cam_to_label
 from ..core.image import normalize, pad_to_multiple
@@ -99,3 +102,38 @@ def run_eval(run: Run) -> dict:
               (f" (coverage {v['coverage']:.2f}, precision {v['precision']:.2f})"
                if "coverage" in v else ""), flush=True)
     return res
+
+
+def per_class_markdown(names: list[str], iou: list[float], title: str) -> str:
+    """The per-class IoU (%) table of one prediction, as report.md lays it out."""
+    cells = ["-" if v != v else f"{100 * v:.1f}" for v in iou]
+    miou = 100 * float(np.nanmean(iou)) if len(iou) else float("nan")
+    return "\n".join([f"# {title}", "", "| " + " | ".join(names) + " | mIoU |",
+                      "|---|" + "---|" * len(names),
+                      "| " + " | ".join(cells) + f" | **{miou:.1f}** |", ""])
+
+
+def score_predictions(root, split: str, pred_dir, num_classes: int, names: list[str]) -> dict | None:
+    """Index PNGs ``pred_dir/<key>.png`` against the masks of ``split`` of the dataset at ``root``
+    (None when it has no masks): mIoU, per-class IoU, the confusion matrix and a markdown table.
+    A prediction missing for a masked image is an error that names it."""
+    cm = ConfusionMatrix(num_classes + 1)
+    scored = 0
+    for shard in split_shards(root, split):
+        for raw, _ in iter_joined(shard):
+            gt = decode_sample(raw, ["mask"]).get("mask")
+            if gt is None:
+                continue
+            path = Path(pred_dir) / f"{raw['__key__']}.png"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no prediction for {raw['__key__']} of {shard}")
+            with Image.open(path) as im:
+                pred = np.asarray(im)
+            cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)))
+            scored += 1
+    if not scored:
+        return None
+    iou = [float(v) for v in cm.iou()]
+    return {"miou": cm.miou(), "iou": iou, "classes": names, "images": scored,
+            "confusion": cm.mat.tolist(),
+            "markdown": per_class_markdown(names, iou, f"Predictions on {root} ({split})")}

@@ -62,7 +62,7 @@ def panels(run, seg_model=None, count: int = PANEL_SAMPLES) -> list[str]:
 def final_losses(out) -> dict:
     """Each trainer's loss over its last epoch (from its log.jsonl), as a check on the schedules:
     a classifier still far from converged leaves faint objects out of the CAMs, and everything
-    after inherits it (psa_dist/BENCHMARK.md, round 8)."""
+    after inherits it (docs/benchmark.md, round 8)."""
     res = {}
     for model in table.MODELS:
         log = out / model / "log.jsonl"

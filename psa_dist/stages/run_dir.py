@@ -86,11 +86,13 @@ class Run:
         self.num_classes = self.info["num_classes"]
         self.device = resolve_device(cfg.device)
         # paths under data.root, or URLs from data.shard_url (outputs stay local files)
-        self.train_shards = split_shards(self.root, cfg.data.train_split, self.info, cfg.data.shard_url)
+        self.train_shards = split_shards(self.root, cfg.data.train_split, self.info,
+                                         cfg.data.shard_url)
         self.num_train = self.info["splits"][cfg.data.train_split]["count"]
         old = self.out / "rw"        # the walk's directory before it took the stage's name
-        if prepare and old.is_dir() and not self.stage_dir("random_walk").exists() and is_main_process():
-            os.replace(old, self.stage_dir("random_walk"))
+        new = self.stage_dir("random_walk")
+        if prepare and old.is_dir() and not new.exists() and is_main_process():
+            os.replace(old, new)
 
     # ---------------------------------------------------------------- outputs
     def stage_dir(self, stage: str) -> Path:
@@ -137,7 +139,8 @@ class Run:
         mark = self.out / "stages" / "dataset.sha256"
         if mark.is_file() and mark.read_text().strip() != digest and not force:
             raise FileExistsError(f"{self.out} holds stages made from another dataset than "
-                                  f"{self.root} (dataset.json changed): use a new out_dir, or --force")
+                                  f"{self.root} (dataset.json changed): use a new out_dir, or "
+                                  f"--force")
         if is_main_process():
             mark.parent.mkdir(parents=True, exist_ok=True)
             mark.write_text(digest + "\n")

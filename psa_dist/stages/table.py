@@ -50,9 +50,14 @@ def _crf(setting: str, on: Callable[[Config], bool]):
     return lambda cfg: [("pydensecrf", "crf", f"{setting}=true")] if on(cfg) else []
 
 
+def _tensorboard(section: str):
+    return lambda cfg: ([("tensorboard", "tensorboard", f"{section}.tensorboard=true")]
+                        if getattr(cfg, section).tensorboard else [])
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("train_cls", "train", "train the classifier on image-level labels",
-          section="train_cls", models=("cls",)),
+          section="train_cls", extras=_tensorboard("train_cls"), models=("cls",)),
     Stage("cams", "labels", "multi-scale CAMs of the train split (shards in out_dir/cams)",
           section="cams", output="cams", uses_models=("cls",), needs=("train_cls",)),
     Stage("aff_labels", "labels",
@@ -60,8 +65,8 @@ STAGES: tuple[Stage, ...] = (
           section="aff_labels", output="aff_labels", needs=("cams",),
           extras=_crf("aff_labels.crf", lambda c: c.aff_labels.crf)),
     Stage("train_aff", "train", "train AffinityNet on the affinity labels",
-          section="train_aff", models=("aff",), uses_models=("cls",),
-          needs=("train_cls", "aff_labels")),
+          section="train_aff", extras=_tensorboard("train_aff"), models=("aff",),
+          uses_models=("cls",), needs=("train_cls", "aff_labels")),
     Stage("random_walk", "labels",
           "random-walk pseudo labels from CAMs and AffinityNet (out_dir/random_walk)",
           section="random_walk", output="random_walk", uses_models=("aff",),
@@ -69,7 +74,8 @@ STAGES: tuple[Stage, ...] = (
           extras=_crf("random_walk.crf", lambda c: c.random_walk.crf)),
     Stage("train_seg", "train",
           "train the segmenter on the pseudo labels (and on ground truth if seg_full)",
-          section="train_seg", models=("seg", "seg_full"), needs=("random_walk",)),
+          section="train_seg", extras=_tensorboard("train_seg"), models=("seg", "seg_full"),
+          needs=("random_walk",)),
     Stage("eval", "eval", "mIoU of CAMs, pseudo labels (train) and segmenters (val)",
           needs=("cams", "aff_labels", "random_walk"), step="eval-report", reads_all=True),
     Stage("report", "report", "write report.json, report.md and sample panels",

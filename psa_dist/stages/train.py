@@ -25,6 +25,7 @@ from ..util.dist import cleanup, cpu_threads, init_distributed
 from . import table
 from .engine import train
 from .run_dir import Run
+from .tensorboard import TensorBoardLog
 from .trained import model_to_train
 
 
@@ -39,7 +40,8 @@ def train_loader(run: Run, model: str, tcfg, num_samples: int | None = None, ran
 
 
 def run_trainer(cfg: Config, model: str) -> dict:
-    """Train ``model`` on this rank (one of ``WORLD_SIZE``, or alone); returns the engine's summary."""
+    """Train ``model`` on this rank (one of ``WORLD_SIZE``, or alone); returns the engine's
+    summary."""
     tcfg = table.train_config(cfg, model)
     info = init_distributed(cfg.device)
     threads_before = torch.get_num_threads()
@@ -55,14 +57,16 @@ def run_trainer(cfg: Config, model: str) -> dict:
                       f"{tcfg.num_workers} loader worker(s)", flush=True)
         torch.manual_seed(cfg.seed)      # the same initial weights on every rank
         if info.is_main and model != "aff" and not cfg.model.pretrained:
-            print(f"[{model}] backbone {cfg.model.backbone}: no pretrained weights (model.pretrained "
-                  f"unset), training from random initialisation", flush=True)
+            print(f"[{model}] backbone {cfg.model.backbone}: no pretrained weights "
+                  f"(model.pretrained unset), training from random initialisation", flush=True)
         net = model_to_train(run, model).to(info.device)
         loader = train_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size,
                               pin_memory=info.device.type == "cuda")
+        tb = (TensorBoardLog(run.model_dir(model) / "tensorboard", model, run.info["palette"])
+              if tcfg.tensorboard and info.is_main else None)
         return train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
                      freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
-                     config_dict=config_to_dict(cfg))
+                     config_dict=config_to_dict(cfg), tensorboard=tb)
     finally:
         cleanup()
         # an inline trainer runs in the pipeline's own process: later stages get its threads back

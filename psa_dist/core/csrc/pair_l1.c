@@ -1,6 +1,6 @@
 /* Mean L1 distances between every pixel and its neighbours at fixed flat offsets, and their
- * gradient: the costly parts of the random walk's transition matrix (psa_dist/random_walk.py,
- * transition_weights) and of AffinityNet's loss (psa_dist/affinity.py, pair_distances).
+ * gradient: the costly parts of the random walk's transition matrix (psa_dist/core/random_walk.py,
+ * transition_weights) and of AffinityNet's loss (psa_dist/core/affinity.py, pair_distances).
  *
  * x: (D, L) float32, one padded flat buffer per channel (the layout of random_walk._flat_padded).
  * out: (K, n) float32, out[k][p] = sum_d |x[d][start + p] - x[d][start + p + q[k]]| / D,
