@@ -96,6 +96,8 @@ def test_training_and_cams_read_pipe_urls(tmp_path):
     plain = tmp_path / "plain"
     (plain / "cls").mkdir(parents=True)
     (plain / "cls" / "checkpoint.pth").write_bytes((tmp_path / "piped" / "cls" / "checkpoint.pth").read_bytes())
+    (plain / "stages").mkdir()       # the classifier's stage done, as the check before a run asks
+    (plain / "stages" / "train_cls.json").write_text("{}")
     run_pipeline(load_config(cfg_file, [f"out_dir={plain}"]), stages=["cams"])
     for name in out:
         assert (plain / "cams" / name).read_bytes() == (tmp_path / "piped" / "cams" / name).read_bytes()

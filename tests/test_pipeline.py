@@ -195,3 +195,23 @@ def test_a_run_directory_from_before_the_rename_keeps_its_walk(tiny_cfg, tmp_pat
     run = Run(load_config(tiny_cfg, [f"out_dir={out}"]))
     assert run.stage_dir("random_walk") == out / "random_walk"
     assert (out / "random_walk" / "train-000000.tar").read_bytes() == b"x" and not (out / "rw").exists()
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_json_logs_scalars_and_panels(tiny_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    cfg = load_config(tiny_cfg, [f"out_dir={out}", "train_cls.tensorboard=true", "train_cls.epochs=2",
+                                 "ray.enabled=false"])
+    run_pipeline(cfg, stages=["train_cls"])
+    acc = EventAccumulator(str(out / "cls" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
+    step_lines = [r for r in lines if "epoch_seconds" not in r]
+    loss = acc.Scalars("cls/loss")
+    assert [e.step for e in loss] == [r["step"] for r in step_lines]
+    assert all(abs(e.value - r["loss"]) < 1e-6 for e, r in zip(loss, step_lines))
+    assert len(acc.Scalars("cls/epoch_loss")) == 2 and len(acc.Scalars("cls/lr")) == len(lines)
+    panels = acc.Images("cls/panels")
+    # one grid of 4 rows side by side, each row image | CAM heat (64 px crops)
+    assert [p.step for p in panels] == [1, 2] and (panels[0].width, panels[0].height) == (4 * 2 * 64, 64)
+    assert not (out / "aff" / "tensorboard").exists()     # only where switched on

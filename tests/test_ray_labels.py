@@ -60,8 +60,11 @@ def ray_local():
 def clone_run(base, name, stages_to_copy=("cls", "aff", "cams", "aff_labels")):
     """A fresh run directory holding the trained models (and earlier stage outputs)."""
     out = base / name
+    markers = {"cls": "train_cls", "aff": "train_aff", "cams": "cams", "aff_labels": "aff_labels"}
     for d in stages_to_copy:
         shutil.copytree(base / "ref" / d, out / d)
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+        shutil.copy(base / "ref" / "stages" / f"{markers[d]}.json", out / "stages")
     return out
 
 
@@ -177,7 +180,7 @@ def test_undecodable_sample_recorded_and_threshold(trained, ray_local, on_ray):
     base, cfg_path = trained
     cfg = load_config(cfg_path)
     # a dataset copy whose shard 2 holds one corrupt image
-    data = base / "data_bad"
+    data = base / f"data_bad{on_ray}"
     shutil.copytree(cfg.data.root, data)
     samples = list(iter_shard(data / "train-000002.tar"))
     bad_key = samples[1]["__key__"]

@@ -2,6 +2,7 @@
 `psa-dist predict` (folders with a corrupt file, resume, shard datasets scored against their
 masks) and `psa-dist label` (another dataset labelled by the run's models), each checked against
 what the run's shards hold or what the segmenter gives when run here image by image."""
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_predict_a_folder_with_a_corrupt_file_and_resume(trained, tmp_path, caps
     assert rc == 1                                   # a file failed: said in the exit status
     summary = json.loads((out / "predict.json").read_text())
     assert [Path(f["path"]).name for f in summary["failed"]] == ["broken.jpg"]
-    assert "broken.jpg" in capsys.readouterr().err or summary["failed"][0]["reason"]
+    assert "not predicted: " + str(imgs / "broken.jpg") in capsys.readouterr().out
     for name, (h, w) in sizes.items():
         image = np.asarray(Image.open(imgs / f"{name}.png").convert("RGB"))
         mode, label, _ = read_png(out / f"{name}.png")
@@ -180,7 +181,9 @@ def test_predict_a_folder_with_a_corrupt_file_and_resume(trained, tmp_path, caps
     for m in (out / ".predict").glob("chunk-*[0-9].json"):
         m.unlink()
     from psa_dist.stages.predict import predict
-    again = predict(cfg, str(imgs), out, use_ray=False)
+    tolerant = copy.deepcopy(cfg)
+    tolerant.ray.max_failures = 0.5
+    again = predict(tolerant, str(imgs), out, use_ray=False)
     assert (out / "a.png").stat().st_mtime_ns == stamp and (out / "b.png").is_file()
     written = [json.loads(x)["written"] for x in (out / ".predict" / "tasks.jsonl").read_text().splitlines()]
     assert written == [3, 1] and again["shards_done"] == 1
@@ -198,7 +201,6 @@ def test_predict_a_shard_dataset_with_masks_is_scored(trained, tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["images"] == 6 and 0 <= ev["miou"] <= 100 and len(ev["iou"]) == len(ev["classes"])
     # the score, recomputed here from the PNGs and the masks
-    inter = union = 0
     from psa_dist.core.metrics import confusion_matrix
     mats = []
     for shard in sorted((base / "data").glob("val-*.tar")):
@@ -211,7 +213,6 @@ def test_predict_a_shard_dataset_with_masks_is_scored(trained, tmp_path):
     iou = mat.diag() / (mat.sum(0) + mat.sum(1) - mat.diag())
     assert abs(float(torch.nanmean(iou)) * 100 - ev["miou"]) < 1e-6
     assert "| background |" in (out / "eval.md").read_text()
-    del inter, union
 
 
 def test_label_another_dataset_equals_the_runs_own_labels(trained, tmp_path):

@@ -21,7 +21,7 @@ from ..data.shards import output_path
 from ..util.precision import amp_dtype
 from . import table
 from .labelgen import aff_label_shard, cam_shard, rw_shard
-from .run_dir import Run
+from .run_dir import Run, worker_device
 from .trained import load_trained
 
 
@@ -43,7 +43,7 @@ class LabelWorker:
         torch.set_num_threads(threads)
         self.stage, self.cfg = stage, cfg
         self.run = Run(cfg, prepare=False)   # the driver made the dataset; read it only
-        self.device = torch.device(device)
+        self.device = worker_device(device)
         models = table.stage(stage).uses_models
         self.model = load_trained(self.run, models[0], self.device) if models else None
 

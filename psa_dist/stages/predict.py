@@ -37,7 +37,7 @@ from ..util.runinfo import write_run_info
 from .evaluate import score_predictions
 from .export import label_png
 from .labels import crf_settings
-from .run_dir import Run
+from .run_dir import Run, worker_device
 from .trained import load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -76,7 +76,7 @@ class PredictWorker:
         self.run = Run(cfg, prepare=False)
         self.out, self.scales, self.flip, self.split = Path(out), tuple(scales), flip, split
         self.crf = crf_settings(cfg, True) if crf else None
-        self.device = torch.device(device)
+        self.device = worker_device(device)
         self.model = load_trained(self.run, "seg", self.device)
         self.palette = self.run.info["palette"]
 
@@ -165,6 +165,8 @@ def predict(cfg: Config, input_path: str, out, scales=(1.0,), flip: bool = False
                      log_path=work / "tasks.jsonl", local_device=str(run.device),
                      local_threads=torch.get_num_threads())
     summary = pool.run(tasks, counts)
+    for f in summary["failed"]:
+        print(f"[predict] not predicted: {f.get('path') or f.get('key')}: {f['reason']}", flush=True)
     summary = {"input": str(input_path), "out": str(out), "scales": list(scales), "flip": flip,
                "crf": crf, **summary}
     if dataset:

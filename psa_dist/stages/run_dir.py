@@ -69,6 +69,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def worker_device(device: str) -> torch.device:
+    """The device a worker was given (``cuda`` on a Ray actor holding a GPU), or the CPU where
+    this process sees no CUDA: Ray's GPUs can be logical (``ray start --num-gpus``), and a worker
+    scheduled on one then computes on the CPU, as it would without Ray."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(device)
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
