@@ -109,6 +109,13 @@ class TrainConfig(JobConfig):
     log_every: int = 20             # steps between JSON log lines
     checkpoint_every: int = 500     # steps between checkpoints (and one at every epoch end)
     tensorboard: bool = False       # also log to <model dir>/tensorboard (psa-dist[tensorboard])
+    # Stop when the model has learned, judged on held-out weak labels only: the classifier on the
+    # val split's image labels, AffinityNet and the segmenters on the last holdout_shards train
+    # shards' affinity / pseudo labels (left out of their training). epochs is then a cap; the
+    # weights of the best epoch are kept. None: train epochs epochs (the paper).
+    stop_patience: Optional[int] = None   # epochs without a relative improvement of stop_min_delta
+    stop_min_delta: float = 0.01
+    holdout_shards: int = 1
     amp: str = "bf16"               # bf16 | fp16 | none: autocast on CUDA, and bf16 on CPUs with
                                     # native bf16 (AMX / AVX512-BF16; else float32 there)
     # Segmenter on pseudo labels only: where a class of the image label covers less than this
@@ -291,6 +298,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for name in ("train_cls", "train_aff"):     # a segmenter setting: elsewhere it would be ignored
             if getattr(cfg, name).missing_class_frac is not None:
                 raise ConfigError(f"{name}.missing_class_frac: only train_seg uses it")
+        for name in ("train_cls", "train_aff", "train_seg"):
+            t = getattr(cfg, name)
+            if t.stop_patience is not None and t.stop_patience < 1:
+                raise ConfigError(f"{name}.stop_patience: must be at least 1 or null, got "
+                                  f"{t.stop_patience}")
+            if t.holdout_shards < 1:
+                raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
         if not 0 <= cfg.random_walk.tol < 1:
             raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
         return cfg

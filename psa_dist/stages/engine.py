@@ -26,7 +26,7 @@ from ..core.affinity import affinity_loss
 from ..nets.checkpoint import load_checkpoint, save_checkpoint
 from ..nets.models import Classifier, set_bn_eval
 from ..nets.optim import build_optimizer, build_poly_scheduler
-from ..util.dist import DistInfo, all_reduce_sum, wrap_ddp
+from ..util.dist import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from ..util.precision import amp_dtype, autocast
 from . import table
 
@@ -71,6 +71,48 @@ def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radiu
     return loss.detach()
 
 
+class StopRule:
+    """When a trainer has learned: the held-out loss, scored after every epoch, has not improved
+    on its best by more than ``min_delta`` (relative) for ``patience`` epochs. Its state is a
+    plain dict kept in the checkpoint, so a resumed run decides as an uninterrupted one would."""
+
+    def __init__(self, patience: int, min_delta: float, state: dict | None = None):
+        self.patience, self.min_delta = patience, min_delta
+        self.state = state or {"curve": [], "best": None, "best_epoch": None}
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record epoch ``epoch``'s held-out loss; True when it is the new best."""
+        st = self.state
+        st["curve"].append([epoch, value])
+        if st["best"] is None or value < st["best"] * (1 - self.min_delta):
+            st["best"], st["best_epoch"] = value, epoch
+            return True
+        return False
+
+    @property
+    def stop(self) -> bool:
+        st = self.state
+        return bool(st["curve"]) and st["curve"][-1][0] - st["best_epoch"] >= self.patience
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, kind: str, loader, device, dtype, radius: int = 5) -> float:
+    """The training loss of ``model`` over a held-out loader (the same draws every time), summed
+    over every rank's share."""
+    was = model.training
+    model.eval()
+    loader.set_epoch(0, 0)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            loss = loss_for(kind, model, x, y, radius)
+        total += torch.stack([loss.double() * x.shape[0], total.new_tensor(float(x.shape[0]))])
+    model.train(was)
+    total = all_reduce_sum(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
 def _rng_state() -> dict:
     # Only torch's generators: the loader draws from its own seeded generators (train_data.py),
     # and a checkpoint must load with weights_only (tensors, no numpy or pickled objects).
@@ -88,10 +130,13 @@ def _set_rng_state(st: dict) -> None:
 
 def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: DistInfo,
           new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
-          config_dict: dict | None = None, tensorboard=None) -> dict:
+          config_dict: dict | None = None, tensorboard=None, heldout=None) -> dict:
     """Train ``model`` (already on ``info.device``) for ``train_cfg.epochs`` epochs of
     ``len(loader)`` steps on every rank; returns a summary. Checkpoints hold the bare model.
-    ``tensorboard``: rank 0's :class:`~psa_dist.stages.tensorboard.TensorBoardLog`, or None."""
+    ``tensorboard``: rank 0's :class:`~psa_dist.stages.tensorboard.TensorBoardLog`, or None.
+    ``heldout``: a loader of held-out weak labels; with it, ``train_cfg.epochs`` is a cap, training
+    stops by :class:`StopRule` (``train_cfg.stop_patience``, ``stop_min_delta``) and ends with
+    the weights of its best epoch (``best.pth``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
@@ -108,7 +153,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum, new_modules)
     sched = build_poly_scheduler(opt, max_steps)
-    step, epoch0, skip = 0, 0, 0
+    step, epoch0, skip, stop_state = 0, 0, 0, None
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         model.load_state_dict(ck["model"])
@@ -116,9 +161,14 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         step, epoch0, skip = ck["step"], ck["epoch"], ck["step_in_epoch"]
+        stop_state = ck.get("stop")
         _set_rng_state(ck["rng"])
         if info.is_main:
             print(f"[{kind}] resumed from {ckpt_path} at epoch {epoch0}, step {step}", flush=True)
+
+    stopper = (StopRule(train_cfg.stop_patience, train_cfg.stop_min_delta, stop_state)
+                if heldout is not None else None)
+    best_path = out_dir / "best.pth"
 
     def save(epoch: int, step_in_epoch: int) -> None:
         if info.is_main:
@@ -126,7 +176,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
-                "config": config_dict or {}, "world_size": info.world_size})
+                "config": config_dict or {}, "world_size": info.world_size,
+                **({"stop": stopper.state} if stopper is not None else {})})
 
     json_log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
 
@@ -179,12 +230,37 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         if tensorboard is not None and n_img:     # panels of the epoch's last batch
             tensorboard.panels(epoch + 1, model, x, y)
         skip = 0
+        if stopper is not None:
+            h = heldout_loss(model, kind, heldout, info.device, dtype, radius)
+            if stopper.update(epoch, h) and info.is_main:
+                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
+            log({"kind": kind, "epoch": epoch, "step": step, "heldout_loss": h,
+                 "best_epoch": stopper.state["best_epoch"]})
         save(epoch + 1, 0)
+        if stopper is not None and stopper.stop:
+            if info.is_main:
+                print(f"[{kind}] stopped after epoch {epoch}: held-out loss no better than epoch "
+                      f"{stopper.state['best_epoch']}'s for {train_cfg.stop_patience} epochs",
+                      flush=True)
+            break
+    if stopper is not None and stopper.state["best_epoch"] is not None:
+        barrier()                 # rank 0 wrote best.pth
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+        save(train_cfg.epochs, 0)  # the best weights, marked finished: a rerun does not train
     seconds = time.monotonic() - t_start
     if tensorboard is not None:
         tensorboard.close()
+    epochs = step // max(steps_per_epoch, 1)
     if info.is_main:
-        print(f"[{kind}] done: {train_cfg.epochs} epochs, {step} steps, {images_seen} images in "
-              f"{seconds:.0f}s on {info.world_size} rank(s)", flush=True)
-    return {"steps": step, "seconds": round(seconds, 2), "images": images_seen,
-            "world_size": info.world_size}
+        print(f"[{kind}] done: {epochs} epochs, {step} steps, {images_seen} images in "
+              f"{seconds:.0f}s on {info.world_size} rank(s)" +
+              (f"; the weights of epoch {stopper.state['best_epoch']}, the best on held-out labels"
+               if stopper is not None else ""), flush=True)
+    summary = {"steps": step, "seconds": round(seconds, 2), "images": images_seen,
+               "world_size": info.world_size}
+    if stopper is not None:
+        curve = stopper.state["curve"]
+        summary.update({"epochs_run": curve[-1][0] + 1 if curve else 0,
+                        "best_epoch": stopper.state["best_epoch"],
+                        "heldout_loss": [round(v, 5) for _, v in curve]})
+    return summary

@@ -81,6 +81,21 @@ def final_losses(out) -> dict:
     return res
 
 
+def stopping_epochs(run) -> dict:
+    """For each model trained with ``stop_patience``: the epochs it ran, the epoch whose weights it
+    kept (the best held-out loss) and the held-out curve, from its stage's marker."""
+    res = {}
+    for model, m in table.MODELS.items():
+        if not run.done(m.stage):
+            continue
+        marker = run.summary(m.stage)
+        s = marker[model] if isinstance(marker.get(model), dict) else marker
+        if "best_epoch" in s:
+            res[model] = {"run": s["epochs_run"], "best": s["best_epoch"],
+                          "heldout_loss": s["heldout_loss"]}
+    return res
+
+
 def write_report(run) -> dict:
     ev = run.summary("eval")
     classes = run.info["classes"]
@@ -99,6 +114,7 @@ def write_report(run) -> dict:
         if stage != "report" and run.done(stage):
             report["stage_seconds"][stage] = run.summary(stage)["seconds"]
     report["final_loss"] = final_losses(run.out)
+    report["epochs"] = stopping_epochs(run)
     seg = load_trained(run, "seg") if run.checkpoint("seg").is_file() else None
     report["panels"] = panels(run, seg)
     if "cam" in report["miou"] and "rw" in report["miou"]:
@@ -135,6 +151,9 @@ def markdown(report: dict, name: str) -> str:
               "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()),
               "", "Training loss over the last epoch: " + ", ".join(
                   f"{k} {v:.3f}" for k, v in report.get("final_loss", {}).items()),
+              *(["", "Stopped on held-out weak labels (kept epoch, of the epochs run): " + ", ".join(
+                  f"{k} {v['best'] + 1} of {v['run']}" for k, v in report["epochs"].items())]
+                if report.get("epochs") else []),
               "", "## Samples", "",
               "image | ground truth | CAM | affinity labels (neutral in beige) | random-walk label | segmenter",
               ""]

@@ -26,7 +26,7 @@ class TensorBoardLog:
 
     def scalars(self, record: dict) -> None:
         step = record["step"]
-        for name in ("loss", "lr", "images_per_s"):
+        for name in ("loss", "lr", "images_per_s", "heldout_loss"):
             if name in record:
                 tag = "epoch_loss" if name == "loss" and "epoch_seconds" in record else name
                 self.writer.add_scalar(f"{self.kind}/{tag}", record[name], step)

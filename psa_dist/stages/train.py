@@ -11,6 +11,7 @@ summary, or the job's error.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ import torch
 
 from ..cluster.launch import LAUNCHERS, follow_job, make_executor
 from ..config import Config, config_to_dict
+from ..data.shards import split_shards
 from ..data.train_data import make_train_loader
 from ..util.dist import cleanup, cpu_threads, init_distributed
 from . import table
@@ -29,14 +31,54 @@ from .tensorboard import TensorBoardLog
 from .trained import model_to_train
 
 
+def _shard_sets(run: Run, model: str, tcfg):
+    """(training, held-out) lists of (shard, label shard or None, samples): with
+    ``stop_patience``, the classifier holds out the val split's image labels and the other models
+    the last ``holdout_shards`` train shards (their affinity / pseudo labels, or the masks for the
+    fully supervised segmenter); without it, everything trains and nothing is held out."""
+    labels = table.MODELS[model].labels_from
+    counts = [s["count"] for s in run.info["splits"][run.cfg.data.train_split]["shards"]]
+    train = list(zip(run.train_shards, run.label_shards(labels) if labels else
+                     [None] * len(counts), counts))
+    if tcfg.stop_patience is None:
+        return train, []
+    if model == "cls":
+        val = run.cfg.data.val_split
+        info = run.info["splits"][val]
+        shards = split_shards(run.root, val, run.info, run.cfg.data.shard_url)
+        return train, [(s, None, c["count"]) for s, c in zip(shards, info["shards"])]
+    k = tcfg.holdout_shards
+    if k >= len(train):
+        section = table.MODELS[model].section
+        raise ValueError(f"{section}.holdout_shards={k}: the train split has {len(train)} shards; "
+                         f"hold out fewer, or write the dataset in smaller shards")
+    return train[:-k], train[-k:]
+
+
+def _loader(model, shards, tcfg, run, rank, world_size, pin_memory, num_samples=None):
+    labels = [lab for _, lab, _ in shards]
+    return make_train_loader(model, [s for s, _, _ in shards], labels if labels[0] else None,
+                             run.num_classes, tcfg, num_samples or sum(c for _, _, c in shards),
+                             rank=rank, world_size=world_size, seed=run.cfg.seed,
+                             pin_memory=pin_memory)
+
+
 def train_loader(run: Run, model: str, tcfg, num_samples: int | None = None, rank: int = 0,
                  world_size: int = 1, pin_memory: bool = False):
-    """This rank's loader for ``model``: the train shards, joined with the label stage's shards
+    """This rank's loader for ``model``: its training shards, joined with the label stage's shards
     the model trains on (affinity labels, pseudo labels) where it has one."""
-    labels = table.MODELS[model].labels_from
-    return make_train_loader(model, run.train_shards, run.label_shards(labels) if labels else None,
-                             run.num_classes, tcfg, num_samples or run.num_train, rank=rank,
-                             world_size=world_size, seed=run.cfg.seed, pin_memory=pin_memory)
+    train, _ = _shard_sets(run, model, tcfg)
+    return _loader(model, train, tcfg, run, rank, world_size, pin_memory, num_samples)
+
+
+def heldout_loader(run: Run, model: str, tcfg, rank: int = 0, world_size: int = 1):
+    """This rank's share of ``model``'s held-out weak labels (None without ``stop_patience``):
+    the same augmentation draws every time it is read, no loader workers."""
+    _, held = _shard_sets(run, model, tcfg)
+    if not held:
+        return None
+    return _loader(model, held, dataclasses.replace(tcfg, num_workers=0, resample=False), run,
+                   rank, world_size, False)
 
 
 def run_trainer(cfg: Config, model: str) -> dict:
@@ -64,9 +106,10 @@ def run_trainer(cfg: Config, model: str) -> dict:
                               pin_memory=info.device.type == "cuda")
         tb = (TensorBoardLog(run.model_dir(model) / "tensorboard", model, run.info["palette"])
               if tcfg.tensorboard and info.is_main else None)
+        held = heldout_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size)
         return train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
                      freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
-                     config_dict=config_to_dict(cfg), tensorboard=tb)
+                     config_dict=config_to_dict(cfg), tensorboard=tb, heldout=held)
     finally:
         cleanup()
         # an inline trainer runs in the pipeline's own process: later stages get its threads back

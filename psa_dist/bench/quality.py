@@ -1,0 +1,110 @@
+"""`psa-dist bench quality`: the benchmark's goals over a sweep of synthetic-data variants, not one
+seed. Each variant is the config (the demo's by default) run end to end on data generated with
+other settings (seed, number of classes, clutter, body mark, object sizes), in its own run
+directory under ``--out``; one row per variant is appended to ``quality.jsonl`` as it finishes,
+and ``quality.md`` holds the table with the spread. A variant whose row exists is not run again,
+so the sweep can be run in parts (``--variants a b``), each a command of its own.
+
+The goals (issue 19): walk ≥ CAM + 8 mIoU, segmenter ≥ 85% of the fully supervised one, and the
+walk's object recall not below the CAM's. No decision of the pipeline reads the ground truth; the
+table does, to score it.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..util.atomic import atomic_write_bytes
+
+# name -> overrides of the config (besides where its data and outputs go)
+VARIANTS = {
+    "demo": [],
+    "seed1": ["synth.seed=1"],
+    "8-classes-dense-clutter": ["synth.seed=3", "synth.num_classes=8", "synth.clutter_density=1.6"],
+    "faint-body": ["synth.seed=4", "synth.body_pattern=0.3"],
+    "small-objects": ["synth.seed=5", "synth.object_width=[0.16,0.24]", "synth.max_objects=3"],
+    "4-classes-noisy": ["synth.seed=6", "synth.num_classes=4", "synth.clutter_noise=20"],
+}
+GOALS = {"walk_gain": 8.0, "seg_ratio": 0.85}
+
+
+def row_of(name: str, overrides: list, out: Path, seconds: float) -> dict:
+    """A variant's figures, from its report.json and eval marker."""
+    report = json.loads((out / "report.json").read_text())
+    ev = json.loads((out / "stages" / "eval.json").read_text())
+    m = report["miou"]
+    row = {"variant": name, "overrides": overrides, "cam": m["cam"], "walk": m["rw"],
+           "walk_gain": report.get("rw_gain"), "cam_recall": round(ev["cam"]["fg_recall"], 3),
+           "walk_recall": round(ev["rw"]["fg_recall"], 3), "seg": m.get("seg"),
+           "seg_full": m.get("seg_full"), "seg_ratio": report.get("seg_vs_full"),
+           "final_loss": report.get("final_loss", {}), "epochs": report.get("epochs", {}),
+           "minutes": round(seconds / 60, 1)}
+    row["goals_met"] = bool(row["walk_gain"] is not None and row["walk_gain"] >= GOALS["walk_gain"]
+                            and row["seg_ratio"] is not None
+                            and row["seg_ratio"] >= GOALS["seg_ratio"]
+                            and row["walk_recall"] >= row["cam_recall"])
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The sweep as markdown, one row per variant, then the spread of each column."""
+    head = ("| variant | CAM | walk | walk − CAM | recall CAM → walk | segmenter / full | "
+            "classifier loss | minutes | goals |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        ratio = f"{r['seg']:.1f} / {r['seg_full']:.1f} = {100 * r['seg_ratio']:.0f}%" \
+            if r.get("seg_ratio") else "-"
+        lines.append(f"| {r['variant']} | {r['cam']:.1f} | {r['walk']:.1f} | {r['walk_gain']:+.1f} | "
+                     f"{r['cam_recall']:.2f} → {r['walk_recall']:.2f} | {ratio} | "
+                     f"{r['final_loss'].get('cls', float('nan')):.3f} | {r['minutes']:.1f} | "
+                     f"{'met' if r['goals_met'] else '**not met**'} |")
+    if len(rows) > 1:
+        def spread(key, scale=1.0, fmt="{:.1f}"):
+            vals = [scale * r[key] for r in rows if r.get(key) is not None]
+            return (f"{fmt.format(statistics.mean(vals))} ({fmt.format(min(vals))} – "
+                    f"{fmt.format(max(vals))})")
+        lines.append(f"| mean (min – max) | {spread('cam')} | {spread('walk')} | "
+                     f"{spread('walk_gain')} | | {spread('seg_ratio', 100, '{:.0f}')}% | | "
+                     f"{spread('minutes')} | {sum(r['goals_met'] for r in rows)}/{len(rows)} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_quality(config: str, names: list[str] | None = None, out_root="runs/quality",
+                  overrides: list | None = None, variants: dict | None = None) -> list[dict]:
+    """Run the variants ``names`` (default: all of ``variants``, the table above by default) not
+    yet in ``out_root/quality.jsonl``; returns every row recorded."""
+    variants = VARIANTS if variants is None else variants
+    unknown = [n for n in names or [] if n not in variants]
+    if unknown:
+        raise ValueError(f"bench quality: unknown variants {unknown} (have {', '.join(variants)})")
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "quality.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    have = {r["variant"] for r in rows}
+    for name in names or list(variants):
+        if name in have:
+            print(f"[bench quality] {name}: recorded in {log}", flush=True)
+            continue
+        out = root / name
+        args = [*(overrides or []), *variants[name], f"out_dir={out}", f"data.root={out}/data",
+                f"name={name}"]
+        print(f"[bench quality] {name}: psa-dist run {config} {' '.join(args)}", flush=True)
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "psa_dist.cli", "run", config, *args], check=True)
+        row = row_of(name, variants[name] + list(overrides or []), out, time.monotonic() - t0)
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        print(f"[bench quality] {name}: CAM {row['cam']:.1f} -> walk {row['walk']:.1f} "
+              f"({row['walk_gain']:+.1f}), segmenter {100 * (row['seg_ratio'] or 0):.0f}% of full; "
+              f"goals {'met' if row['goals_met'] else 'NOT met'}", flush=True)
+    order = {n: i for i, n in enumerate(variants)}
+    rows.sort(key=lambda r: order.get(r["variant"], len(order)))
+    atomic_write_bytes(root / "quality.md", table(rows).encode())
+    print(f"[bench quality] {len(rows)} variants in {root / 'quality.md'}\n" + table(rows), flush=True)
+    return rows

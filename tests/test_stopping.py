@@ -1,0 +1,129 @@
+"""Trainers that stop when they have learned, judged on held-out weak labels only; and the quality
+sweep that records the benchmark's goals over data variants."""
+import json
+
+import pytest
+import torch
+
+from psa_dist.bench.quality import bench_quality, table
+from psa_dist.config import ConfigError, load_config
+from psa_dist.nets.checkpoint import load_checkpoint
+from psa_dist.pipeline import run_pipeline
+from psa_dist.stages.engine import StopRule, loss_for
+from psa_dist.stages.run_dir import Run
+from psa_dist.stages.train import _shard_sets, heldout_loader
+from psa_dist.stages.trained import load_trained
+from psa_dist.util.precision import amp_dtype, autocast
+
+TINY = """
+name: stoptest
+data: {{root: {root}, shard_size: 8, workers: 1}}
+synth: {{image_size: 48, num_train: 24, num_val: 8}}
+train_cls: {{epochs: 6, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
+train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
+train_seg: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
+cams: {{scales: [1.0], flip: false}}
+aff_labels: {{crf: false}}
+random_walk: {{t: 8}}
+model: {{aff_dims: [8, 8, 8, 16]}}
+ray: {{enabled: false}}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY.format(root=tmp_path / "data"))
+    return p
+
+
+def test_stop_rule_on_a_known_curve():
+    rule = StopRule(patience=2, min_delta=0.1)
+    seen = []
+    for epoch, v in enumerate([1.0, 0.8, 0.75, 0.73]):
+        seen.append((rule.update(epoch, v), rule.stop))
+    # 0.75 and 0.73 are within 10% of 0.8: no improvement; two such epochs stop it at epoch 3
+    assert seen == [(True, False), (True, False), (False, False), (False, True)]
+    assert rule.state["best_epoch"] == 1 and rule.state["best"] == 0.8
+    again = StopRule(2, 0.1, json.loads(json.dumps(rule.state)))    # from a checkpoint
+    assert again.stop and again.state == rule.state
+
+
+def test_held_out_labels_are_left_out_of_training(tiny, tmp_path):
+    cfg = load_config(tiny, [f"out_dir={tmp_path / 'run'}", "train_aff.stop_patience=2",
+                             "train_cls.stop_patience=2"])
+    run = Run(cfg)
+    train, held = _shard_sets(run, "aff", cfg.train_aff)
+    assert [s for s, _, _ in train] == run.train_shards[:-1]
+    assert [s for s, _, _ in held] == run.train_shards[-1:]
+    assert held[0][1] == run.label_shards("aff_labels")[-1]       # its affinity labels
+    train, held = _shard_sets(run, "cls", cfg.train_cls)        # the classifier: val's image labels
+    assert [s for s, _, _ in train] == run.train_shards and all("val-" in str(s) for s, _, _ in held)
+    train, held = _shard_sets(run, "seg", cfg.train_seg)        # not asked: nothing held out
+    assert held == [] and len(train) == 3
+    with pytest.raises(ValueError, match="holdout_shards=3: the train split has 3 shards"):
+        _shard_sets(run, "aff", load_config(tiny, ["train_aff.stop_patience=1",
+                                                   "train_aff.holdout_shards=3"]).train_aff)
+    with pytest.raises(ConfigError, match="train_seg.stop_patience: must be at least 1"):
+        load_config(tiny, ["train_seg.stop_patience=0"])
+
+
+@pytest.mark.slow
+def test_classifier_stops_and_keeps_its_best_epoch(tiny, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(tiny, [f"out_dir={out}", "train_cls.stop_patience=1",
+                             "train_cls.stop_min_delta=0.2", "train_cls.lr=0.05"])
+    run_pipeline(cfg, stages=["train_cls"])
+    marker = json.loads((out / "stages" / "train_cls.json").read_text())
+    curve = marker["heldout_loss"]
+    assert len(curve) == marker["epochs_run"] <= 6
+    best = marker["best_epoch"]
+    assert curve[best] == min(curve)
+    if marker["epochs_run"] < 6:         # it stopped: the last epoch did not improve enough
+        assert curve[-1] > curve[best] * 0.8
+    # the weights kept are the best epoch's, and their held-out loss is the curve's, recomputed
+    final = load_checkpoint(out / "cls" / "checkpoint.pth")
+    kept = load_checkpoint(out / "cls" / "best.pth")
+    assert kept["epoch"] == best
+    assert all(torch.equal(final["model"][k], kept["model"][k]) for k in kept["model"])
+    run = Run(cfg)
+    model = load_trained(run, "cls", "cpu")
+    total = n = 0.0
+    loader = heldout_loader(run, "cls", cfg.train_cls)
+    loader.set_epoch(0, 0)
+    with torch.no_grad(), autocast("cpu", amp_dtype(cfg.train_cls.amp, torch.device("cpu"))):
+        for x, y in loader:
+            total += float(loss_for("cls", model, x, y)) * x.shape[0]
+            n += x.shape[0]
+    assert abs(total / n - curve[best]) < 2e-3 * max(1.0, curve[best])
+    # the held-out curve is in the log and the report; a rerun trains nothing more
+    lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
+    assert [round(r["heldout_loss"], 5) for r in lines if "heldout_loss" in r] == curve
+    steps = final["step"]
+    run_pipeline(cfg, stages=["train_cls"], force=True)
+    assert load_checkpoint(out / "cls" / "checkpoint.pth")["step"] == steps
+
+
+def test_quality_table_marks_each_goal():
+    row = {"variant": "v", "cam": 60.0, "walk": 70.0, "walk_gain": 10.0, "cam_recall": 0.8,
+           "walk_recall": 0.79, "seg": 70.0, "seg_full": 80.0, "seg_ratio": 0.875,
+           "final_loss": {"cls": 0.2}, "minutes": 10.0, "goals_met": False}
+    text = table([row, {**row, "variant": "w", "walk_recall": 0.85, "goals_met": True}])
+    assert "0.80 → 0.79" in text and "**not met**" in text and "| 1/2 |" in text
+
+
+@pytest.mark.slow
+def test_quality_sweep_runs_each_variant_once(tiny, tmp_path):
+    variants = {"a": [], "b": ["synth.seed=1"]}
+    over = ["train_cls.epochs=1", "train_cls.launcher=inline", "train_aff.launcher=inline",
+            "train_seg.launcher=inline", "seg_full=true"]
+    rows = bench_quality(str(tiny), None, tmp_path / "q", over, variants=variants)
+    assert [r["variant"] for r in rows] == ["a", "b"]
+    for r in rows:
+        report = json.loads((tmp_path / "q" / r["variant"] / "report.json").read_text())
+        assert r["walk"] == report["miou"]["rw"] and r["seg_ratio"] == report["seg_vs_full"]
+    assert (tmp_path / "q" / "a" / "data" / "dataset.json").is_file()   # its own data
+    stamp = (tmp_path / "q" / "a" / "report.json").stat().st_mtime_ns
+    again = bench_quality(str(tiny), None, tmp_path / "q", over, variants=variants)
+    assert len(again) == 2 and (tmp_path / "q" / "a" / "report.json").stat().st_mtime_ns == stamp
+    assert "mean (min – max)" in (tmp_path / "q" / "quality.md").read_text()
