@@ -11,6 +11,7 @@ from .bench.loader import bench_loader
 from .bench.quality import VARIANTS, bench_quality
 from .bench.random_walk import SIZES, bench_random_walk
 from .cluster.launch import LAUNCHERS
+from .cluster.shard_pool import StageFailed
 from .cluster.slurm_chain import ChainError
 from .config import ConfigError, load_config
 from .data.convert_coco import convert_coco
@@ -359,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             ImportError) as e:
         print(f"psa-dist: error: {e}", file=sys.stderr)
         return 2
+    except StageFailed as e:        # the work ran; too much of its input was bad
+        print(f"psa-dist: failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     t0 = time.monotonic()
     for name in stages:
         run_stage(run, name, force=force)
-    print(f"[run] {cfg.name}: finished in {time.monotonic() - t0:.0f}s; report in "
-          f"{out / 'report.md'}", flush=True)
+    where = f"; report in {out / 'report.md'}" if "report" in stages else f"; outputs in {out}"
+    print(f"[run] {cfg.name}: finished in {time.monotonic() - t0:.0f}s{where}", flush=True)
     return 0
 
 

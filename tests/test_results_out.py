@@ -168,7 +168,11 @@ def test_predict_a_folder_with_a_corrupt_file_and_resume(trained, tmp_path, caps
     assert rc == 1                                   # a file failed: said in the exit status
     summary = json.loads((out / "predict.json").read_text())
     assert [Path(f["path"]).name for f in summary["failed"]] == ["broken.jpg"]
-    assert "not predicted: " + str(imgs / "broken.jpg") in capsys.readouterr().out
+    assert "[predict] failed: " + str(imgs / "broken.jpg") in capsys.readouterr().out
+    # over ray.max_failures (its default, 0.1%): the same images, and an error naming the file
+    assert main(["predict", str(p), f"out_dir={cfg.out_dir}", "--input", str(imgs),
+                 "--out", str(tmp_path / "strict")]) == 1
+    assert "broken.jpg" in capsys.readouterr().err and (tmp_path / "strict" / "a.png").is_file()
     for name, (h, w) in sizes.items():
         image = np.asarray(Image.open(imgs / f"{name}.png").convert("RGB"))
         mode, label, _ = read_png(out / f"{name}.png")

@@ -60,6 +60,9 @@ class _Tally:
     def finished(self, res: dict, left: int) -> None:
         self.done += 1
         self.failed_samples += res["failed"]
+        for f in res["failed"]:     # a bad sample is said where it is found, then counted
+            print(f"[{self.name}] failed: {f.get('path') or f.get('key')}: {f['reason']}",
+                  flush=True)
         self.busy_s += res["seconds"]
         self.io_s += res.get("read_wait_seconds", 0.0) + res.get("write_seconds", 0.0)
         with open(self.log_path, "a") as f:

@@ -138,7 +138,9 @@ def _check_target(out: Path, manifest: dict, overwrite: bool) -> None:
                              if k in ("what", "layout", "split")} == \
         {k: manifest[k] for k in ("what", "layout", "split")}
     if not same and not overwrite:
-        other = f" (another export: {mf.read_text().strip()})" if mf.is_file() else ""
+        prev = json.loads(mf.read_text()) if mf.is_file() else None
+        other = (f" (another export: --what {prev['what']}, {prev['layout']} layout, split "
+                 f"{prev['split']})" if prev else "")
         raise ExportError(f"{out} already holds other files{other}: choose an empty --out, or "
                           f"pass --overwrite")
 

@@ -165,8 +165,6 @@ def predict(cfg: Config, input_path: str, out, scales=(1.0,), flip: bool = False
                      log_path=work / "tasks.jsonl", local_device=str(run.device),
                      local_threads=torch.get_num_threads())
     summary = pool.run(tasks, counts)
-    for f in summary["failed"]:
-        print(f"[predict] not predicted: {f.get('path') or f.get('key')}: {f['reason']}", flush=True)
     summary = {"input": str(input_path), "out": str(out), "scales": list(scales), "flip": flip,
                "crf": crf, **summary}
     if dataset:
