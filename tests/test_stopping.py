@@ -127,3 +127,22 @@ def test_quality_sweep_runs_each_variant_once(tiny, tmp_path):
     again = bench_quality(str(tiny), None, tmp_path / "q", over, variants=variants)
     assert len(again) == 2 and (tmp_path / "q" / "a" / "report.json").stat().st_mtime_ns == stamp
     assert "mean (min – max)" in (tmp_path / "q" / "quality.md").read_text()
+
+
+def test_objects_lost_and_dropped_against_a_count_by_hand():
+    from psa_dist.core.metrics import lost_objects, region_recalls
+    target = torch.zeros(10, 10, dtype=torch.long)
+    target[:5, :5] = 2                  # 25 pixels of class 2
+    target[6:, 6:] = 3                  # 16 pixels of class 3
+    target[0, 9] = 255
+    pred = torch.zeros_like(target)
+    pred[:5, :2] = 2                    # 10 of 25
+    pred[6:7, 6:8] = 3                  # 2 of 16
+    pred[0, 9] = 3                      # an ignored pixel says nothing
+    assert region_recalls(pred, target) == {2: 10 / 25, 3: 2 / 16}
+    cam = {("a", 2): 0.5, ("a", 3): 0.6, ("b", 1): 0.1}
+    walk = {("a", 2): 0.4, ("a", 3): 0.125, ("b", 1): 0.9}
+    got = lost_objects(walk, cam)
+    # lost by the walk: (a, 3) of 3 objects; of the 2 the CAM found, the walk lost 1
+    assert got == {"objects": 3, "lost": 1 / 3, "dropped": 1 / 2}
+    assert lost_objects(cam) == {"objects": 3, "lost": 1 / 3}

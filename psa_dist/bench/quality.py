@@ -42,6 +42,7 @@ def row_of(name: str, overrides: list, out: Path, seconds: float) -> dict:
            "walk_recall": round(ev["rw"]["fg_recall"], 3), "seg": m.get("seg"),
            "seg_full": m.get("seg_full"), "seg_ratio": report.get("seg_vs_full"),
            "final_loss": report.get("final_loss", {}), "epochs": report.get("epochs", {}),
+           "objects": report.get("objects", {}),
            "minutes": round(seconds / 60, 1)}
     row["goals_met"] = bool(row["walk_gain"] is not None and row["walk_gain"] >= GOALS["walk_gain"]
                             and row["seg_ratio"] is not None

@@ -60,3 +60,30 @@ def recall_and_leak(mat: torch.Tensor) -> dict:
     fg = m[1:].sum()
     return {"fg_recall": float(m[1:, 1:].diag().sum() / fg) if fg > 0 else float("nan"),
             "bg_false_pos": float(m[0, 1:].sum() / m[0].sum()) if m[0].sum() > 0 else float("nan")}
+
+
+LOST_BELOW = 0.2    # an object is lost when under this share of its pixels gets its class
+
+
+def region_recalls(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> dict:
+    """{class id: share of its ground-truth pixels that ``pred`` gives that class}, for each
+    object class in ``target`` (an image's region of one class stands for its object)."""
+    out = {}
+    for c in target.unique().tolist():
+        if c in (0, ignore_index):
+            continue
+        inside = target == c
+        out[int(c)] = float((pred[inside] == c).sum()) / float(inside.sum())
+    return out
+
+
+def lost_objects(recalls: dict, reference: dict | None = None) -> dict:
+    """Of the objects in ``recalls`` ({(image, class): recall}), the share lost (recall under
+    ``LOST_BELOW``); with ``reference`` (the same objects under an earlier stage), also the share
+    of the objects that stage found which this one lost (``dropped``)."""
+    n = len(recalls)
+    res = {"objects": n, "lost": sum(r < LOST_BELOW for r in recalls.values()) / max(n, 1)}
+    if reference is not None:
+        found = [k for k, r in reference.items() if r >= LOST_BELOW and k in recalls]
+        res["dropped"] = sum(recalls[k] < LOST_BELOW for k in found) / max(len(found), 1)
+    return res

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..core.cam import cam_to_label
 from ..core.image import normalize, pad_to_multiple
-from ..core.metrics import ConfusionMatrix, recall_and_leak
+from ..core.metrics import ConfusionMatrix, lost_objects, recall_and_leak, region_recalls
 from ..core.pseudo_labels import perfect_walk_label
 from ..data.shards import decode_sample, iter_joined, output_path, split_shards
 from .run_dir import Run
@@ -18,13 +18,14 @@ from .trained import load_trained
 
 def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
                       bg_score: float = 0.2, bg_alpha: float = 16.0,
-                      shard_url: str | None = None) -> dict:
+                      shard_url: str | None = None, regions: dict | None = None) -> dict:
     """Score a stage's outputs against the ground-truth masks of ``split``.
 
     ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
     evaluation); "pseudo": the random-walk labels; "aff": confident-region labels, where neutral
     pixels are left out and the share of labelled pixels is reported as ``coverage``;
     "perfect_walk": :func:`perfect_walk_label` of the CAMs (the walk's ceiling on these CAMs).
+    ``regions`` (a dict): filled with each object's recall, ``{(key, class): share}``.
     """
     cm = ConfusionMatrix(num_classes + 1)
     labelled = total = 0
@@ -50,6 +51,9 @@ def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
                 target = torch.where(keep, target, torch.full_like(target, 255))
                 pred = torch.where(keep, pred, torch.zeros_like(pred))
             cm.update(pred, target)
+            if regions is not None:
+                for c, r in region_recalls(pred, target).items():
+                    regions[(raw["__key__"], c)] = r
     res = {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist(),
            **recall_and_leak(cm.mat)}
     if field == "aff":
@@ -81,12 +85,16 @@ def run_eval(run: Run) -> dict:
     each trained segmenter on the val split."""
     cfg, res = run.cfg, {}
     split, url, k = cfg.data.train_split, cfg.data.shard_url, run.num_classes
+    cam_regions, walk_regions = {}, {}
     res["cam"] = eval_label_shards(run.root, split, run.stage_dir("cams"), "cam", k,
-                                   cfg.cams.eval_bg_score, shard_url=url)
+                                   cfg.cams.eval_bg_score, shard_url=url, regions=cam_regions)
     res["aff_labels"] = eval_label_shards(run.root, split, run.stage_dir("aff_labels"), "aff", k,
                                           shard_url=url)
     res["rw"] = eval_label_shards(run.root, split, run.stage_dir("random_walk"), "pseudo", k,
-                                  shard_url=url)
+                                  shard_url=url, regions=walk_regions)
+    # per object: lost by the CAM, by the walk, and found by the CAM but lost by the walk
+    res["cam"]["objects"] = lost_objects(cam_regions)
+    res["rw"]["objects"] = lost_objects(walk_regions, cam_regions)
     res["perfect_walk"] = eval_label_shards(run.root, split, run.stage_dir("cams"), "perfect_walk",
                                             k, bg_alpha=cfg.random_walk.bg_alpha, shard_url=url)
     for model in ["seg"] + (["seg_full"] if cfg.seg_full else []):
@@ -100,7 +108,10 @@ def run_eval(run: Run) -> dict:
               (f", object recall {v['fg_recall']:.2f}, background false positives "
                f"{v['bg_false_pos']:.2f}" if "fg_recall" in v else "") +
               (f" (coverage {v['coverage']:.2f}, precision {v['precision']:.2f})"
-               if "coverage" in v else ""), flush=True)
+               if "coverage" in v else "") +
+              (f"; objects lost {100 * v['objects']['lost']:.1f}%" if "objects" in v else "") +
+              (f", found by the CAM and lost by the walk {100 * v['objects']['dropped']:.1f}%"
+               if "dropped" in v.get("objects", {}) else ""), flush=True)
     return res
 
 

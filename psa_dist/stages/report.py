@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ..core.image import normalize, pad_to_multiple
+from ..core.metrics import LOST_BELOW
 from ..data.inspect import colorize
 from ..data.shards import decode_sample, iter_joined, output_path
 from ..util.atomic import atomic_write_bytes, atomic_write_json
@@ -114,6 +115,10 @@ def write_report(run) -> dict:
         if stage != "report" and run.done(stage):
             report["stage_seconds"][stage] = run.summary(stage)["seconds"]
     report["final_loss"] = final_losses(run.out)
+    if "objects" in ev.get("rw", {}):      # per object: lost by the CAM, by the walk
+        report["objects"] = {"cam_lost": round(ev["cam"]["objects"]["lost"], 4),
+                             "walk_lost": round(ev["rw"]["objects"]["lost"], 4),
+                             "walk_dropped": round(ev["rw"]["objects"]["dropped"], 4)}
     report["epochs"] = stopping_epochs(run)
     seg = load_trained(run, "seg") if run.checkpoint("seg").is_file() else None
     report["panels"] = panels(run, seg)
@@ -145,6 +150,12 @@ def markdown(report: dict, name: str) -> str:
         lines.append(f"A walk with a perfect affinity (1 inside each ground-truth region, 0 across) "
                      f"would reach **{report['perfect_walk']['miou']:.1f}** on these CAMs: the "
                      f"ceiling of what AffinityNet can recover.")
+    if "objects" in report:
+        o = report["objects"]
+        lines.append(f"Objects lost (under {int(100 * LOST_BELOW)}% of their pixels labelled "
+                     f"with their class): CAM {100 * o['cam_lost']:.1f}%, walk "
+                     f"{100 * o['walk_lost']:.1f}%; of the objects the CAM found, the walk lost "
+                     f"{100 * o['walk_dropped']:.1f}%.")
     a = report["affinity_labels"]
     lines += [f"Affinity labels: {100 * a['coverage']:.0f}% of pixels confident, "
               f"{100 * a['precision']:.0f}% of those correct.", "",
