@@ -114,6 +114,12 @@ def cmd_label(args) -> int:
     return 0
 
 
+def _add_test_time_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help=f"{prefix}test scales, e.g. 0.75 1.0 1.25 (softmax averaged)")
+    p.add_argument("--flip", action="store_true", help=f"{prefix}average with the mirror image")
+
+
 def _add_launcher_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", choices=list(LAUNCHERS),
                    help="where the trainers run (sets train_*.launcher): in this process, as a "
@@ -208,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split (default: data.train_split; for pred data.val_split)")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="pred: test scales")
-    p.add_argument("--flip", action="store_true", help="pred: average with the mirror image")
+    _add_test_time_args(p, "pred: ")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="the trained segmenter on new images (folder, glob or "
@@ -222,9 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder, glob ('imgs/**/*.jpg') or dataset dir")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--split", help="a dataset's split (default data.val_split)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales, e.g. "
-                   "0.5 1.0 1.5")
-    p.add_argument("--flip", action="store_true", help="average with the mirror image")
+    _add_test_time_args(p)
     p.add_argument("--crf", action="store_true", help="dense CRF on the probabilities "
                    "(aff_labels.crf_* settings; needs psa-dist[crf])")
     p.add_argument("--no-ray", action="store_true", help="in this process, not on Ray actors")

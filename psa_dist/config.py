@@ -111,10 +111,14 @@ class TrainConfig(JobConfig):
     tensorboard: bool = False       # also log to <model dir>/tensorboard (psa-dist[tensorboard])
     # Stop when the model has learned, judged on held-out weak labels only: the classifier on the
     # val split's image labels, AffinityNet and the segmenters on the last holdout_shards train
-    # shards' affinity / pseudo labels (left out of their training). epochs is then a cap; the
-    # weights of the best epoch are kept. None: train epochs epochs (the paper).
-    stop_patience: Optional[int] = None   # epochs without a relative improvement of stop_min_delta
+    # shards' affinity / pseudo labels (left out of their training). epochs is then a cap: the
+    # learning rate stays constant until the held-out loss has not improved by stop_min_delta
+    # (relative) for stop_patience epochs, then decays (poly) over stop_decay of the epochs so
+    # far, and training stops; the weights of the best held-out epoch are kept. None: the
+    # paper's poly schedule over epochs epochs.
+    stop_patience: Optional[int] = None
     stop_min_delta: float = 0.01
+    stop_decay: float = 0.25
     holdout_shards: int = 1
     amp: str = "bf16"               # bf16 | fp16 | none: autocast on CUDA, and bf16 on CPUs with
                                     # native bf16 (AMX / AVX512-BF16; else float32 there)
@@ -303,6 +307,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if t.stop_patience is not None and t.stop_patience < 1:
                 raise ConfigError(f"{name}.stop_patience: must be at least 1 or null, got "
                                   f"{t.stop_patience}")
+            if not 0 < t.stop_decay <= 1:
+                raise ConfigError(f"{name}.stop_decay: must be in (0, 1], got {t.stop_decay}")
             if t.holdout_shards < 1:
                 raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
         if not 0 <= cfg.random_walk.tol < 1:

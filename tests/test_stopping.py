@@ -40,13 +40,27 @@ def tiny(tmp_path):
 def test_stop_rule_on_a_known_curve():
     rule = StopRule(patience=2, min_delta=0.1)
     seen = []
-    for epoch, v in enumerate([1.0, 0.8, 0.75, 0.73]):
+    for epoch, v in enumerate([1.0, 0.8, 0.75, 0.73, 0.74]):
         seen.append((rule.update(epoch, v), rule.stop))
-    # 0.75 and 0.73 are within 10% of 0.8: no improvement; two such epochs stop it at epoch 3
-    assert seen == [(True, False), (True, False), (False, False), (False, True)]
-    assert rule.state["best_epoch"] == 1 and rule.state["best"] == 0.8
+    # 0.75 and 0.73 are within 10% of 0.8: learned after epoch 3; 0.73 stays the lowest
+    assert seen == [(True, False), (True, False), (True, False), (True, True), (False, True)]
+    assert rule.state["ref_epoch"] == 1 and rule.state["best_epoch"] == 3
     again = StopRule(2, 0.1, json.loads(json.dumps(rule.state)))    # from a checkpoint
     assert again.stop and again.state == rule.state
+
+
+def test_learned_schedule_holds_then_decays_to_zero():
+    from psa_dist.nets.optim import LearnedSchedule, poly_lr_factor
+    s = LearnedSchedule(max_steps=100, decay_frac=0.25)
+    assert s.window() == (75, 25) and s(10) == 1.0 and s(80) == poly_lr_factor(5, 25)
+    assert s.start_decay(40, step_unit=10) == 10         # a quarter of 40 steps, whole epochs
+    assert s(39) == 1.0 and s(45) == poly_lr_factor(5, 10) and s(50) == 0.0
+    assert s.finished(50) and not s.finished(49)
+    assert s.start_decay(45) is None                      # already decaying
+    late = LearnedSchedule(100, 0.25)
+    assert late.start_decay(90) is None and late.window() == (75, 25)   # the cap's own decay
+    again = LearnedSchedule(100, 0.25, state=dict(s.state))             # from a checkpoint
+    assert again.window() == (40, 10)
 
 
 def test_held_out_labels_are_left_out_of_training(tiny, tmp_path):
@@ -72,15 +86,18 @@ def test_held_out_labels_are_left_out_of_training(tiny, tmp_path):
 def test_classifier_stops_and_keeps_its_best_epoch(tiny, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(tiny, [f"out_dir={out}", "train_cls.stop_patience=1",
-                             "train_cls.stop_min_delta=0.2", "train_cls.lr=0.05"])
+                             "train_cls.stop_min_delta=0.9", "train_cls.epochs=8"])
     run_pipeline(cfg, stages=["train_cls"])
     marker = json.loads((out / "stages" / "train_cls.json").read_text())
     curve = marker["heldout_loss"]
-    assert len(curve) == marker["epochs_run"] <= 6
+    # no epoch beats the first by 90%: learned after epoch 1, a quarter of 2 epochs (rounded up
+    # to one) of decay, then it stops: 3 epochs of the cap's 8, the last at a learning rate of 0
+    assert len(curve) == marker["epochs_run"] == 3
     best = marker["best_epoch"]
     assert curve[best] == min(curve)
-    if marker["epochs_run"] < 6:         # it stopped: the last epoch did not improve enough
-        assert curve[-1] > curve[best] * 0.8
+    lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "epoch_seconds" in r]
+    assert [r["lr"] for r in epochs][:2] == [cfg.train_cls.lr] * 2 and epochs[-1]["lr"] == 0.0
     # the weights kept are the best epoch's, and their held-out loss is the curve's, recomputed
     final = load_checkpoint(out / "cls" / "checkpoint.pth")
     kept = load_checkpoint(out / "cls" / "best.pth")

@@ -1,4 +1,5 @@
-"""Optimiser and schedule of the authors' code: SGD, poly decay, ×10 / ×20 for new layers."""
+"""Optimiser and schedules: the authors' SGD with poly decay and ×10 / ×20 for new layers, and the
+schedule of a trainer that stops when it has learned (constant, then a poly decay once learned)."""
 from __future__ import annotations
 
 import torch
@@ -42,3 +43,40 @@ def poly_lr_factor(step: int, max_steps: int, power: float = 0.9) -> float:
 def build_poly_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9):
     """``lr = base_lr · lr_mult · (1 - step / max_steps)^power``, stepped once per iteration."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_lr_factor(s, max_steps, power))
+
+
+class LearnedSchedule:
+    """The learning-rate factor of a trainer that stops when it has learned: 1 until the decay
+    starts, then poly from 1 to 0 over the decay's steps, after which training ends. The decay
+    starts when the caller says the model has learned (:meth:`start_decay`), or, if it never
+    does, over the last ``decay_frac`` of ``max_steps`` (the cap). Its state is a plain dict
+    (``decay_from``, ``decay_steps``) kept in the checkpoint; ``LambdaLR`` calls it by step."""
+
+    def __init__(self, max_steps: int, decay_frac: float = 0.25, power: float = 0.9,
+                 state: dict | None = None):
+        self.max_steps, self.decay_frac, self.power = max_steps, decay_frac, power
+        self.state = dict(state or {"decay_from": None, "decay_steps": None})
+
+    def window(self) -> tuple[int, int]:
+        if self.state["decay_from"] is not None:
+            return self.state["decay_from"], self.state["decay_steps"]
+        length = max(1, round(self.decay_frac * self.max_steps))
+        return self.max_steps - length, length
+
+    def __call__(self, step: int) -> float:
+        start, length = self.window()
+        return 1.0 if step < start else poly_lr_factor(step - start, length, self.power)
+
+    def start_decay(self, step: int, step_unit: int = 1) -> int | None:
+        """Decay from ``step`` over ``decay_frac`` of the steps so far (whole ``step_unit``s, at
+        least one, within the cap); returns its length, or None when already decaying."""
+        if self.state["decay_from"] is not None or step >= self.window()[0]:
+            return None
+        units = max(1, round(self.decay_frac * step / step_unit))
+        length = min(units * step_unit, self.max_steps - step)
+        self.state.update(decay_from=step, decay_steps=length)
+        return length
+
+    def finished(self, step: int) -> bool:
+        start, length = self.window()
+        return step >= start + length

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..core.affinity import affinity_loss
 from ..nets.checkpoint import load_checkpoint, save_checkpoint
 from ..nets.models import Classifier, set_bn_eval
-from ..nets.optim import build_optimizer, build_poly_scheduler
+from ..nets.optim import LearnedSchedule, build_optimizer, build_poly_scheduler
 from ..util.dist import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from ..util.precision import amp_dtype, autocast
 from . import table
@@ -73,18 +73,24 @@ def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radiu
 
 class StopRule:
     """When a trainer has learned: the held-out loss, scored after every epoch, has not improved
-    on its best by more than ``min_delta`` (relative) for ``patience`` epochs. Its state is a
-    plain dict kept in the checkpoint, so a resumed run decides as an uninterrupted one would."""
+    on its reference (the last value that beat the one before by more than ``min_delta``,
+    relative) for ``patience`` epochs. The trainer then anneals
+    (:class:`~psa_dist.nets.optim.LearnedSchedule`) and stops, keeping the weights of the epoch
+    with the lowest held-out loss (``best_epoch``). Its state is a plain dict kept in the
+    checkpoint, so a resumed run decides as an uninterrupted one would."""
 
     def __init__(self, patience: int, min_delta: float, state: dict | None = None):
         self.patience, self.min_delta = patience, min_delta
-        self.state = state or {"curve": [], "best": None, "best_epoch": None}
+        self.state = state or {"curve": [], "ref": None, "ref_epoch": None, "best": None,
+                               "best_epoch": None}
 
     def update(self, epoch: int, value: float) -> bool:
-        """Record epoch ``epoch``'s held-out loss; True when it is the new best."""
+        """Record epoch ``epoch``'s held-out loss; True when it is the lowest so far."""
         st = self.state
         st["curve"].append([epoch, value])
-        if st["best"] is None or value < st["best"] * (1 - self.min_delta):
+        if st["ref"] is None or value < st["ref"] * (1 - self.min_delta):
+            st["ref"], st["ref_epoch"] = value, epoch
+        if st["best"] is None or value < st["best"]:
             st["best"], st["best_epoch"] = value, epoch
             return True
         return False
@@ -92,7 +98,7 @@ class StopRule:
     @property
     def stop(self) -> bool:
         st = self.state
-        return bool(st["curve"]) and st["curve"][-1][0] - st["best_epoch"] >= self.patience
+        return bool(st["curve"]) and st["curve"][-1][0] - st["ref_epoch"] >= self.patience
 
 
 @torch.no_grad()
@@ -152,22 +158,26 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
               f" on {info.device.type} ({field}={train_cfg.amp})", flush=True)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum, new_modules)
-    sched = build_poly_scheduler(opt, max_steps)
     step, epoch0, skip, stop_state = 0, 0, 0, None
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+    ck = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if ck is not None:
+        stop_state = ck.get("stop")
+    learned = (LearnedSchedule(max_steps, train_cfg.stop_decay, state=(stop_state or {}).get("lr"))
+               if heldout is not None else None)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, learned) if learned is not None
+             else build_poly_scheduler(opt, max_steps))
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         step, epoch0, skip = ck["step"], ck["epoch"], ck["step_in_epoch"]
-        stop_state = ck.get("stop")
         _set_rng_state(ck["rng"])
         if info.is_main:
             print(f"[{kind}] resumed from {ckpt_path} at epoch {epoch0}, step {step}", flush=True)
 
-    stopper = (StopRule(train_cfg.stop_patience, train_cfg.stop_min_delta, stop_state)
-                if heldout is not None else None)
+    stopper = (StopRule(train_cfg.stop_patience, train_cfg.stop_min_delta,
+                        (stop_state or {}).get("rule")) if heldout is not None else None)
     best_path = out_dir / "best.pth"
 
     def save(epoch: int, step_in_epoch: int) -> None:
@@ -177,7 +187,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
                 "config": config_dict or {}, "world_size": info.world_size,
-                **({"stop": stopper.state} if stopper is not None else {})})
+                **({"stop": {"rule": stopper.state, "lr": learned.state}}
+                   if stopper is not None else {})})
 
     json_log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
 
@@ -236,12 +247,16 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
             log({"kind": kind, "epoch": epoch, "step": step, "heldout_loss": h,
                  "best_epoch": stopper.state["best_epoch"]})
+            if stopper.stop:
+                decay = learned.start_decay(step, steps_per_epoch)
+                if decay and info.is_main:
+                    print(f"[{kind}] learned after epoch {epoch}: the held-out loss is no better "
+                          f"than epoch {stopper.state['ref_epoch']}'s for "
+                          f"{train_cfg.stop_patience} epochs; the learning rate decays over "
+                          f"{decay // steps_per_epoch} more epoch(s), then training stops",
+                          flush=True)
         save(epoch + 1, 0)
-        if stopper is not None and stopper.stop:
-            if info.is_main:
-                print(f"[{kind}] stopped after epoch {epoch}: held-out loss no better than epoch "
-                      f"{stopper.state['best_epoch']}'s for {train_cfg.stop_patience} epochs",
-                      flush=True)
+        if learned is not None and learned.finished(step):
             break
     if stopper is not None and stopper.state["best_epoch"] is not None:
         barrier()                 # rank 0 wrote best.pth
