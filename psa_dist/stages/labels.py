@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import torch
 
@@ -66,31 +67,38 @@ class LabelWorker:
             res = rw_shard(self.model, in_shard, cams_in, out_shard, r.beta, r.t, r.radius,
                            r.bg_alpha, self.device, r.batch_size, r.tol, crf_settings(cfg, r.crf))
         res["pid"] = os.getpid()
-        import ray
-        if ray.is_initialized():
+        ray = sys.modules.get("ray")     # imported only where the pool runs on Ray
+        if ray is not None and ray.is_initialized():
             res["node"] = ray.get_runtime_context().get_node_id()
             res["gpus"] = [str(g) for g in ray.get_gpu_ids()]
         return res
 
 
-def label_pool(run: Run, stage: str, num_actors: int = 0, log_path=None) -> ShardPool:
-    """The pool a label stage runs on: Ray actors with ``ray.enabled``, else this process. Actors
-    get GPUs where the stage has a model and ``device`` allows CUDA (affinity labels are CAM
-    thresholds and the dense CRF: CPU work, one actor per CPU even where there are GPUs)."""
+def run_pool(run: Run, name: str, worker_cls, worker_args: tuple, *, uses_model: bool,
+             log_path, use_ray: bool | None = None, num_actors: int = 0) -> ShardPool:
+    """A :class:`ShardPool` of ``worker_cls`` for this run: Ray actors with ``ray.enabled`` (or
+    ``use_ray``), else this process. Actors get GPUs where the work has a model and ``device``
+    allows CUDA; ``device=cuda`` on a Ray cluster without GPUs is an error."""
     cfg = run.cfg
-    if cfg.ray.enabled:
-        ensure_ray(cfg.ray, cfg.ray.num_cpus or None)
-    use_gpus = bool(table.stage(stage).uses_models) and not cfg.device.startswith("cpu")
-    if cfg.ray.enabled and cfg.device.startswith("cuda"):
-        import ray
-        if not ray.cluster_resources().get("GPU"):
-            raise RuntimeError(f"device={cfg.device}, but the Ray cluster has no GPU for {stage}: "
+    use_ray = cfg.ray.enabled if use_ray is None else use_ray
+    if use_ray:
+        ray = ensure_ray(cfg.ray, cfg.ray.num_cpus or None)
+        if cfg.device.startswith("cuda") and not ray.cluster_resources().get("GPU"):
+            raise RuntimeError(f"device={cfg.device}, but the Ray cluster has no GPU for {name}: "
                                f"set device=auto or cpu, or start Ray with GPUs")
-    return ShardPool(stage, LabelWorker, (stage, cfg), use_ray=cfg.ray.enabled,
-                     num_actors=num_actors or cfg.ray.num_actors, use_gpus=use_gpus,
-                     max_failures=cfg.ray.max_failures,
-                     log_path=log_path or run.out / "stages" / f"{stage}.shards.jsonl",
+    return ShardPool(name, worker_cls, worker_args, use_ray=use_ray,
+                     num_actors=num_actors or cfg.ray.num_actors,
+                     use_gpus=uses_model and not cfg.device.startswith("cpu"),
+                     max_failures=cfg.ray.max_failures, log_path=log_path,
                      local_device=str(run.device), local_threads=torch.get_num_threads())
+
+
+def label_pool(run: Run, stage: str, num_actors: int = 0, log_path=None) -> ShardPool:
+    """The pool a label stage runs on (affinity labels are CAM thresholds and the dense CRF: CPU
+    work, one actor per CPU even where there are GPUs)."""
+    return run_pool(run, stage, LabelWorker, (stage, run.cfg),
+                    uses_model=bool(table.stage(stage).uses_models), num_actors=num_actors,
+                    log_path=log_path or run.out / "stages" / f"{stage}.shards.jsonl")
 
 
 class LabelStageOnCluster:

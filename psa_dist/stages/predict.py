@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cluster.shard_pool import ShardPool, ensure_ray
 from ..config import Config
 from ..core.crf import crf_refine
 from ..core.image import normalize
@@ -36,7 +35,7 @@ from ..util.atomic import atomic_write_bytes, atomic_write_json
 from ..util.runinfo import write_run_info
 from .evaluate import score_predictions
 from .export import label_png
-from .labels import crf_settings
+from .labels import crf_settings, run_pool
 from .run_dir import Run, worker_device
 from .trained import load_trained
 
@@ -156,14 +155,9 @@ def predict(cfg: Config, input_path: str, out, scales=(1.0,), flip: bool = False
                 atomic_write_json(chunk, files[i:i + CHUNK])
             tasks.append((str(chunk), str(work / f"chunk-{i // CHUNK:06d}.json")))
             counts[str(chunk)] = len(files[i:i + CHUNK])
-    use_ray = cfg.ray.enabled if use_ray is None else use_ray
-    if use_ray:
-        ensure_ray(cfg.ray, cfg.ray.num_cpus or None)
-    pool = ShardPool("predict", PredictWorker, (cfg, str(out), tuple(scales), flip, crf, split),
-                     use_ray=use_ray, num_actors=cfg.ray.num_actors,
-                     use_gpus=not cfg.device.startswith("cpu"), max_failures=cfg.ray.max_failures,
-                     log_path=work / "tasks.jsonl", local_device=str(run.device),
-                     local_threads=torch.get_num_threads())
+    args = (cfg, str(out), tuple(scales), flip, crf, split)
+    pool = run_pool(run, "predict", PredictWorker, args, uses_model=True,
+                    log_path=work / "tasks.jsonl", use_ray=use_ray)
     summary = pool.run(tasks, counts)
     summary = {"input": str(input_path), "out": str(out), "scales": list(scales), "flip": flip,
                "crf": crf, **summary}
