@@ -24,17 +24,28 @@ class ConfigError(ValueError):
 class SynthConfig:
     """The embedded synthetic dataset (see psa_dist/data/synth.py for what each knob does)."""
     seed: int = 0
-    image_size: int = 160
+    image_size: int = 160           # the long side, in pixels, when size_range is None
+    # Images of varying size, as real datasets have: the long side drawn per image in
+    # [min, max] pixels (VOC: up to 500; COCO: up to 640). None: every long side image_size.
+    size_range: Optional[tuple] = None
+    aspect_range: tuple = (1.0, 1.0)    # width / height, drawn log-uniformly per image (VOC ~[0.5, 2])
     num_train: int = 800
     num_val: int = 200
-    num_classes: int = 6
+    num_classes: int = 6            # up to 8 patterns, then pattern x colour (80: COCO-shaped)
     min_objects: int = 1
     max_objects: int = 3
+    # Distinct classes among an image's objects, drawn in [min, max] (at most its objects); the
+    # objects' classes are drawn among those. None: each object's class drawn on its own.
+    classes_per_image: Optional[tuple] = None
     mark: str = "colour"            # colour: class pattern in a class colour | texture: luminance only
     body_pattern: float = 0.11      # strength of the class mark over the whole body (0 = none)
     part_fraction: float = 0.22     # share of the object's length that carries the strong pattern
     part_prob: float = 0.7          # probability that an object shows its part (else body mark only)
-    object_width: tuple = (0.15, 0.24)  # object width range, as a share of the image size
+    object_width: tuple = (0.15, 0.24)  # object width range, as a share of the image's short side
+    # Each object's length and width scaled by a factor drawn log-uniformly in this range: objects
+    # of very different sizes in one image, small ones included ((0.1, 1.0): from a tenth of the
+    # default size up). (1.0, 1.0): the default sizes, nothing drawn.
+    object_scale: tuple = (1.0, 1.0)
     clutter_density: float = 1.0    # multiplier on the number of background clutter strokes
     clutter_noise: float = 12.0     # std of per-pixel colour noise over the whole image (0..255)
 
@@ -126,6 +137,10 @@ class TrainConfig(JobConfig):
     # fraction of an image's pseudo label, that image's background is left out of the loss
     # (cam.distrust_background). None: the paper's plain training on every pseudo-label pixel.
     missing_class_frac: Optional[float] = None
+    # AffinityNet's loss only: which pairs of a crop it takes. all: every pair with both ends in
+    # the crop; authors: the authors' window (jiwoon-ahn/psa), which drops the pairs starting in
+    # the last radius - 1 rows or the first / last radius - 1 columns (docs/voc.md).
+    pair_border: str = "all"
 
 
 @dataclass
@@ -302,6 +317,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for name in ("train_cls", "train_aff"):     # a segmenter setting: elsewhere it would be ignored
             if getattr(cfg, name).missing_class_frac is not None:
                 raise ConfigError(f"{name}.missing_class_frac: only train_seg uses it")
+        for name in ("train_cls", "train_seg"):
+            if getattr(cfg, name).pair_border != "all":
+                raise ConfigError(f"{name}.pair_border: only train_aff uses it")
+        if cfg.train_aff.crop_size % cfg.model.aff_stride:
+            raise ConfigError(f"train_aff.crop_size: must be a multiple of model.aff_stride "
+                              f"({cfg.model.aff_stride}: its labels are cropped on whole cells), "
+                              f"got {cfg.train_aff.crop_size}")
+        if cfg.train_aff.pair_border not in ("all", "authors"):
+            raise ConfigError(f"train_aff.pair_border: must be all or authors, got "
+                              f"{cfg.train_aff.pair_border!r}")
         for name in ("train_cls", "train_aff", "train_seg"):
             t = getattr(cfg, name)
             if t.stop_patience is not None and t.stop_patience < 1:

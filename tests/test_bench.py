@@ -7,7 +7,7 @@ import torch
 
 from psa_dist.bench.random_walk import bench_random_walk, run_case, synthetic_inputs
 from psa_dist.config import load_config
-from psa_dist.core.random_walk import random_walk
+from psa_dist.core.random_walk import random_walk, random_walk_dense
 
 
 def test_bench_random_walk_compares_equal_outputs(tmp_path):
@@ -16,16 +16,22 @@ def test_bench_random_walk_compares_equal_outputs(tmp_path):
     assert row["grid"] == [9, 11] and row["channels"] == 2
     assert row["batch_equal"] is True
     assert row["max_abs_diff"] < 1e-4 and row["dense_s"] > 0 and row["speedup"] > 0
+    # the baseline is the authors' T, whose border differs: its own figure, not zero
+    assert row["border_diff"] > 1e-4 and 0 <= row["border_label_share"] <= 1
     assert row["sparse_exact_batch3_s"] > 0       # the t-step walk, timed beside the truncated one
     assert json.loads((tmp_path / "bench" / "random_walk.json").read_text())["rows"] == res["rows"]
 
 
 def test_bench_dense_case_is_the_walk(tmp_path):
-    # The dense baseline the benchmark times is the same operator: check it against random_walk.
+    # The dense baselines the benchmark times: the authors' T exactly, and ours (random_walk's).
     out = tmp_path / "o.pt"
-    run_case("dense", "6x7", 2, 1, 8.0, 16, 5, 0.0, str(out))
     feats, cams = synthetic_inputs(6, 7, 2, seed=0)
+    run_case("dense_ours", "6x7", 2, 1, 8.0, 16, 5, 0.0, str(out))
     torch.testing.assert_close(torch.load(out), random_walk(cams, feats, t=16), atol=1e-5, rtol=1e-4)
+    run_case("dense", "6x7", 2, 1, 8.0, 16, 5, 0.0, str(out))
+    torch.testing.assert_close(torch.load(out), random_walk_dense(cams, feats, 8.0, 16, 5,
+                                                                  border="authors"),
+                               atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="HxW"):
         run_case("sparse", "big", 2, 1, 8.0, 16, 5, 0.0, str(out))
 

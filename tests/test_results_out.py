@@ -115,9 +115,13 @@ def mmseg_like_loader(root, split):
 def test_export_aff_labels_and_predictions_in_the_mmseg_layout(trained, tmp_path):
     base, p, cfg = trained
     export(cfg, "aff_labels", tmp_path / "aff", layout="mmseg")
-    want = shard_labels(cfg.out_dir, "aff_labels", "aff")
+    cells = shard_labels(cfg.out_dir, "aff_labels", "aff")   # on AffinityNet's cell grid
     got = {k: a for k, _, a in mmseg_like_loader(tmp_path / "aff", "train")}
-    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    s = cfg.model.aff_stride
+    assert got.keys() == cells.keys()
+    for k, a in got.items():    # each cell's label on its s x s pixels, cut at the image's edge
+        assert np.array_equal(a, np.kron(cells[k], np.ones((s, s), np.uint8))[:a.shape[0], :a.shape[1]])
+        assert cells[k].shape == (-(-a.shape[0] // s), -(-a.shape[1] // s))
     assert any((a == 255).any() for a in got.values())                # neutral kept as 255
     export(cfg, "pred", tmp_path / "pred", layout="mmseg")
     preds = list(mmseg_like_loader(tmp_path / "pred", "val"))

@@ -240,9 +240,30 @@ def affinity_labels(cams: torch.Tensor, alpha_lo: float = 4.0, alpha_hi: float =
     return labels
 
 
+def cell_grid(height: int, width: int, stride: int) -> tuple[int, int]:
+    """The cells of an image on a feature grid of ``stride`` (a partial last cell counts): the
+    shape of its affinity labels, and of AffinityNet's features of it padded to a multiple."""
+    return -(-height // stride), -(-width // stride)
+
+
+def cells_to_pixels(labels: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """Labels on the cell grid (..., h, w) back at the image's resolution: each cell's label on
+    its ``stride`` x ``stride`` pixels, the partial last cells cut at the image's edge."""
+    if tuple(labels.shape[-2:]) != cell_grid(height, width, stride):
+        raise ValueError(f"labels of shape {tuple(labels.shape[-2:])} are not the stride-{stride} "
+                         f"cell grid {cell_grid(height, width, stride)} of a {height}x{width} image")
+    up = labels.repeat_interleave(stride, dim=-2).repeat_interleave(stride, dim=-1)
+    return up[..., :height, :width]
+
+
 def affinity_loss(features: torch.Tensor, labels: torch.Tensor, radius: int = 5,
-                  return_terms: bool = False):
+                  return_terms: bool = False, border: str = "all"):
     """``L_bg+/4 + L_fg+/4 + L-/2`` over every in-image pair within ``radius`` (the paper, stage 3).
+
+    ``border``: ``all`` takes every pair with both ends in the crop; ``authors`` the pair window
+    of the authors' code, which takes only pairs starting at least ``radius - 1`` cells from the
+    bottom, left and right edges (its label extraction slices a fixed window of start cells), so
+    a crop's border cells start no pair (86% of a 56x56 crop's pairs are kept).
 
     features (B, D, H, W), labels (B, H, W) as made by :func:`affinity_labels` at the same
     resolution. Positive pairs share a non-neutral label (bg+ if it is 0, else fg+); negative pairs
@@ -265,6 +286,12 @@ def affinity_loss(features: torch.Tensor, labels: torch.Tensor, radius: int = 5,
     lj = torch.stack([flat[:, s:s + h * row] for s in shifts], dim=1)
     lj = lj.view(labels.shape[0], len(offsets), h, row)[..., :w]
     li = labels[:, None]
+    if border == "authors":
+        start = torch.zeros(h, w, dtype=torch.bool, device=labels.device)
+        start[:max(0, h - radius + 1), radius - 1:max(radius - 1, w - radius + 1)] = True
+        li = torch.where(start, li, torch.full_like(li, NEUTRAL))
+    elif border != "all":
+        raise ValueError(f"border must be 'all' or 'authors', got {border!r}")
     valid = (li != NEUTRAL) & (lj != NEUTRAL)
     same = valid & (li == lj)
     masks = {"bg": same & (li == 0), "fg": same & (li != 0), "neg": valid & (li != lj)}

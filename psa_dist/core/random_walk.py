@@ -280,9 +280,39 @@ def dense_from_weights(weights: torch.Tensor, radius: int) -> torch.Tensor:
     return tm
 
 
+def transition_matrix_authors(features: torch.Tensor, beta: float = 8.0,
+                              radius: int = 5) -> torch.Tensor:
+    """The authors' dense ``T`` exactly (jiwoon-ahn/psa ``infer_aff``): their pairs start only at
+    cells at least ``radius - 1`` from the bottom, left and right edges (the window of their
+    index lists), so a cell near those edges links only to the pairs that end on it. ``W`` has
+    those pairs both ways and 1 on the diagonal, is raised to ``beta`` and normalised; rows here
+    (theirs normalise columns and multiply from the left: the same walk). Tests and the benchmark's
+    baseline only: O(N^2) memory."""
+    d, h, w = features.shape
+    f = features.reshape(d, -1)
+    idx = torch.arange(h * w, device=features.device).reshape(h, w)
+    p = radius - 1
+    start = idx[:max(0, h - p), p:max(p, w - p)]
+    a = torch.eye(h * w, dtype=features.dtype, device=features.device)
+    for dy, dx in neighbor_offsets(radius):
+        fr = start.reshape(-1)
+        to = idx[dy:dy + start.shape[0], p + dx:p + dx + start.shape[1]].reshape(-1)
+        wij = torch.exp(-(f[:, fr] - f[:, to]).abs().mean(0)).pow(beta)
+        a[fr, to] = wij
+        a[to, fr] = wij
+    return a / a.sum(dim=1, keepdim=True)
+
+
 def random_walk_dense(cams: torch.Tensor, features: torch.Tensor, beta: float = 8.0, t: int = 256,
-                      radius: int = 5) -> torch.Tensor:
-    """The authors' method: dense T raised to the power t (by repeated squaring), times the maps."""
+                      radius: int = 5, border: str = "all") -> torch.Tensor:
+    """The dense method: T raised to the power t (by repeated squaring), times the maps. ``border``:
+    ``all``, this project's T (every neighbour pair inside the image: what the sparse walk
+    computes); ``authors``, the authors' T exactly (:func:`transition_matrix_authors`)."""
     c, h, w = cams.shape
-    tm = transition_matrix_dense(features.to(cams.dtype), beta, radius)
+    if border == "authors":
+        tm = transition_matrix_authors(features.to(cams.dtype), beta, radius)
+    elif border == "all":
+        tm = transition_matrix_dense(features.to(cams.dtype), beta, radius)
+    else:
+        raise ValueError(f"border must be 'all' or 'authors', got {border!r}")
     return (torch.linalg.matrix_power(tm, t) @ cams.reshape(c, -1).T).T.reshape(c, h, w)

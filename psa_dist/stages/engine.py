@@ -31,16 +31,20 @@ from ..util.precision import amp_dtype, autocast
 from . import table
 
 
-def loss_for(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: int = 5):
+def loss_for(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: int = 5,
+             border: str = "all"):
     """The training loss of each trainer, on one batch. Under autocast the network runs in the low
-    precision; its outputs are cast back to float32 so that every loss is taken in full precision."""
+    precision; its outputs are cast back to float32 so that every loss is taken in full precision.
+    AffinityNet's labels come on its feature grid already (the loader crops them on the cells,
+    ``data/train_data.Augment``); ``border``: which pairs of the crop count (``affinity_loss``)."""
     if kind == "cls":
         return Classifier.loss(model(x).float(), y)
     if kind == "aff":
         f = model(x).float()
-        # Labels to the feature grid by nearest neighbour, as the authors' RescaleNearest does.
-        lab = F.interpolate(y[:, None].float(), size=f.shape[-2:], mode="nearest")[:, 0].long()
-        return affinity_loss(f, lab, radius=radius)
+        if f.shape[-2:] != y.shape[-2:]:
+            raise ValueError(f"AffinityNet's features are {tuple(f.shape[-2:])} cells, its labels "
+                             f"{tuple(y.shape[-2:])}: model.aff_stride and the labels' stride differ")
+        return affinity_loss(f, y, radius=radius, border=border)
     if kind in ("seg", "seg_full"):
         return F.cross_entropy(model(x).float(), y, ignore_index=255)
     raise ValueError(f"unknown trainer kind {kind!r}")
@@ -59,10 +63,11 @@ class JsonLog:
             f.write(line + "\n")
 
 
-def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radius: int = 5):
+def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radius: int = 5,
+               border: str = "all"):
     """One optimisation step on one batch; returns the (detached) loss."""
     with autocast(x.device, dtype):
-        loss = loss_for(kind, net, x, y, radius)
+        loss = loss_for(kind, net, x, y, radius, border)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -102,7 +107,8 @@ class StopRule:
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, kind: str, loader, device, dtype, radius: int = 5) -> float:
+def heldout_loss(model: nn.Module, kind: str, loader, device, dtype, radius: int = 5,
+                 border: str = "all") -> float:
     """The training loss of ``model`` over a held-out loader (the same draws every time), summed
     over every rank's share."""
     was = model.training
@@ -112,7 +118,7 @@ def heldout_loss(model: nn.Module, kind: str, loader, device, dtype, radius: int
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, dtype):
-            loss = loss_for(kind, model, x, y, radius)
+            loss = loss_for(kind, model, x, y, radius, border)
         total += torch.stack([loss.double() * x.shape[0], total.new_tensor(float(x.shape[0]))])
     model.train(was)
     total = all_reduce_sum(total)
@@ -211,7 +217,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         for x, y in loader:
             x = x.to(info.device, non_blocking=True)
             y = y.to(info.device, non_blocking=True)
-            loss = train_step(net, kind, x, y, opt, sched, scaler, dtype, radius)
+            loss = train_step(net, kind, x, y, opt, sched, scaler, dtype, radius,
+                              train_cfg.pair_border)
             step, k = step + 1, k + 1
             win_loss += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
             n_img, n_win = n_img + x.shape[0], n_win + x.shape[0]
@@ -242,7 +249,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
             tensorboard.panels(epoch + 1, model, x, y)
         skip = 0
         if stopper is not None:
-            h = heldout_loss(model, kind, heldout, info.device, dtype, radius)
+            h = heldout_loss(model, kind, heldout, info.device, dtype, radius, train_cfg.pair_border)
             if stopper.update(epoch, h) and info.is_main:
                 save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
             log({"kind": kind, "epoch": epoch, "step": step, "heldout_loss": h,

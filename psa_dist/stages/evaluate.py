@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.affinity import cells_to_pixels
 from ..core.cam import cam_to_label
 from ..core.image import normalize, pad_to_multiple
 from ..core.metrics import ConfusionMatrix, lost_objects, recall_and_leak, region_recalls
@@ -18,12 +19,14 @@ from .trained import load_trained
 
 def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
                       bg_score: float = 0.2, bg_alpha: float = 16.0,
-                      shard_url: str | None = None, regions: dict | None = None) -> dict:
+                      shard_url: str | None = None, regions: dict | None = None,
+                      aff_stride: int = 8) -> dict:
     """Score a stage's outputs against the ground-truth masks of ``split``.
 
     ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
     evaluation); "pseudo": the random-walk labels; "aff": confident-region labels, where neutral
-    pixels are left out and the share of labelled pixels is reported as ``coverage``;
+    pixels are left out and the share of labelled pixels is reported as ``coverage`` (the labels
+    are on the cell grid of ``aff_stride``, AffinityNet's: each cell's label counts on its pixels);
     "perfect_walk": :func:`perfect_walk_label` of the CAMs (the walk's ceiling on these CAMs).
     ``regions`` (a dict): filled with each object's recall, ``{(key, class): share}``.
     """
@@ -45,6 +48,12 @@ def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
             else:
                 pred = torch.from_numpy(out[field].astype(np.int64))
             if field == "aff":
+                try:
+                    pred = cells_to_pixels(pred, *target.shape, aff_stride)
+                except ValueError as e:
+                    raise ValueError(f"{output_path(stage_dir, shard)}: sample {raw['__key__']}: "
+                                     f"{e} (model.aff_stride={aff_stride}); labels from another "
+                                     f"stride or an older version: rerun aff-labels") from None
                 keep = pred != 255
                 labelled += int(keep.sum())
                 total += pred.numel()
@@ -89,7 +98,7 @@ def run_eval(run: Run) -> dict:
     res["cam"] = eval_label_shards(run.root, split, run.stage_dir("cams"), "cam", k,
                                    cfg.cams.eval_bg_score, shard_url=url, regions=cam_regions)
     res["aff_labels"] = eval_label_shards(run.root, split, run.stage_dir("aff_labels"), "aff", k,
-                                          shard_url=url)
+                                          shard_url=url, aff_stride=cfg.model.aff_stride)
     res["rw"] = eval_label_shards(run.root, split, run.stage_dir("random_walk"), "pseudo", k,
                                   shard_url=url, regions=walk_regions)
     # per object: lost by the CAM, by the walk, and found by the CAM but lost by the walk

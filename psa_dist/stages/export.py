@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from ..config import Config
+from ..core.affinity import cells_to_pixels
 from ..core.image import normalize
 from ..core.segment import segment_probs
 from ..data.shards import (SampleError, decode_sample, image_field, iter_joined, output_path,
@@ -101,9 +102,12 @@ def export_shard(task: dict) -> dict:
     for raw, labs in iter_joined(task["shard"], *streams):
         key = _safe_key(raw["__key__"], task["shard"])
         try:
-            s = decode_sample(raw, ["image", "cls"] if what in ("pred", "cams") else ["cls"])
+            s = decode_sample(raw, ["cls"] if what == "pseudo" else ["image", "cls"])
             got = decode_sample(labs[0], [field]) if labs else {}
-        except SampleError as e:
+            if what == "aff_labels":    # from AffinityNet's cell grid to the image's pixels
+                got["aff"] = cells_to_pixels(torch.from_numpy(got["aff"]), *s["image"].shape[:2],
+                                             task["stride"]).numpy()
+        except ValueError as e:     # a SampleError, or labels not on the cell grid
             failed.append({"key": key, "reason": str(e)})
             continue
         if what == "cams":
@@ -176,6 +180,7 @@ def export(cfg: Config, what: str, out, layout: str = "voc", split: str | None =
     counts = {s["name"]: s["count"] for s in run.info["splits"][split]["shards"]}
     tasks = [{"shard": str(s), "out": str(out), "what": what, "paths": where,
               "palette": run.info["palette"], "scales": list(scales), "flip": flip,
+              "stride": cfg.model.aff_stride,
               "labels": str(output_path(run.stage_dir(stage), s)) if what != "pred" else None,
               "marker": str(markers / f"{Path(s).name}.json")} for s in shards]
     todo = [t for t in tasks if not Path(t["marker"]).is_file()]

@@ -129,14 +129,18 @@ def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.
 
 
 def aff_label_shard(in_shard, cams_shard, out_shard, alpha_lo=4.0, alpha_hi=32.0,
-                    crf: dict | None = None) -> dict:
-    """Confident-region labels (``aff.png``, image resolution: 0 bg, class id, 255 neutral) from
-    the CAMs, with the dense CRF on both score maps when ``crf`` (its settings) is given."""
+                    crf: dict | None = None, stride: int = 8) -> dict:
+    """Confident-region labels (``aff.png``: 0 bg, class id, 255 neutral) from the CAMs, with the
+    dense CRF on both score maps when ``crf`` (its settings) is given, on AffinityNet's cell grid
+    of ``stride`` (``cell_grid`` of the image): each cell's decision from the scores averaged over
+    its pixels, as the authors' trainer takes them (``AvgPool2d(8)`` of the score maps, then the
+    argmax), never from one pixel of it."""
     t0, failed, out, io = time.monotonic(), [], [], {}
     for s in _decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed, io=io):
         cams = torch.from_numpy(s["cam"].astype(np.float32))
         refine = None if crf is None else functools.partial(_crf_scores, s["image"], crf)
-        lab = affinity_labels(cams, alpha_lo, alpha_hi, refine=refine, class_ids=s["cls"])
+        lab = affinity_labels(cams, alpha_lo, alpha_hi, refine=refine, class_ids=s["cls"],
+                              pool=stride)
         out.append({"__key__": s["key"], "aff.png": encode_mask(lab.numpy().astype(np.uint8))})
     _write(out_shard, out, io)
     return _summary(in_shard, out_shard, t0, len(out), failed, io)

@@ -61,7 +61,8 @@ class LabelWorker:
                             amp_dtype(c.amp, self.device, "cams.amp"))
         elif stage == "aff_labels":
             res = aff_label_shard(in_shard, cams_in, out_shard, cfg.aff_labels.alpha_lo,
-                                  cfg.aff_labels.alpha_hi, crf_settings(cfg, cfg.aff_labels.crf))
+                                  cfg.aff_labels.alpha_hi, crf_settings(cfg, cfg.aff_labels.crf),
+                                  cfg.model.aff_stride)
         else:
             r = cfg.random_walk
             res = rw_shard(self.model, in_shard, cams_in, out_shard, r.beta, r.t, r.radius,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.affinity import cells_to_pixels
 from ..core.image import normalize, pad_to_multiple
 from ..core.metrics import LOST_BELOW
 from ..data.inspect import colorize
@@ -39,7 +40,9 @@ def panels(run, seg_model=None, count: int = PANEL_SAMPLES) -> list[str]:
         s = decode_sample(raw, ["image", "cls", "mask"])
         row = [s["image"], colorize(s.get("mask", np.zeros(s["image"].shape[:2], np.uint8)), pal),
                _heat(decode_sample(cam, ["cam"])["cam"].astype(np.float32)),
-               colorize(decode_sample(aff, ["aff"])["aff"], pal),
+               colorize(cells_to_pixels(torch.from_numpy(decode_sample(aff, ["aff"])["aff"]),
+                                        *s["image"].shape[:2], run.cfg.model.aff_stride).numpy(),
+                        pal),
                colorize(decode_sample(rw, ["pseudo"])["pseudo"], pal)]
         if seg_model is not None:
             with torch.inference_mode():

@@ -60,7 +60,7 @@ def _loader(model, shards, tcfg, run, rank, world_size, pin_memory, num_samples=
     return make_train_loader(model, [s for s, _, _ in shards], labels if labels[0] else None,
                              run.num_classes, tcfg, num_samples or sum(c for _, _, c in shards),
                              rank=rank, world_size=world_size, seed=run.cfg.seed,
-                             pin_memory=pin_memory)
+                             pin_memory=pin_memory, label_stride=run.cfg.model.aff_stride)
 
 
 def train_loader(run: Run, model: str, tcfg, num_samples: int | None = None, rank: int = 0,
