@@ -6,7 +6,9 @@ non-zeros, so instead of the authors' dense N×N matrix (squared log2(t) times: 
 memory) we keep T as 69 weight maps and apply it t times by shifted multiply-adds over contiguous
 memory (see ``apply_transition``): O(t·N·69·C) time and O(N·69) memory, exactly the same
 operator. Pairs whose partner would leave the image are absent (no links dropped at the border,
-unlike the authors' code), and each row is normalised over the links it has.
+unlike the authors' code, whose pairs start only ``radius - 1`` cells from the bottom, left and
+right edges: :func:`transition_matrix_authors` builds their T exactly), and each row is normalised
+over the links it has.
 
 On a CPU in float32 the two hot loops, the pair distances of T and the truncated walk, run in the
 C kernels of :mod:`psa_dist.native` (torch ops elsewhere, with the same results to float rounding).

@@ -10,7 +10,8 @@ sharing a ``__key__``:
 ``mask.png``   ground-truth class map, 8-bit mode "L": 0 background, 1..C classes, 255 ignore
 ``meta.json``  ``{"source": ..., "size": [H, W]}``
 ``cam.npy``    (later stages) float16 CAMs, ``(len(cls), H, W)`` in the order of ``cls.json``
-``aff.png``    (later stages) affinity labels, mode "L" (0 bg, c fg, 255 neutral)
+``aff.png``    (later stages) affinity labels, mode "L" (0 bg, c fg, 255 neutral), on AffinityNet's
+               cell grid: ``ceil(H/s) x ceil(W/s)`` for ``s = model.aff_stride``
 ``pseudo.png`` (later stages) pseudo label, mode "L"
 =============  ==================================================================================
 
