@@ -112,7 +112,7 @@ class TrainConfig(JobConfig):
     weight_decay: float = 5e-4
     momentum: float = 0.9           # the authors' code passes 5e-4 here by accident; we use 0.9
     crop_size: int = 448
-    resize_long: tuple = (256, 512)
+    resize_long: Optional[tuple] = (256, 512)   # null: no rescaling
     color_jitter: tuple = (0.3, 0.3, 0.3, 0.1)
     num_workers: int = 2
     threads: Optional[int] = None   # intra-op threads per CPU rank; None: its CPUs less num_workers

@@ -4,7 +4,8 @@ run's label stages pointed at another dataset.
 
 Before the first stage starts, the whole chain is checked (:func:`check_chain`): every stage's
 earlier stages are done or will run before it, and the optional packages its settings need are
-installed, so a missing CRF is an error at once and not after a quarter of an hour of training.
+installed, so a missing CRF is an error at once and not after a quarter of an hour of training;
+a SLURM job shape that does not fit its work (``stages/shape.py``) is a warning at the same point.
 A rerun skips every stage with a marker; each stage resumes inside itself (trainers from their
 checkpoint, label stages at the first missing shard).
 """
@@ -22,6 +23,7 @@ from .stages.evaluate import eval_label_shards, run_eval
 from .stages.labels import run_label_stage
 from .stages.report import write_report
 from .stages.run_dir import Run, is_main_process
+from .stages.shape import warn_shape
 from .stages.train import run_train_stage
 from .util.runinfo import write_run_info
 
@@ -66,6 +68,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     run = Run(cfg)
     run.check_same_dataset(force)
     to_run = [s for s in stages if force or not run.done(s)]
+    warn_shape(cfg, to_run)     # SLURM jobs whose shape does not fit their work: said first
     check_chain(cfg, to_run, run.done)
     print(f"[run] {cfg.name}: {run.num_train} train images, {run.num_classes} classes, device "
           f"{run.device}, outputs in {out}", flush=True)

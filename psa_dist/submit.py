@@ -17,8 +17,9 @@ Inside its allocation each job runs its stages through :func:`psa_dist.pipeline.
 the same code as ``psa-dist <stage>``: training ranks take their place from submitit's environment
 (the ``torchrun`` launcher), label stages drive the Ray cluster the job started. Stages already
 marked done are not submitted, so the same command after a failure resubmits from the failed step
-on; the chain is checked (needs, optional packages) before anything is submitted. The job ids go
-to ``out_dir/stages/submitted.json``.
+on; the chain is checked (needs, optional packages) before anything is submitted, and a job
+shape that does not fit its work (no GPU for a GPU-sized model, more loader workers than CPUs) is
+a warning on stderr (``stages/shape.py``). The job ids go to ``out_dir/stages/submitted.json``.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .config import Config
 from .pipeline import check_chain, run_pipeline
 from .stages import table
 from .stages.run_dir import Run, ensure_dataset
+from .stages.shape import warn_shape
 from .util.dist import submitit_env
 
 
@@ -126,7 +128,9 @@ def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = Fa
             continue
         steps.append(slurm_chain.Step(name, stages, job_shape(cfg, stages),
                                       functools.partial(job_callable, cfg, stages)))
-    check_chain(cfg, [s for step in steps for s in step.stages], lambda s: s in done)
+    to_submit = [s for step in steps for s in step.stages]
+    warn_shape(cfg, to_submit, submit=True)     # a job without a GPU for ResNet-38: said first
+    check_chain(cfg, to_submit, lambda s: s in done)
     prefix = f"psa-{cfg.name}"
     if dry_run:
         return slurm_chain.dry_run(steps, prefix, keep_blocked)
