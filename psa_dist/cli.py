@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .bench.cost import GPU_SPEEDUP, STAGES as COST_STAGES, bench_cost
 from .bench.labels import bench_cams, bench_scaling
 from .bench.loader import bench_loader
 from .bench.quality import VARIANTS, bench_quality
@@ -157,6 +158,15 @@ def cmd_bench_scaling(args) -> int:
     return 0
 
 
+def cmd_bench_cost(args) -> int:
+    amps = {"none": ["float32"], "bf16": ["bf16"], "both": ["float32", "bf16"]}[args.amp]
+    datasets = ["voc", "coco"] if args.dataset == "both" else [args.dataset]
+    res = bench_cost(args.out, datasets, tuple(args.stages or COST_STAGES), amps, args.images,
+                     args.batch, args.gpu_speedup, args.efficiency, args.cpus_per_gpu,
+                     not args.no_bounds, args.overrides, args.size_scale)
+    return 1 if any("error" in r for r in res["rows"]) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psa-dist",
@@ -292,6 +302,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=8, help="shards the images are split into")
     p.add_argument("--tiny-shards", type=int, nargs="+", default=[250, 1000, 2000])
     p.set_defaults(func=cmd_bench_scaling)
+
+    p = bsub.add_parser("cost", help="per-image seconds, peak memory and output bytes of every "
+                        "stage at real size, and VOC / COCO extrapolated to 8, 32, 128 GPUs",
+                        description="Each stage of configs/voc_resnet38.yaml on a 500x375 image "
+                        "and of configs/coco_resnet50.yaml on a 640x480 one (random weights), in "
+                        "float32 and bf16, each case in its own process, on this CPU and on CUDA "
+                        "when present; then the time and storage of VOC train_aug (10,582 images) "
+                        "and COCO train (82,783) on 8, 32 and 128 GPUs, assumptions stated. "
+                        "Writes OUT/cost.json, OUT/cost.md, OUT/run_info.json.")
+    p.add_argument("overrides", nargs="*", help="overrides of both configs (tests: "
+                   "model.backbone=small model.segmenter=light model.aff_dims=null)")
+    p.add_argument("--dataset", choices=["voc", "coco", "both"], default="both")
+    p.add_argument("--images", type=int, default=1, help="images per case (the median is kept)")
+    p.add_argument("--amp", choices=["none", "bf16", "both"], default="both",
+                   help="float32, bf16 autocast (forced on, also on this CPU), or both")
+    p.add_argument("--stages", nargs="+", choices=list(COST_STAGES), help="default: all")
+    p.add_argument("--out", default="runs/bench/cost")
+    p.add_argument("--batch", type=int, default=1, help="images per measured training step")
+    p.add_argument("--gpu-speedup", type=float, default=GPU_SPEEDUP,
+                   help="GPU / this CPU's float32, assumed where no CUDA device was measured "
+                        f"(default {GPU_SPEEDUP:g})")
+    p.add_argument("--efficiency", type=float, default=0.9, help="G GPUs = G x this x one GPU")
+    p.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU actors of aff-labels per GPU")
+    p.add_argument("--no-bounds", action="store_true",
+                   help="skip the walk at stride 4 and ResNet-38 at scale 2.0")
+    p.add_argument("--size-scale", type=float, default=1.0,
+                   help="images and crops times this (for tests; 1 = real size)")
+    p.set_defaults(func=cmd_bench_cost)
 
     data = sub.add_parser("data", help="create, convert and look at datasets (WebDataset shards)")
     dsub = data.add_subparsers(dest="data_command", required=True)

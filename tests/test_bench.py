@@ -56,3 +56,68 @@ def test_bench_scaling_on_ray(tmp_path):
     assert [r["actors"] for r in res["rows"]] == [1, 2]
     assert [r["shards"] for r in res["tiny"]] == [6, 12]
     assert all(r["shards_per_s"] > 0 for r in res["tiny"])
+
+
+def _naive_hours(images, epochs, seconds, divisor, gpus, efficiency):
+    gpu_seconds = seconds / divisor
+    return images * epochs * gpu_seconds / (gpus * efficiency) / 3600
+
+
+def test_bench_cost_extrapolation_is_the_stated_formula():
+    from psa_dist.bench.cost_report import extrapolate
+    row = {"dataset": "voc", "precision": "float32", "device": "cpu", "tar_bytes": 1024}
+    rows = [{**row, "stage": "cams", "seconds": 60.0},
+            {**row, "stage": "cams", "device": "cuda", "precision": "bf16", "seconds": 0.5},
+            {**row, "stage": "aff_labels", "seconds": 2.0},
+            {**row, "stage": "aff_labels", "device": "cuda", "seconds": 0.1},   # not used: the CRF
+            {**row, "stage": "train_cls", "seconds": 30.0, "tar_bytes": 10**8},
+            {**row, "stage": "train_aff", "seconds": 1.0, "error": "exit 1"}]      # left out
+    plan = {"voc": {"images": 1000, "epochs": {"train_cls": 3}, "checkpoints": {},
+                    "sample_tar_bytes": 2048}}
+    ex = extrapolate(rows, plan, gpu_speedup=100.0, efficiency=0.5, cpus_per_gpu=4, gpus=(2, 8))
+    t = {r["stage"]: r for r in ex["time"]}
+    assert set(t) == {"cams", "aff_labels", "train_cls", "total"}
+    assert t["cams"]["hours"]["2"] == pytest.approx(_naive_hours(1000, 1, 0.5, 1, 2, 0.5))
+    assert t["aff_labels"]["hours"]["8"] == pytest.approx(_naive_hours(1000, 1, 2.0, 4, 8, 0.5))
+    assert t["train_cls"]["hours"]["8"] == pytest.approx(_naive_hours(1000, 3, 30.0, 100, 8, 0.5))
+    assert t["total"]["hours"]["2"] == pytest.approx(sum(t[s]["hours"]["2"] for s in t if s != "total"))
+    gb = {s["what"]: s["total_gb"] for s in ex["storage"]}
+    assert gb["cams"] == pytest.approx(1000 * 1024 / 1e9)
+    assert gb["train_cls checkpoint"] == pytest.approx(0.1)
+    assert gb["total"] == pytest.approx(sum(v for k, v in gb.items() if k != "total"))
+
+
+@pytest.mark.slow
+def test_bench_cost_tiny_cut(tmp_path):
+    # The real command on a tiny cut: small networks, images and crops at 1/8 of the real size.
+    from psa_dist.cli import main
+    stages = ["train_cls", "aff_labels", "random_walk"]
+    rc = main(["bench", "cost", "--dataset", "voc", "--amp", "both", "--stages", *stages,
+               "--size-scale", "0.125", "--gpu-speedup", "50", "--out", str(tmp_path),
+               "model.backbone=small", "model.segmenter=light", "model.aff_dims=null"])
+    assert rc == 0
+    res = json.loads((tmp_path / "cost.json").read_text())
+    assert res["devices"]["cpu"] and "threads" in res["devices"]["cpu"]     # the CPU named
+    assert (tmp_path / "cost.md").is_file() and (tmp_path / "run_info.json").is_file()
+    rows = {(r["stage"], r["precision"]): r for r in res["rows"] if r["device"] == "cpu"}
+    # every stage asked; the trainer in both precisions, the label stages in float32 (no amp)
+    assert set(rows) == {("train_cls", "float32"), ("train_cls", "bf16"),
+                         ("aff_labels", "float32"), ("random_walk", "float32")}
+    for r in rows.values():
+        assert r["seconds"] > 0 and r["output_bytes"] > 0 and r["tar_bytes"] >= r["output_bytes"]
+        assert r["peak_mb"] >= 0 and r["size"] == [47, 62]
+    cfg = load_config("configs/voc_resnet38.yaml")
+    a = res["extrapolation"]["assumptions"]
+    assert (a["gpu_speedup"], a["efficiency"], a["cpus_per_gpu"]) == (50.0, 0.9, 8)
+    hours = {r["stage"]: r["hours"] for r in res["extrapolation"]["time"]}
+    assert set(hours) == {*stages, "total"}
+    for g in (8, 32, 128):
+        assert hours["train_cls"][str(g)] == pytest.approx(_naive_hours(
+            10582, cfg.train_cls.epochs, rows["train_cls", "float32"]["seconds"], 50, g, 0.9))
+        assert hours["aff_labels"][str(g)] == pytest.approx(_naive_hours(
+            10582, 1, rows["aff_labels", "float32"]["seconds"], 8, g, 0.9))
+        assert hours["random_walk"][str(g)] == pytest.approx(_naive_hours(
+            10582, 1, rows["random_walk", "float32"]["seconds"], 50, g, 0.9))
+    store = {s["what"]: s for s in res["extrapolation"]["storage"]}
+    assert store["random_walk"]["total_gb"] == pytest.approx(
+        10582 * rows["random_walk", "float32"]["tar_bytes"] / 1e9)

@@ -1,0 +1,369 @@
+"""`psa-dist bench cost`: what one image costs at real size in each stage, and what a dataset would.
+
+Per stage of the pipeline, on a VOC-sized image (500x375, ``configs/voc_resnet38.yaml``: ResNet-38)
+and a COCO-sized one (640x480, ``configs/coco_resnet50.yaml``: ResNet-50), with randomly
+initialised networks (speed does not depend on the weights; ``model.pretrained`` is overridden):
+seconds per image (the median of ``--images`` repeats after a warm-up at a quarter of the size),
+the peak memory the stage added (CPU: the process's peak RSS, ``VmHWM``, minus its RSS before the
+model was built; CUDA: ``torch.cuda.max_memory_allocated``) and the bytes of its output (the shard
+sample the stage writes, encoded by ``data/shards.py``; a trainer's is its checkpoint, once per
+run). Each case runs in a fresh subprocess so that its peak memory is its own, in float32 and
+under bf16 autocast (forced on, whatever ``util/precision.py`` would pick for this CPU) for the
+stages that have a precision setting. The label stages are the stages' own per-shard functions
+(``cam_shard``, ``aff_label_shard``, ``rw_shard``) on a one-image shard; the trainers are one
+``train_step`` of the engine on crops of the config's size.
+
+From the per-image figures, :func:`extrapolate` gives the time of VOC train_aug and COCO train on
+8, 32 and 128 GPUs and the storage of every stage's outputs; each assumption is written beside the
+figures (``ASSUMPTIONS``). The bounds measure what may not fit: the walk at stride 4 on the
+640-px image, ResNet-38 at scale 2.0 of the 500-px image, each projected to the config's batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..config import SynthConfig, load_config
+from ..core.affinity import cell_grid
+from ..core.crf import crf_available
+from ..core.image import normalize
+from ..data.shards import encode_image, encode_json, encode_mask, encode_npy, iter_shard, write_shard
+from ..data.synth import render
+from ..nets.backbones import build_backbone
+from ..nets.models import AffinityNet, build_classifier, build_segmenter, set_bn_eval
+from ..nets.optim import build_optimizer, build_poly_scheduler
+from ..stages.engine import train_step
+from ..stages.labelgen import aff_label_shard, cam_shard, rw_shard
+from ..stages.labels import crf_settings
+from ..util.atomic import atomic_write_bytes, atomic_write_json
+from ..util.precision import AMP_DTYPES, amp_dtype
+from ..util.runinfo import write_run_info
+from .cost_report import GPU_SPEEDUP, LIMIT_GIB, STAGES, TRAIN, at_batch, extrapolate, tables
+
+_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# size (H, W), classes, the classes of the image (2 for VOC: train_aug has 1.5 per image; 3 for
+# COCO: 2.9), images of the training split labelled
+DATASETS = {
+    "voc": {"config": "voc_resnet38.yaml", "size": (375, 500), "classes": 20, "present": [12, 15],
+            "images": 10582, "split": "VOC 2012 train_aug"},
+    "coco": {"config": "coco_resnet50.yaml", "size": (480, 640), "classes": 80,
+             "present": [1, 3, 10], "images": 82783, "split": "COCO 2014 train"},
+}
+AMP_STAGES = ("train_cls", "cams", "train_aff", "train_seg")     # stages with a *.amp setting
+# name -> (dataset, stage it is a case of, extra overrides, what it bounds)
+BOUNDS = {
+    "walk_stride4": ("coco", "random_walk", ["model.aff_stride=4"],
+                     "AffinityNet at stride 4 + the walk on the COCO image (the walk's memory)"),
+    "resnet38_scale2": ("voc", "cams", ["cams.scales=[2.0]"],
+                        "ResNet-38 CAMs at scale 2.0 + flip of the VOC image (the largest input)"),
+}
+
+
+# ----------------------------------------------------------------------------- one case (subprocess)
+def dataset_config(name: str, overrides=()):
+    """The dataset's config with its weight files switched off (they are absent) and overrides."""
+    return load_config(_CONFIGS / DATASETS[name]["config"],
+                       ["model.pretrained=null", "model.seg_pretrained=null", *overrides])
+
+
+def _size(ds: dict, scale: float) -> tuple[int, int]:
+    return tuple(max(16, round(v * scale)) for v in ds["size"])
+
+
+def _scene(h: int, w: int, seed: int):
+    """A synthetic scene (image, object mask) of h x w: smooth background, objects, noise."""
+    image, mask, _ = render(SynthConfig(image_size=max(h, w), seed=seed), "train", 0)
+    return np.ascontiguousarray(image[:h, :w]), np.ascontiguousarray(mask[:h, :w])
+
+
+def _labels(mask: np.ndarray, present) -> torch.Tensor:
+    """Object pixels labelled with the dataset's classes in turn, background 0."""
+    lut = torch.tensor([0] + [present[(v - 1) % len(present)] for v in range(1, 256)])
+    return lut[torch.from_numpy(mask).long()]
+
+
+def _cams(mask: np.ndarray, present) -> np.ndarray:
+    """CAM-like maps in [0, 1] (K, H, W) for the K present classes: blurred object masks."""
+    lab = _labels(mask, present)
+    maps = torch.stack([(lab == c).float() for c in present])[None]
+    maps = F.avg_pool2d(maps, 31, 1, 15, count_include_pad=False)[0]
+    return (maps / maps.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-5)).numpy()
+
+
+def _sync(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _mem(device, peak: bool) -> float:
+    """MB: the peak (or current) RSS of this process, or CUDA's peak (or current) allocation."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
+    field = "VmHWM:" if peak else "VmRSS:"
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) / 1024 for x in f if x.startswith(field))
+
+
+def _weights_mb(model) -> tuple[float, float]:
+    """(weights and buffers, trainable parameters) in MB."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    train = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return total / 2**20, train / 2**20
+
+
+def _sample_bytes(shard: Path) -> tuple[int, int]:
+    """(encoded field bytes, tar bytes) of the first sample of a shard."""
+    sample = next(iter(iter_shard(shard)))
+    sizes = [len(v) for k, v in sample.items() if not k.startswith("__")]
+    return sum(sizes), sum(512 + -(-n // 512) * 512 for n in sizes)
+
+
+def _trainer(cfg, ds, stage, device, dtype, batch):
+    kind = TRAIN[stage]
+    tcfg = getattr(cfg, stage)
+    if kind == "cls":
+        model = build_classifier(cfg.model, ds["classes"])
+    elif kind == "aff":
+        model = AffinityNet(build_backbone(cfg.model.backbone), cfg.model.aff_dims,
+                            cfg.model.aff_stride)
+    else:
+        model = build_segmenter(cfg.model, ds["classes"] + 1)
+    model.to(device).train()
+    if cfg.model.freeze_bn:
+        set_bn_eval(model)
+    elif kind == "seg":
+        batch = max(batch, 2)          # ASPP's pooled branch has BN on 1x1 maps: batch 1 fails
+    opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, model.new_modules())
+    sched = build_poly_scheduler(opt, 10**6)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    weights, trainable = _weights_mb(model)
+
+    def once(image, mask, scale, tmp):
+        crop = max(32, round(tcfg.crop_size * scale))
+        grid = cell_grid(crop, crop, cfg.model.aff_stride) if kind == "aff" else (crop, crop)
+        x = F.interpolate(normalize(torch.from_numpy(image)[None]), size=(crop, crop),
+                          mode="bilinear", align_corners=False).repeat(batch, 1, 1, 1)
+        lab = F.interpolate(_labels(mask, ds["present"])[None, None].float(), size=grid,
+                            mode="nearest")[0, 0].long()       # AffinityNet's: on its cells
+        if kind == "cls":
+            y = torch.zeros(batch, ds["classes"])
+            y[:, torch.tensor(ds["present"]) - 1] = 1
+        else:
+            if kind == "aff":          # a neutral band where the label changes, as affinity labels
+                lab[:, 1:][lab[:, 1:] != lab[:, :-1]] = 255
+            y = lab[None].repeat(batch, 1, 1)
+        x, y = x.to(device), y.to(device)
+        t0 = _sync(device)
+        train_step(model, kind, x, y, opt, sched, scaler, dtype, cfg.random_walk.radius,
+                   border=tcfg.pair_border)
+        return (_sync(device) - t0) / batch
+
+    def output(tmp):
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
+        return buf.tell(), buf.tell()
+
+    return once, output, {"batch": batch, "config_batch": tcfg.batch_size, "weights_mb": weights,
+                          "fixed_mb": weights + 2 * trainable, "per": "run (checkpoint)"}
+
+
+def _label_stage(cfg, ds, stage, device, dtype, batch):
+    crf = crf_settings(cfg, cfg.aff_labels.crf and crf_available())
+    model = None
+    if stage == "cams":
+        model = build_classifier(cfg.model, ds["classes"]).to(device).eval()
+    elif stage == "random_walk":
+        model = AffinityNet(build_backbone(cfg.model.backbone), cfg.model.aff_dims,
+                            cfg.model.aff_stride).to(device).eval()
+    weights = _weights_mb(model)[0] if model is not None else 0.0
+    last = {}
+
+    def once(image, mask, scale, tmp):
+        key = f"img{len(last)}"
+        write_shard(tmp / "in.tar", [{"__key__": key, "jpg": encode_image(image),
+                                      "cls.json": encode_json(ds["present"])}])
+        write_shard(tmp / "cams.tar", [{"__key__": key, "cls.json": encode_json(ds["present"]),
+                                        "cam.npy": encode_npy(_cams(mask, ds["present"]))}])
+        out = tmp / f"{stage}{len(last)}.tar"
+        t0 = _sync(device)
+        if stage == "cams":
+            c = cfg.cams
+            cam_shard(model, tmp / "in.tar", out, ds["classes"], tuple(c.scales), c.flip, device,
+                      1, dtype)
+        elif stage == "aff_labels":
+            a = cfg.aff_labels
+            aff_label_shard(tmp / "in.tar", tmp / "cams.tar", out, a.alpha_lo, a.alpha_hi, crf,
+                            cfg.model.aff_stride)
+        else:
+            r = cfg.random_walk
+            rw_shard(model, tmp / "in.tar", tmp / "cams.tar", out, r.beta, r.t, r.radius, r.bg_alpha,
+                     device, 1, r.tol, crf_settings(cfg, r.crf and crf_available()))
+        seconds = _sync(device) - t0
+        last["out"] = out
+        return seconds
+
+    def output(tmp):
+        return _sample_bytes(last["out"])
+
+    batch = {"cams": cfg.cams.batch_size, "random_walk": cfg.random_walk.batch_size}.get(stage, 1)
+    notes = {"aff_labels": "dense CRF" if crf else "no CRF (pydensecrf not installed)"}
+    return once, output, {"batch": 1, "config_batch": batch, "weights_mb": weights,
+                          "fixed_mb": weights, "per": "image", "note": notes.get(stage, "")}
+
+
+def run_case(spec: dict) -> dict:
+    """One stage of one dataset at one precision on one device, in this process."""
+    device = torch.device(spec["device"])
+    cfg = load_config(spec["config"], spec.get("overrides", ()))
+    ds = DATASETS[spec["dataset"]]
+    dtype = AMP_DTYPES["bf16"] if spec["precision"] == "bf16" else None
+    h, w = _size(ds, spec.get("size_scale", 1.0))
+    scenes = [_scene(h, w, seed) for seed in range(spec.get("images", 1))]
+    warm = _scene(max(16, h // 4), max(16, w // 4), 99)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = _mem(device, peak=False)
+    make = _trainer if spec["stage"] in TRAIN else _label_stage
+    with tempfile.TemporaryDirectory() as tmp:
+        once, output, info = make(cfg, ds, spec["stage"], device, dtype, spec.get("batch", 1))
+        scale = spec.get("size_scale", 1.0)           # of the crops too (tests)
+        once(*warm, 0.25 * scale, Path(tmp))
+        seconds = []
+        for i, (image, mask) in enumerate(scenes):
+            seconds.append(once(image, mask, scale, Path(tmp)))
+            print(f"[bench cost]   {spec['dataset']} {spec['stage']} {spec['precision']} "
+                  f"{device.type}: image {i + 1}/{len(scenes)} {seconds[-1]:.2f} s", file=sys.stderr,
+                  flush=True)
+        peak = _mem(device, peak=True) - base
+        out_bytes, tar_bytes = output(Path(tmp))
+    return {**{k: spec[k] for k in ("dataset", "stage", "precision", "device")},
+            "size": [h, w], "seconds": statistics.median(seconds), "seconds_all": seconds,
+            "peak_mb": round(peak, 1), "output_bytes": out_bytes, "tar_bytes": tar_bytes,
+            "threads": torch.get_num_threads(),
+            **{k: round(v, 1) if isinstance(v, float) else v for k, v in info.items()}}
+
+
+def _subprocess(spec: dict) -> dict:
+    code = ("import json,sys; from psa_dist.bench.cost import run_case; "
+            "print(json.dumps(run_case(json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE,
+                          text=True)
+    if proc.returncode != 0:
+        why = "killed: out of memory?" if proc.returncode in (-9, 137) else "its error is above"
+        return {**spec, "error": f"exit {proc.returncode} ({why})"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the bench
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    with open("/proc/cpuinfo") as f:
+        model = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), "?")
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _what(cfg, stage: str, size, scale: float = 1.0) -> str:
+    m = cfg.model
+    if stage in TRAIN:
+        net = {"train_cls": m.backbone, "train_aff": f"{m.backbone} AffinityNet",
+               "train_seg": m.segmenter}[stage]
+        return f"{net}, train step, crop {max(32, round(getattr(cfg, stage).crop_size * scale))}"
+    if stage == "cams":
+        return (f"{m.backbone}, {size[1]}x{size[0]}, scales {list(cfg.cams.scales)}"
+                f"{' + flip' if cfg.cams.flip else ''}")
+    if stage == "aff_labels":
+        return f"CAM thresholds + dense CRF ({cfg.aff_labels.crf_iters} it.) at {size[1]}x{size[0]}"
+    return (f"{m.backbone} AffinityNet stride {m.aff_stride} + walk t {cfg.random_walk.t}, "
+            f"{size[1]}x{size[0]}")
+
+
+def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
+               amps=("float32", "bf16"), images: int = 1, batch: int = 1,
+               gpu_speedup: float = GPU_SPEEDUP, efficiency: float = 0.9, cpus_per_gpu: int = 8,
+               bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None) -> dict:
+    """Every case in its own subprocess, then the tables; writes OUT/cost.json, cost.md and
+    run_info.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    devices = list(devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))
+    cfgs = {d: dataset_config(d, overrides) for d in datasets}
+    for d, cfg in cfgs.items():     # resolved once: every case reads this file, not the config
+        (out / f"config_{d}.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(
+            dataclasses.asdict(cfg)))))
+    common = {"images": images, "batch": batch, "size_scale": size_scale}
+    cases = [{**common, "dataset": d, "stage": s, "precision": p, "device": dev, "overrides": [],
+              "config": str(out / f"config_{d}.yaml")}
+             for dev in devices for d in datasets for s in stages
+             for p in (amps if s in AMP_STAGES else ["float32"])
+             if not (dev == "cuda" and s == "aff_labels")]      # the CRF runs on the CPU anyway
+    bound_cases = [{**common, "dataset": d, "stage": s, "precision": "float32", "device": dev,
+                    "overrides": extra, "config": str(out / f"config_{d}.yaml"), "bound": name,
+                    "about": about}
+                   for dev in devices for name, (d, s, extra, about) in BOUNDS.items()
+                   if bounds and d in datasets and s in stages]
+    t0 = time.monotonic()
+    rows, bound_rows = [], []
+    for i, spec in enumerate(cases + bound_cases):
+        label = f"{spec['dataset']} {spec.get('bound', spec['stage'])} {spec['precision']} " \
+                f"{spec['device']}"
+        print(f"[bench cost] case {i + 1}/{len(cases) + len(bound_cases)}: {label} "
+              f"(elapsed {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+        r = _subprocess(spec)
+        cfg = load_config(spec["config"], spec["overrides"])
+        r["what"] = _what(cfg, spec["stage"], _size(DATASETS[spec["dataset"]], size_scale),
+                          size_scale)
+        if "error" in r:
+            print(f"[bench cost] {label}: FAILED, {r['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"[bench cost] {label}: {r['seconds']:.2f} s/img, peak +{r['peak_mb']:.0f} MB, "
+                  f"output {r['output_bytes']:,} B", file=sys.stderr, flush=True)
+        if "bound" in spec:
+            r.update(bound=spec["bound"], about=spec["about"])
+            if "error" not in r:
+                r["at_config_batch_mb"] = at_batch(r)
+                worst = max(r["peak_mb"], r["at_config_batch_mb"]) / 1024
+                r["verdict"] = "yes" if worst <= LIMIT_GIB else f"**no** ({worst:.1f} GiB)"
+            bound_rows.append(r)
+        else:
+            rows.append(r)
+    plan = {}
+    for d, cfg in cfgs.items():
+        ds = DATASETS[d]
+        image, mask = _scene(*_size(ds, size_scale), 0)
+        fields = [encode_image(image), encode_json(ds["present"]), encode_mask(mask)]
+        plan[d] = {"images": ds["images"], "split": ds["split"],
+                   "sample_tar_bytes": sum(512 + -(-len(b) // 512) * 512 for b in fields),
+                   "epochs": {s: getattr(cfg, s).epochs for s in TRAIN},
+                   "checkpoints": {"train_seg": 2 if cfg.seg_full else 1}}
+        plan[d]["epochs"]["train_seg"] *= 2 if cfg.seg_full else 1
+    res = {"bench": "cost", "devices": {d: device_name(d) for d in devices},
+           "project_default_precision": {d: str(amp_dtype("bf16", torch.device(d)) or "float32")
+                                         for d in devices},
+           "threads": torch.get_num_threads(), "size_scale": size_scale, "images": images,
+           "rows": rows, "bounds": bound_rows, "plan": plan,
+           "extrapolation": extrapolate(rows, plan, gpu_speedup, efficiency, cpus_per_gpu),
+           "seconds": round(time.monotonic() - t0, 1)}
+    atomic_write_json(out / "cost.json", res)
+    md = tables(res)
+    atomic_write_bytes(out / "cost.md", md.encode())
+    write_run_info(out, {d: dataclasses.asdict(c) for d, c in cfgs.items()},
+                   bench={k: v for k, v in res.items() if k not in ("rows", "bounds",
+                                                                  "extrapolation")})
+    failed = sum("error" in r for r in rows + bound_rows)
+    print(md + f"[bench cost] {len(rows) + len(bound_rows)} cases ({failed} failed) in "
+          f"{res['seconds']:.0f} s; wrote {out / 'cost.json'}, {out / 'cost.md'}", flush=True)
+    return res

@@ -1,0 +1,153 @@
+"""The arithmetic and the tables of `psa-dist bench cost` (``bench/cost.py`` measures): what a
+whole dataset would take from the per-image figures, under the assumptions written beside them,
+and cost.md. Pure functions of the measured rows, so that a test can redo the sums.
+"""
+from __future__ import annotations
+
+STAGES = ("train_cls", "cams", "aff_labels", "train_aff", "random_walk", "train_seg")
+TRAIN = {"train_cls": "cls", "train_aff": "aff", "train_seg": "seg"}
+GPUS = (8, 32, 128)
+GPU_SPEEDUP = 200.0     # assumed GPU / this CPU (float32) when no GPU was measured: see ASSUMPTIONS
+LIMIT_GIB = 24.0
+ASSUMPTIONS = {
+    "gpu_speedup": "one GPU runs a network stage this many times faster than this CPU in float32 "
+                   "(assumed when no CUDA device was measured; default 200: an A100-class GPU "
+                   "under bf16 autocast against this CPU's ~115 GFLOP/s; measured instead when "
+                   "CUDA is present)",
+    "efficiency": "G GPUs run G x efficiency times faster than one (DDP trainers and Ray label "
+                  "actors alike)",
+    "epochs": "trainers: the config's train_*.epochs (train_seg twice with seg_full); label "
+              "stages: one pass",
+    "actors": "cams and random-walk: one image at a time on each GPU's Ray actor; aff-labels (the "
+              "CRF, no network) on CPU actors, cpus_per_gpu of them per GPU, each at this CPU's "
+              "speed",
+    "storage": "tar bytes of each stage's output sample (512-byte header + data padded to 512) x "
+               "images; checkpoints once; the dataset's JPEGs are synthetic scenes (quality 90)",
+    "memory_at_batch": "peak at the config's batch = fixed (weights, and for a trainer its "
+                       "gradients and momentum) + batch x (measured peak - fixed) / measured batch",
+}
+
+
+def at_batch(row: dict, batch: int | None = None) -> float:
+    """MB at ``batch`` (the config's by default), linear in the batch beyond the fixed part."""
+    b = batch or row.get("config_batch") or row["batch"]
+    return row["fixed_mb"] + b / row["batch"] * max(row["peak_mb"] - row["fixed_mb"], 0.0)
+
+
+def _basis(rows: list, dataset: str, stage: str) -> dict | None:
+    """The measured row a GPU's time is taken from: CUDA (bf16 first) when measured, else this
+    CPU's float32; the CRF always from the CPU."""
+    order = [("cpu", "float32"), ("cpu", "bf16")]
+    if stage != "aff_labels":
+        order = [("cuda", "bf16"), ("cuda", "float32")] + order
+    ok = {(r["device"], r["precision"]): r for r in rows
+          if r["dataset"] == dataset and r["stage"] == stage and "error" not in r}
+    return next((ok[k] for k in order if k in ok), None)
+
+
+def extrapolate(rows: list, plan: dict, gpu_speedup: float = GPU_SPEEDUP, efficiency: float = 0.9,
+                cpus_per_gpu: int = 8, gpus=GPUS) -> dict:
+    """Hours and bytes of whole datasets from the per-image rows. ``plan``: dataset -> images,
+    epochs per stage, checkpoints kept per trainer, and the dataset's own bytes per sample.
+
+    GPU seconds per image s = measured CUDA seconds, or this CPU's / ``gpu_speedup`` (aff-labels:
+    this CPU's / ``cpus_per_gpu``); hours on G GPUs = images x epochs x s / (G x efficiency) / 3600.
+    """
+    res = {"assumptions": {"gpu_speedup": gpu_speedup, "efficiency": efficiency,
+                           "cpus_per_gpu": cpus_per_gpu, "gpus": list(gpus), "text": ASSUMPTIONS},
+           "time": [], "storage": []}
+    for name, p in plan.items():
+        total = {str(g): 0.0 for g in gpus}
+        store = [{"dataset": name, "what": "dataset (image, cls.json, mask.png)",
+                  "bytes_each": p["sample_tar_bytes"], "count": p["images"]}]
+        for stage in STAGES:
+            r = _basis(rows, name, stage)
+            if r is None:
+                continue
+            if stage == "aff_labels":
+                s, how = r["seconds"] / cpus_per_gpu, f"this CPU / {cpus_per_gpu} CPU actors"
+            elif r["device"] == "cuda":
+                s, how = r["seconds"], f"CUDA {r['precision']}, measured"
+            else:
+                s, how = r["seconds"] / gpu_speedup, f"this CPU {r['precision']} / {gpu_speedup:g}"
+            epochs = p["epochs"].get(stage, 1)
+            hours = {str(g): p["images"] * epochs * s / (g * efficiency) / 3600 for g in gpus}
+            res["time"].append({"dataset": name, "stage": stage, "images": p["images"],
+                                "epochs": epochs, "gpu_seconds_per_image": s, "basis": how,
+                                "hours": hours})
+            total = {g: total[g] + hours[g] for g in total}
+            count = p["checkpoints"].get(stage, 1) if stage in TRAIN else p["images"]
+            store.append({"dataset": name, "what": stage + (" checkpoint" if stage in TRAIN else ""),
+                          "bytes_each": r["tar_bytes"], "count": count})
+        res["time"].append({"dataset": name, "stage": "total", "hours": total})
+        for s_ in store:
+            s_["total_gb"] = s_["bytes_each"] * s_["count"] / 1e9
+        store.append({"dataset": name, "what": "total", "total_gb": sum(x["total_gb"] for x in store)})
+        res["storage"] += store
+    return res
+
+
+def _fmt_s(s) -> str:
+    return "–" if s is None else (f"{s:.2f}" if s < 100 else f"{s:.0f}")
+
+
+def _fmt_h(h: float) -> str:
+    return f"{h * 60:.1f} min" if h < 1 else (f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} d")
+
+
+def tables(res: dict) -> str:
+    """cost.md: the measured rows, the bounds, the extrapolation, its storage and assumptions."""
+    by = {}
+    for r in res["rows"]:
+        by.setdefault((r["dataset"], r["stage"], r["device"]), {})[r["precision"]] = r
+    out = [f"Devices: {'; '.join(f'{k}: {v}' for k, v in res['devices'].items())}. "
+           f"Precision the project picks here: {res['project_default_precision']}.", "",
+           "| dataset | stage | what | device | float32 s/img | bf16 s/img | bf16/float32 | "
+           "peak MB float32 / bf16 | MB at config batch | output bytes |", "|" + "---|" * 10]
+    for (ds, stage, dev), pr in by.items():
+        f32, b16 = pr.get("float32", {}), pr.get("bf16", {})
+        any_ = f32 or b16
+        if "error" in any_:
+            out.append(f"| {ds} | {stage} | {any_.get('what', '')} | {dev} | {any_['error']} |"
+                       + " |" * 6)
+            continue
+        ratio = (f"{b16['seconds'] / f32['seconds']:.2f}" if f32.get("seconds") and
+                 b16.get("seconds") else "–")
+        peaks = " / ".join(f"{x['peak_mb']:.0f}" if "peak_mb" in x else "–" for x in (f32, b16))
+        per = "" if any_["per"] == "image" else " (checkpoint)"
+        out.append(f"| {ds} | {stage} | {any_['what']} | {dev} | {_fmt_s(f32.get('seconds'))} | "
+                   f"{_fmt_s(b16.get('seconds'))} | {ratio} | {peaks} | "
+                   f"{at_batch(any_):.0f} (batch {any_.get('config_batch')}) | "
+                   f"{any_['output_bytes']:,}{per} |")
+    if res["bounds"]:
+        out += ["", "| bound | what | device | s | peak MB | MB at config batch | "
+                f"fits {LIMIT_GIB:g} GiB |",
+                "|" + "---|" * 7]
+        for b in res["bounds"]:
+            if "error" in b:
+                out.append(f"| {b['bound']} | {b['what']} | {b['device']} | {b['error']} | | | no |")
+                continue
+            out.append(f"| {b['bound']} | {b['what']} | {b['device']} | {_fmt_s(b['seconds'])} | "
+                       f"{b['peak_mb']:.0f} | {b['at_config_batch_mb']:.0f} (batch "
+                       f"{b['config_batch']}) | {b['verdict']} |")
+    ex = res["extrapolation"]
+    if ex["time"]:
+        g = ex["assumptions"]["gpus"]
+        out += ["", "| dataset | stage | images x epochs | GPU s/img (basis) | "
+                + " | ".join(f"{n} GPUs" for n in g) + " |", "|" + "---|" * (4 + len(g))]
+        for t in ex["time"]:
+            head = (f"{t['images']:,} x {t['epochs']} | {t['gpu_seconds_per_image']:.3g} "
+                    f"({t['basis']})" if "images" in t else " | ")
+            out.append(f"| {t['dataset']} | {t['stage']} | {head} | "
+                       + " | ".join(_fmt_h(t["hours"][str(n)]) for n in g) + " |")
+        out += ["", "| dataset | output | bytes each | count | total GB |", "|---|---|---|---|---|"]
+        for s in ex["storage"]:
+            each = f"{s['bytes_each']:,}" if "bytes_each" in s else ""
+            out.append(f"| {s['dataset']} | {s['what']} | {each} | {s.get('count', ''):,} | "
+                       f"{s['total_gb']:.2f} |" if "count" in s else
+                       f"| {s['dataset']} | **total** | | | **{s['total_gb']:.2f}** |")
+        a = ex["assumptions"]
+        out += ["", f"Assumptions: gpu_speedup {a['gpu_speedup']:g}, efficiency "
+                f"{a['efficiency']:g}, cpus_per_gpu {a['cpus_per_gpu']}."]
+        out += [f"- {k}: {v}" for k, v in a["text"].items()]
+    return "\n".join(out) + "\n"
