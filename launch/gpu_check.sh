@@ -35,7 +35,7 @@ echo "[gpu-check] writing to $OUT with $PY"
 
 # Time bounds (seconds): SIGINT at the limit (pytest then still writes its junit xml), SIGKILL 10 s
 # later. Their sum with the grace periods stays under 8 minutes.
-T_PYTEST=270 T_WALK_BENCH=50 T_WALK_CUDA=30 T_COST=100
+T_PYTEST=270 T_WALK_BENCH=50 T_WALK_CUDA=30 T_COST=90
 
 record() {  # name status milliseconds limit skipped-reason
     "$PY" - "$PARTS" "$@" <<'EOF'

@@ -163,7 +163,8 @@ def cmd_bench_cost(args) -> int:
     datasets = ["voc", "coco"] if args.dataset == "both" else [args.dataset]
     res = bench_cost(args.out, datasets, tuple(args.stages or COST_STAGES), amps, args.images,
                      args.batch, args.gpu_speedup, args.efficiency, args.cpus_per_gpu,
-                     not args.no_bounds, args.overrides, args.size_scale)
+                     not args.no_bounds, args.overrides, args.size_scale,
+                     bf16_cut=args.bf16_cut)
     return 1 if any("error" in r for r in res["rows"]) else 0
 
 
@@ -327,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU actors of aff-labels per GPU")
     p.add_argument("--no-bounds", action="store_true",
                    help="skip the walk at stride 4 and ResNet-38 at scale 2.0")
+    p.add_argument("--bf16-cut", type=float, default=1.0,
+                   help="the trainers' bf16 steps on crops this much smaller, beside float32 on "
+                        "the same crops for the ratio (bf16 autograd is very slow on CPUs without "
+                        "native bf16: 0.25 keeps a run of both datasets under an hour there)")
     p.add_argument("--size-scale", type=float, default=1.0,
                    help="images and crops times this (for tests; 1 = real size)")
     p.set_defaults(func=cmd_bench_cost)

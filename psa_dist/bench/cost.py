@@ -239,7 +239,7 @@ def run_case(spec: dict) -> dict:
     make = _trainer if spec["stage"] in TRAIN else _label_stage
     with tempfile.TemporaryDirectory() as tmp:
         once, output, info = make(cfg, ds, spec["stage"], device, dtype, spec.get("batch", 1))
-        scale = spec.get("size_scale", 1.0)           # of the crops too (tests)
+        scale = spec.get("size_scale", 1.0) * spec.get("cut", 1.0)   # crops (a cut: trainers)
         once(*warm, 0.25 * scale, Path(tmp))
         seconds = []
         for i, (image, mask) in enumerate(scenes):
@@ -250,6 +250,7 @@ def run_case(spec: dict) -> dict:
         peak = _mem(device, peak=True) - base
         out_bytes, tar_bytes = output(Path(tmp))
     return {**{k: spec[k] for k in ("dataset", "stage", "precision", "device")},
+            "cut": spec.get("cut", 1.0),
             "size": [h, w], "seconds": statistics.median(seconds), "seconds_all": seconds,
             "peak_mb": round(peak, 1), "output_bytes": out_bytes, "tar_bytes": tar_bytes,
             "threads": torch.get_num_threads(),
@@ -294,9 +295,12 @@ def _what(cfg, stage: str, size, scale: float = 1.0) -> str:
 def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                amps=("float32", "bf16"), images: int = 1, batch: int = 1,
                gpu_speedup: float = GPU_SPEEDUP, efficiency: float = 0.9, cpus_per_gpu: int = 8,
-               bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None) -> dict:
+               bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None,
+               bf16_cut: float = 1.0) -> dict:
     """Every case in its own subprocess, then the tables; writes OUT/cost.json, cost.md and
-    run_info.json."""
+    run_info.json. ``bf16_cut`` < 1: the trainers' bf16 steps on crops this much smaller (bf16
+    autograd can be very slow on a CPU without native bf16), beside float32 steps on the same
+    crops for the ratio."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     devices = list(devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))
@@ -310,6 +314,11 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
              for dev in devices for d in datasets for s in stages
              for p in (amps if s in AMP_STAGES else ["float32"])
              if not (dev == "cuda" and s == "aff_labels")]      # the CRF runs on the CPU anyway
+    if bf16_cut < 1:
+        cut = [c for c in cases if c["stage"] in TRAIN and c["precision"] == "bf16"]
+        for c in cut:
+            c["cut"] = bf16_cut
+        cases += [{**c, "precision": "float32"} for c in cut]
     bound_cases = [{**common, "dataset": d, "stage": s, "precision": "float32", "device": dev,
                     "overrides": extra, "config": str(out / f"config_{d}.yaml"), "bound": name,
                     "about": about}
@@ -319,13 +328,13 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
     rows, bound_rows = [], []
     for i, spec in enumerate(cases + bound_cases):
         label = f"{spec['dataset']} {spec.get('bound', spec['stage'])} {spec['precision']} " \
-                f"{spec['device']}"
+                f"{spec['device']}" + (f" (crops x {spec['cut']:g})" if "cut" in spec else "")
         print(f"[bench cost] case {i + 1}/{len(cases) + len(bound_cases)}: {label} "
               f"(elapsed {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
         r = _subprocess(spec)
         cfg = load_config(spec["config"], spec["overrides"])
         r["what"] = _what(cfg, spec["stage"], _size(DATASETS[spec["dataset"]], size_scale),
-                          size_scale)
+                          size_scale * spec.get("cut", 1.0))
         if "error" in r:
             print(f"[bench cost] {label}: FAILED, {r['error']}", file=sys.stderr, flush=True)
         else:
@@ -354,6 +363,7 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
            "project_default_precision": {d: str(amp_dtype("bf16", torch.device(d)) or "float32")
                                          for d in devices},
            "threads": torch.get_num_threads(), "size_scale": size_scale, "images": images,
+           "bf16_cut": bf16_cut,
            "rows": rows, "bounds": bound_rows, "plan": plan,
            "extrapolation": extrapolate(rows, plan, gpu_speedup, efficiency, cpus_per_gpu),
            "seconds": round(time.monotonic() - t0, 1)}

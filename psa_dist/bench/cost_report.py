@@ -40,8 +40,8 @@ def _basis(rows: list, dataset: str, stage: str) -> dict | None:
     order = [("cpu", "float32"), ("cpu", "bf16")]
     if stage != "aff_labels":
         order = [("cuda", "bf16"), ("cuda", "float32")] + order
-    ok = {(r["device"], r["precision"]): r for r in rows
-          if r["dataset"] == dataset and r["stage"] == stage and "error" not in r}
+    ok = {(r["device"], r["precision"]): r for r in rows if r["dataset"] == dataset
+          and r["stage"] == stage and "error" not in r and r.get("cut", 1.0) == 1.0}
     return next((ok[k] for k in order if k in ok), None)
 
 
@@ -99,24 +99,29 @@ def tables(res: dict) -> str:
     """cost.md: the measured rows, the bounds, the extrapolation, its storage and assumptions."""
     by = {}
     for r in res["rows"]:
-        by.setdefault((r["dataset"], r["stage"], r["device"]), {})[r["precision"]] = r
+        cut = "" if r.get("cut", 1.0) == 1.0 else "@cut"
+        by.setdefault((r["dataset"], r["stage"], r["device"]), {})[r["precision"] + cut] = r
     out = [f"Devices: {'; '.join(f'{k}: {v}' for k, v in res['devices'].items())}. "
            f"Precision the project picks here: {res['project_default_precision']}.", "",
            "| dataset | stage | what | device | float32 s/img | bf16 s/img | bf16/float32 | "
            "peak MB float32 / bf16 | MB at config batch | output bytes |", "|" + "---|" * 10]
     for (ds, stage, dev), pr in by.items():
-        f32, b16 = pr.get("float32", {}), pr.get("bf16", {})
+        f32, b16 = pr.get("float32", {}), pr.get("bf16") or pr.get("bf16@cut", {})
+        base = pr.get("float32@cut", f32)            # what bf16 is compared with: the same work
         any_ = f32 or b16
         if "error" in any_:
             out.append(f"| {ds} | {stage} | {any_.get('what', '')} | {dev} | {any_['error']} |"
                        + " |" * 6)
             continue
-        ratio = (f"{b16['seconds'] / f32['seconds']:.2f}" if f32.get("seconds") and
+        ratio = (f"{b16['seconds'] / base['seconds']:.2f}" if base.get("seconds") and
                  b16.get("seconds") else "–")
+        b16_s = _fmt_s(b16.get("seconds"))
+        if "float32@cut" in pr and b16.get("seconds"):
+            b16_s += f" ({b16['what'].rsplit(', ', 1)[-1]}; float32 {_fmt_s(base.get('seconds'))})"
         peaks = " / ".join(f"{x['peak_mb']:.0f}" if "peak_mb" in x else "–" for x in (f32, b16))
         per = "" if any_["per"] == "image" else " (checkpoint)"
         out.append(f"| {ds} | {stage} | {any_['what']} | {dev} | {_fmt_s(f32.get('seconds'))} | "
-                   f"{_fmt_s(b16.get('seconds'))} | {ratio} | {peaks} | "
+                   f"{b16_s} | {ratio} | {peaks} | "
                    f"{at_batch(any_):.0f} (batch {any_.get('config_batch')}) | "
                    f"{any_['output_bytes']:,}{per} |")
     if res["bounds"]:
