@@ -329,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bounds", action="store_true",
                    help="skip the walk at stride 4 and ResNet-38 at scale 2.0")
     p.add_argument("--bf16-cut", type=float, default=1.0,
-                   help="the trainers' bf16 steps on crops this much smaller, beside float32 on "
-                        "the same crops for the ratio (bf16 autograd is very slow on CPUs without "
-                        "native bf16: 0.25 keeps a run of both datasets under an hour there)")
+                   help="the bf16 cases on images and crops this much smaller, beside float32 "
+                        "cases of the same cut for the ratio (on a CPU without native bf16, bf16 "
+                        "convolutions run torch's slow reference kernels: 0.125 there)")
     p.add_argument("--size-scale", type=float, default=1.0,
                    help="images and crops times this (for tests; 1 = real size)")
     p.set_defaults(func=cmd_bench_cost)

@@ -230,7 +230,8 @@ def run_case(spec: dict) -> dict:
     cfg = load_config(spec["config"], spec.get("overrides", ()))
     ds = DATASETS[spec["dataset"]]
     dtype = AMP_DTYPES["bf16"] if spec["precision"] == "bf16" else None
-    h, w = _size(ds, spec.get("size_scale", 1.0))
+    scale = spec.get("size_scale", 1.0) * spec.get("cut", 1.0)    # of images and crops
+    h, w = _size(ds, scale)
     scenes = [_scene(h, w, seed) for seed in range(spec.get("images", 1))]
     warm = _scene(max(16, h // 4), max(16, w // 4), 99)
     if device.type == "cuda":
@@ -239,7 +240,6 @@ def run_case(spec: dict) -> dict:
     make = _trainer if spec["stage"] in TRAIN else _label_stage
     with tempfile.TemporaryDirectory() as tmp:
         once, output, info = make(cfg, ds, spec["stage"], device, dtype, spec.get("batch", 1))
-        scale = spec.get("size_scale", 1.0) * spec.get("cut", 1.0)   # crops (a cut: trainers)
         once(*warm, 0.25 * scale, Path(tmp))
         seconds = []
         for i, (image, mask) in enumerate(scenes):
@@ -298,9 +298,9 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None,
                bf16_cut: float = 1.0) -> dict:
     """Every case in its own subprocess, then the tables; writes OUT/cost.json, cost.md and
-    run_info.json. ``bf16_cut`` < 1: the trainers' bf16 steps on crops this much smaller (bf16
-    autograd can be very slow on a CPU without native bf16), beside float32 steps on the same
-    crops for the ratio."""
+    run_info.json. ``bf16_cut`` < 1: the bf16 cases on images and crops this much smaller (bf16
+    convolutions take torch's slow reference kernels on a CPU without native bf16), beside
+    float32 cases of the same cut for the ratio."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     devices = list(devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))
@@ -315,7 +315,7 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
              for p in (amps if s in AMP_STAGES else ["float32"])
              if not (dev == "cuda" and s == "aff_labels")]      # the CRF runs on the CPU anyway
     if bf16_cut < 1:
-        cut = [c for c in cases if c["stage"] in TRAIN and c["precision"] == "bf16"]
+        cut = [c for c in cases if c["precision"] == "bf16" and c["device"] == "cpu"]
         for c in cut:
             c["cut"] = bf16_cut
         cases += [{**c, "precision": "float32"} for c in cut]
@@ -328,13 +328,13 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
     rows, bound_rows = [], []
     for i, spec in enumerate(cases + bound_cases):
         label = f"{spec['dataset']} {spec.get('bound', spec['stage'])} {spec['precision']} " \
-                f"{spec['device']}" + (f" (crops x {spec['cut']:g})" if "cut" in spec else "")
+                f"{spec['device']}" + (f" (size x {spec['cut']:g})" if "cut" in spec else "")
         print(f"[bench cost] case {i + 1}/{len(cases) + len(bound_cases)}: {label} "
               f"(elapsed {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
         r = _subprocess(spec)
         cfg = load_config(spec["config"], spec["overrides"])
-        r["what"] = _what(cfg, spec["stage"], _size(DATASETS[spec["dataset"]], size_scale),
-                          size_scale * spec.get("cut", 1.0))
+        scale = size_scale * spec.get("cut", 1.0)
+        r["what"] = _what(cfg, spec["stage"], _size(DATASETS[spec["dataset"]], scale), scale)
         if "error" in r:
             print(f"[bench cost] {label}: FAILED, {r['error']}", file=sys.stderr, flush=True)
         else:

@@ -117,7 +117,7 @@ def tables(res: dict) -> str:
                  b16.get("seconds") else "–")
         b16_s = _fmt_s(b16.get("seconds"))
         if "float32@cut" in pr and b16.get("seconds"):
-            b16_s += f" ({b16['what'].rsplit(', ', 1)[-1]}; float32 {_fmt_s(base.get('seconds'))})"
+            b16_s += f" (size x {b16['cut']:g}; float32 there {_fmt_s(base.get('seconds'))})"
         peaks = " / ".join(f"{x['peak_mb']:.0f}" if "peak_mb" in x else "–" for x in (f32, b16))
         per = "" if any_["per"] == "image" else " (checkpoint)"
         out.append(f"| {ds} | {stage} | {any_['what']} | {dev} | {_fmt_s(f32.get('seconds'))} | "
