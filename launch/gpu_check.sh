@@ -8,7 +8,7 @@
 #   bash launch/gpu_check.sh            # everything, each part bounded by `timeout`
 #   bash launch/gpu_check.sh --quick    # small benchmark sizes (automatic where CUDA is absent)
 #
-# Where CUDA is absent (a CPU machine) it still runs to the end in about a minute: the gpu tests
+# Where CUDA is absent (a CPU machine) it still runs to the end (89 s on 2 cores): the gpu tests
 # skip ("CUDA is absent"), `bench random-walk` runs on the CPU at small sizes, and the CUDA-only
 # parts are recorded as skipped with that reason. Exit status 0 when no part failed.
 set -uo pipefail
@@ -80,6 +80,9 @@ if [ "$CUDA" = 1 ]; then
 else
     echo "[gpu-check] CUDA is absent: the gpu tests skip, the CUDA benchmarks are skipped, bench random-walk runs on the CPU at small sizes"
     QUICK=1
+    # the parts that need CUDA are skipped: the benchmark's four subprocesses may take their time
+    # on a small, busy CPU (80 s measured on 2 loaded cores)
+    T_WALK_BENCH=150
 fi
 
 # ------------------------------------------------------------------ the gpu tests
@@ -144,7 +147,7 @@ fi
 
 # ------------------------------------------------------------------ the summary
 "$PY" - "$OUT" "$START" "$QUICK" <<'EOF'
-import datetime, hashlib, json, platform, sys, time
+import datetime, hashlib, json, platform, subprocess, sys, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 import torch
@@ -163,6 +166,12 @@ if cuda:
                   memory_gib=round(props.total_memory / 2 ** 30, 1))
 else:
     device.update(name="none (CUDA is absent)", cpu=platform.processor() or platform.machine())
+try:    # the driver's view: name, driver version, memory of each GPU
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                          "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    device["nvidia_smi"] = smi.stdout.strip().splitlines() if smi.returncode == 0 else None
+except (OSError, subprocess.SubprocessError):
+    device["nvidia_smi"] = None
 versions = {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None}
@@ -186,7 +195,10 @@ if xml.is_file():
             failed.append(name)
     tests = {"tests": n["tests"], "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],
              "failed": n["failures"], "errors": n["errors"], "skipped": n["skipped"],
-             "skip_reasons": reasons, "failed_tests": failed, "seconds": float(suite.get("time", 0))}
+             "skip_reasons": reasons, "failed_tests": failed, "seconds": float(suite.get("time", 0)),
+             # stopped at its bound: the xml holds the tests finished before (the one running and
+             # those after it are not counted)
+             "interrupted": bool(parts.get("pytest", {}).get("timed_out"))}
 failed_parts = [k for k, p in parts.items() if p["status"] not in (None, 0)]
 report = {
     "check": "gpu_check", "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -124,10 +124,10 @@ def test_colour_jitter_draws_from_rng_and_matches_pil():
     img = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
     aug = Augment(crop=20, jitter=(0.3, 0.3, 0.3, 0.1), flip=False)
     t = torch.from_numpy(img).permute(2, 0, 1)
-    a = aug._jitter(t, random.Random(5))
+    a = aug._jitter(t, aug._draw_jitter(random.Random(5)))
     assert a.dtype == torch.uint8 and a.shape == (3, 20, 24)
-    assert torch.equal(a, aug._jitter(t, random.Random(5)))        # a pure function of the rng
-    assert not torch.equal(a, aug._jitter(t, random.Random(6)))
+    assert torch.equal(a, aug._jitter(t, aug._draw_jitter(random.Random(5))))        # a pure function of the rng
+    assert not torch.equal(a, aug._jitter(t, aug._draw_jitter(random.Random(6))))
     # the same draws as _jitter makes, replayed through PIL's enhancers
     r = random.Random(5)
     ops = [("b", r.uniform(0.7, 1.3)), ("c", r.uniform(0.7, 1.3)), ("s", r.uniform(0.7, 1.3)),
