@@ -13,10 +13,11 @@ stages that have a precision setting. The label stages are the stages' own per-s
 (``cam_shard``, ``aff_label_shard``, ``rw_shard``) on a one-image shard; the trainers are one
 ``train_step`` of the engine on crops of the config's size.
 
-From the per-image figures, :func:`extrapolate` gives the time of VOC train_aug and COCO train on
-8, 32 and 128 GPUs and the storage of every stage's outputs; each assumption is written beside the
-figures (``ASSUMPTIONS``). The bounds measure what may not fit: the walk at stride 4 on the
-640-px image, ResNet-38 at scale 2.0 of the 500-px image, each projected to the config's batch.
+From the per-image figures, ``cost_report.extrapolate`` gives the time of VOC train_aug and COCO
+train on 8, 32 and 128 GPUs and the storage of every stage's outputs, each assumption written
+beside the figures (``cost_report.ASSUMPTIONS``). The bounds measure what may not fit: the walk at
+stride 4 on the 640-px image, ResNet-38 at scale 2.0 of the 500-px image, each projected to the
+config's batch.
 """
 from __future__ import annotations
 

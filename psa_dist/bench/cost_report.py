@@ -92,7 +92,9 @@ def _fmt_s(s) -> str:
 
 
 def _fmt_h(h: float) -> str:
-    return f"{h * 60:.1f} min" if h < 1 else (f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} d")
+    if h < 1:
+        return "< 0.1 min" if h < 1 / 600 else f"{h * 60:.1f} min"
+    return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} d"
 
 
 def tables(res: dict) -> str:
@@ -102,7 +104,8 @@ def tables(res: dict) -> str:
         cut = "" if r.get("cut", 1.0) == 1.0 else "@cut"
         by.setdefault((r["dataset"], r["stage"], r["device"]), {})[r["precision"] + cut] = r
     out = [f"Devices: {'; '.join(f'{k}: {v}' for k, v in res['devices'].items())}. "
-           f"Precision the project picks here: {res['project_default_precision']}.", "",
+           "Precision the project picks for bf16 settings here: " + ", ".join(
+               f"{k} {v}" for k, v in res["project_default_precision"].items()) + ".", "",
            "| dataset | stage | what | device | float32 s/img | bf16 s/img | bf16/float32 | "
            "peak MB float32 / bf16 | MB at config batch | output bytes |", "|" + "---|" * 10]
     for (ds, stage, dev), pr in by.items():
@@ -118,7 +121,9 @@ def tables(res: dict) -> str:
         b16_s = _fmt_s(b16.get("seconds"))
         if "float32@cut" in pr and b16.get("seconds"):
             b16_s += f" (size x {b16['cut']:g}; float32 there {_fmt_s(base.get('seconds'))})"
-        peaks = " / ".join(f"{x['peak_mb']:.0f}" if "peak_mb" in x else "–" for x in (f32, b16))
+        peaks = " / ".join(f"{x['peak_mb']:.0f}" + (f" (x {x['cut']:g})" if x.get("cut", 1) < 1
+                                                     else "") if "peak_mb" in x else "–"
+                           for x in (f32, b16))
         per = "" if any_["per"] == "image" else " (checkpoint)"
         out.append(f"| {ds} | {stage} | {any_['what']} | {dev} | {_fmt_s(f32.get('seconds'))} | "
                    f"{b16_s} | {ratio} | {peaks} | "
