@@ -274,3 +274,23 @@ def test_authors_resnet38_file_loads(tmp_path):
     load_pretrained(net, str(tmp_path / "res38_cls.pth"))
     for k, v in src.state_dict().items():
         assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_initial_weights_name_the_key_that_sets_them():
+    # the trainer's first log line: where a model's weights start, or which key would give them
+    from pathlib import Path
+    from psa_dist.config import load_config
+    from psa_dist.stages.trained import initial_weights, random_init_key
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    voc = load_config(configs / "voc_resnet38.yaml", ["model.pretrained=w38.pth",
+                                                       "model.seg_pretrained=null"])
+    assert initial_weights(voc, "cls") == "model.pretrained=w38.pth"
+    assert "classifier" in initial_weights(voc, "aff")
+    # a ResNet-38 file does not fit DeepLabV3's ResNet-50: the segmenter starts from random
+    assert initial_weights(voc, "seg") is None
+    assert random_init_key(voc, "seg") == "model.seg_pretrained"
+    r50 = load_config(configs / "voc_resnet50.yaml", ["model.pretrained=w50.pth",
+                                                       "model.seg_pretrained=null"])
+    assert initial_weights(r50, "seg_full") == "model.pretrained=w50.pth"
+    demo = load_config(configs / "demo.yaml")
+    assert initial_weights(demo, "cls") is None and random_init_key(demo, "cls") == "model.pretrained"

@@ -237,3 +237,30 @@ def test_bad_shape_knobs_are_refused_naming_the_key(key, value, tmp_path):
     with pytest.raises(ConfigError, match=f"synth.{key}"):
         write_synth(cfg, tmp_path / "d", workers=1, progress=False)
     assert not (tmp_path / "d" / "dataset.json").exists()
+
+
+def _demo_cfg(tmp_path, **synth):
+    from psa_dist.config import load_config as load
+    return load(CONFIGS / "demo.yaml", [f"data.root={tmp_path / 'd'}", "synth.num_train=4",
+                                        "synth.num_val=2", "data.shard_size=4", "data.workers=1",
+                                        *(f"synth.{k}={v}" for k, v in synth.items())])
+
+
+def test_dataset_made_before_a_synth_key_existed_is_kept(tmp_path):
+    # a dataset.json written before e.g. object_scale existed lacks the key; its default
+    # reproduces that data, so the dataset is the config's and must not be generated anew
+    import json
+    from psa_dist.stages.run_dir import ensure_dataset
+    cfg = _demo_cfg(tmp_path)
+    root = ensure_dataset(cfg)
+    meta = json.loads((root / "dataset.json").read_text())
+    for key in ("object_scale", "size_range", "aspect_range", "classes_per_image"):
+        meta["source"]["synth"].pop(key)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    marker = root / "kept.txt"
+    marker.write_text("x")
+    assert ensure_dataset(cfg) == root and marker.is_file()
+    # a setting that does differ still regenerates it
+    ensure_dataset(_demo_cfg(tmp_path, seed=3))
+    assert not marker.is_file()
+    assert json.loads((root / "dataset.json").read_text())["source"]["synth"]["seed"] == 3

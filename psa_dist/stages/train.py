@@ -28,7 +28,7 @@ from . import table
 from .engine import train
 from .run_dir import Run
 from .tensorboard import TensorBoardLog
-from .trained import model_to_train
+from .trained import initial_weights, model_to_train, random_init_key
 
 
 def _shard_sets(run: Run, model: str, tcfg):
@@ -98,9 +98,11 @@ def run_trainer(cfg: Config, model: str) -> dict:
                 print(f"[{model}] {torch.get_num_threads()} intra-op thread(s) per rank, "
                       f"{tcfg.num_workers} loader worker(s)", flush=True)
         torch.manual_seed(cfg.seed)      # the same initial weights on every rank
-        if info.is_main and model != "aff" and not cfg.model.pretrained:
-            print(f"[{model}] backbone {cfg.model.backbone}: no pretrained weights "
-                  f"(model.pretrained unset), training from random initialisation", flush=True)
+        if info.is_main:
+            source = initial_weights(cfg, model)
+            print(f"[{model}] starting from {source}" if source else
+                  f"[{model}] no pretrained weights ({random_init_key(cfg, model)} unset): "
+                  f"training from random initialisation", flush=True)
         net = model_to_train(run, model).to(info.device)
         loader = train_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size,
                               pin_memory=info.device.type == "cuda")

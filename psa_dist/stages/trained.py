@@ -40,6 +40,31 @@ def load_trained(run: Run, model: str, device: torch.device | str | None = None)
     return net.to(device if device is not None else run.device).eval()
 
 
+def initial_weights(cfg, model: str) -> str | None:
+    """Where ``model``'s trainer takes its starting weights from, in words; None when it starts
+    from random weights (the trainer logs that, naming the config key that would change it)."""
+    m = cfg.model
+    if model == "aff":
+        return "the trained classifier's backbone"
+    if model in ("seg", "seg_full"):
+        if m.seg_from_classifier:
+            return "the trained classifier's backbone (model.seg_from_classifier)"
+        if m.segmenter == "deeplabv3_resnet50":
+            if m.seg_pretrained:
+                return f"model.seg_pretrained={m.seg_pretrained}"
+            if m.pretrained and m.backbone == "resnet50":
+                return f"model.pretrained={m.pretrained}"
+            return None
+    return f"model.pretrained={m.pretrained}" if m.pretrained else None
+
+
+def random_init_key(cfg, model: str) -> str:
+    """The config key that gives ``model`` pretrained weights."""
+    if model in ("seg", "seg_full") and cfg.model.segmenter == "deeplabv3_resnet50":
+        return "model.seg_pretrained"
+    return "model.pretrained"
+
+
 def model_to_train(run: Run, model: str) -> nn.Module:
     """The initial weights of ``model`` for its trainer: the classifier from ``model.pretrained``
     (or random), AffinityNet from the trained classifier's backbone (as the paper does), the
