@@ -73,6 +73,12 @@ class ModelConfig:
                                           # None: model.pretrained where the backbones match
     segmenter: str = "light"        # light | deeplabv3_resnet50
     freeze_bn: bool = False
+    # Backbone layers whose weights the classifier and AffinityNet do not train (its child
+    # modules' names: ResNet-38 conv1a, b2, ..., b7; ResNet-50 stem, layer1, ...). The authors
+    # freeze ResNet-38's conv1a and stage 2 (their b2, b2_1, b2_2: our b2): [conv1a, b2].
+    frozen_layers: tuple = ()
+    cls_dropout: float = 0.0          # Dropout2d on the classifier's features before pooling
+                                      # (the authors' dropout7: 0.5); CAMs never see it
     aff_dims: Optional[tuple] = None  # AffinityNet reduction per backbone tap (None: the backbone's
                                       # default; ResNet-38: 64/128/256 = 448 channels as the paper)
     aff_stride: int = 8               # AffinityNet's output grid, where the walk runs: 8 (paper) or 4
@@ -311,6 +317,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if cfg.model.seg_from_classifier and cfg.model.segmenter != "light":
             raise ConfigError(f"model.seg_from_classifier: needs model.segmenter=light (the "
                               f"classifier's backbone), got {cfg.model.segmenter!r}")
+        if not 0 <= cfg.model.cls_dropout < 1:
+            raise ConfigError(f"model.cls_dropout: must be in [0, 1), got {cfg.model.cls_dropout}")
+        if not all(isinstance(n, str) for n in cfg.model.frozen_layers):
+            raise ConfigError(f"model.frozen_layers: expected a list of layer names, got "
+                              f"{list(cfg.model.frozen_layers)!r}")
         frac = cfg.train_seg.missing_class_frac
         if frac is not None and not 0 <= frac < 1:
             raise ConfigError(f"train_seg.missing_class_frac: must be in [0, 1) or null, got {frac}")

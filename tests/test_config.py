@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from psa_dist.config import Config, ConfigError, load_config, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_defaults_and_yaml(tmp_path):
@@ -59,3 +63,16 @@ def test_override_syntax():
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_frozen_layers_are_checked_against_the_backbone_before_the_run():
+    from psa_dist.stages.table import unmet_needs
+    cfg = load_config(CONFIGS / "voc_resnet38.yaml")
+    assert cfg.model.frozen_layers == ("conv1a", "b2") and cfg.model.cls_dropout == 0.5
+    assert not [p for p in unmet_needs(cfg, ["train_cls"], lambda s: False) if "frozen" in p]
+    bad = load_config(CONFIGS / "voc_resnet38.yaml", ["model.frozen_layers=[conv1a,b2_1]"])
+    problems = unmet_needs(bad, ["train_cls"], lambda s: False)
+    assert any("model.frozen_layers: 'b2_1'" in p and "b7" in p for p in problems)
+    assert not [p for p in unmet_needs(bad, ["random_walk"], lambda s: True) if "frozen" in p]
+    with pytest.raises(ConfigError, match="model.cls_dropout"):
+        load_config(None, ["model.cls_dropout=1.0"])

@@ -294,3 +294,37 @@ def test_initial_weights_name_the_key_that_sets_them():
     assert initial_weights(r50, "seg_full") == "model.pretrained=w50.pth"
     demo = load_config(configs / "demo.yaml")
     assert initial_weights(demo, "cls") is None and random_init_key(demo, "cls") == "model.pretrained"
+
+
+def test_frozen_layers_and_dropout_as_the_authors():
+    # model.frozen_layers: those backbone layers get no gradient and no optimiser slot, the rest
+    # train; cls_dropout acts on the pooled training path only, never on the CAMs
+    import pytest
+    from psa_dist.config import load_config
+    from psa_dist.nets.models import build_classifier, freeze_layers
+    from psa_dist.nets.optim import build_optimizer
+    cfg = load_config(None, ["model.backbone=small", "model.cls_dropout=0.5",
+                             "model.frozen_layers=[stem,layer1]"])
+    net = build_classifier(cfg.model, 3)
+    freeze_layers(net.backbone, cfg.model.frozen_layers)
+    frozen = {id(p) for m in (net.backbone.stem, net.backbone.layer1) for p in m.parameters()}
+    assert frozen
+    opt = build_optimizer(net, 0.01, 5e-4, 0.9, net.new_modules())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not frozen & in_opt
+    assert {id(p) for p in net.backbone.layer2.parameters()} <= in_opt
+    x = torch.randn(2, 3, 64, 64)
+    net.train()
+    net(x).sum().backward()
+    assert all(p.grad is None for m in (net.backbone.stem, net.backbone.layer1)
+               for p in m.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.layer2.parameters())
+    torch.manual_seed(0)
+    a = net(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, net(x))              # dropout active in training
+    assert torch.equal(net.cams(x), net.cams(x))      # and never on the CAM path
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    with pytest.raises(ValueError, match=r"model.frozen_layers: 'b9'.*have stem"):
+        freeze_layers(net.backbone, ["b9"])

@@ -43,7 +43,8 @@ from ..core.image import normalize
 from ..data.shards import encode_image, encode_json, encode_mask, encode_npy, iter_shard, write_shard
 from ..data.synth import render
 from ..nets.backbones import build_backbone
-from ..nets.models import AffinityNet, build_classifier, build_segmenter, set_bn_eval
+from ..nets.models import (AffinityNet, build_classifier, build_segmenter, freeze_layers,
+                           set_bn_eval)
 from ..nets.optim import build_optimizer, build_poly_scheduler
 from ..stages.engine import train_step
 from ..stages.labelgen import aff_label_shard, cam_shard, rw_shard
@@ -142,6 +143,8 @@ def _trainer(cfg, ds, stage, device, dtype, batch):
                             cfg.model.aff_stride)
     else:
         model = build_segmenter(cfg.model, ds["classes"] + 1)
+    if kind in ("cls", "aff"):
+        freeze_layers(model.backbone, cfg.model.frozen_layers)
     model.to(device).train()
     if cfg.model.freeze_bn:
         set_bn_eval(model)

@@ -172,6 +172,13 @@ class ResNet38(nn.Module):
 BACKBONES = {"small": SmallNet, "resnet50": ResNet50, "resnet38": ResNet38}
 
 
+def layer_names(name: str) -> list[str]:
+    """The child modules of backbone ``name`` (what ``model.frozen_layers`` names), read from an
+    instance on the meta device: no weights are allocated."""
+    with torch.device("meta"):
+        return [n for n, _ in BACKBONES[name]().named_children()]
+
+
 def build_backbone(name: str, pretrained: str | None = None) -> nn.Module:
     """A backbone by name; ``pretrained`` is a local state-dict file (missing file: clear error)."""
     if name not in BACKBONES:

@@ -144,7 +144,22 @@ class DeepLabV3(nn.Module):
 
 
 def build_classifier(model_cfg, num_classes: int) -> Classifier:
-    return Classifier(build_backbone(model_cfg.backbone, model_cfg.pretrained), num_classes)
+    return Classifier(build_backbone(model_cfg.backbone, model_cfg.pretrained), num_classes,
+                      model_cfg.cls_dropout)
+
+
+def freeze_layers(backbone: nn.Module, names) -> None:
+    """Stop training the backbone's child modules ``names`` (``model.frozen_layers``): their
+    parameters no longer require grad, so the optimiser and DDP leave them out. Their BN layers
+    still follow ``model.freeze_bn``, as in the authors' code."""
+    children = dict(backbone.named_children())
+    unknown = [n for n in names if n not in children]
+    if unknown:
+        raise ValueError(f"model.frozen_layers: {', '.join(map(repr, unknown))} is not a layer of "
+                         f"the {type(backbone).__name__} backbone (have {', '.join(children)})")
+    for n in names:
+        for p in children[n].parameters():
+            p.requires_grad_(False)
 
 
 def build_segmenter(model_cfg, num_classes_with_bg: int) -> nn.Module:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import Config, TrainConfig
+from ..nets.backbones import BACKBONES, layer_names
 
 
 @dataclass(frozen=True)
@@ -146,4 +147,11 @@ def unmet_needs(cfg: Config, to_run: list[str], done: Callable[[str], bool]) -> 
                                 f"installed: pip install 'psa-dist[{extra}]', or set "
                                 f"{setting.split('=')[0]}=false")
         scheduled.add(name)
+    frozen = cfg.model.frozen_layers
+    if frozen and {"train_cls", "train_aff"} & set(to_run) and cfg.model.backbone in BACKBONES:
+        have = layer_names(cfg.model.backbone)
+        unknown = [n for n in frozen if n not in have]
+        if unknown:
+            problems.append(f"model.frozen_layers: {', '.join(map(repr, unknown))} is not a layer "
+                            f"of the {cfg.model.backbone} backbone (have {', '.join(have)})")
     return problems

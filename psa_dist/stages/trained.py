@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from ..nets.backbones import build_backbone
 from ..nets.checkpoint import load_weights
-from ..nets.models import AffinityNet, Classifier, build_classifier, build_segmenter
+from ..nets.models import (AffinityNet, Classifier, build_classifier, build_segmenter,
+                           freeze_layers)
 from . import table
 from .run_dir import Run
 
@@ -20,7 +21,7 @@ def architecture(cfg, model: str, num_classes: int) -> nn.Module:
     every weight)."""
     m = cfg.model
     if model == "cls":
-        return Classifier(build_backbone(m.backbone), num_classes)
+        return Classifier(build_backbone(m.backbone), num_classes, m.cls_dropout)
     if model == "aff":
         return AffinityNet(build_backbone(m.backbone), m.aff_dims, m.aff_stride)
     if model in ("seg", "seg_full"):
@@ -71,11 +72,12 @@ def model_to_train(run: Run, model: str) -> nn.Module:
     segmenters from their pretrained backbones or, with ``model.seg_from_classifier``, from the
     trained classifier's."""
     cfg = run.cfg
-    if model == "cls":
-        return build_classifier(cfg.model, run.num_classes)
-    if model == "aff":
-        return AffinityNet.from_classifier(load_trained(run, "cls", "cpu"), cfg.model.aff_dims,
-                                           cfg.model.aff_stride)
+    if model in ("cls", "aff"):
+        net = (build_classifier(cfg.model, run.num_classes) if model == "cls" else
+               AffinityNet.from_classifier(load_trained(run, "cls", "cpu"), cfg.model.aff_dims,
+                                           cfg.model.aff_stride))
+        freeze_layers(net.backbone, cfg.model.frozen_layers)
+        return net
     if model in ("seg", "seg_full"):
         seg = build_segmenter(cfg.model, run.num_classes + 1)
         if cfg.model.seg_from_classifier:
