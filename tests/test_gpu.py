@@ -225,11 +225,11 @@ ray: {{enabled: false}}
 
 class DeviceRecordingWorker(LabelWorker):
     """The project's LabelWorker, unchanged, with what its process computed on added to each
-    shard's result (and so to the per-shard log): the torch device and the CUDA memory it used."""
+    shard's result (and so to the per-shard log): the CUDA memory it used and the devices it saw
+    (the worker itself logs its torch device)."""
 
     def process(self, in_shard: str, out_shard: str) -> dict:
         res = super().process(in_shard, out_shard)
-        res["device"] = str(self.device)
         res["cuda_bytes"] = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
                              else 0)
         res["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -220,6 +220,7 @@ def test_gpu_actors_are_scheduled_one_per_gpu(trained):
                  (out / "stages" / "cams.shards.jsonl").read_text().splitlines()]
         gpus = {tuple(x["gpus"]) for x in lines}
         assert all(len(g) == 1 for g in gpus) and len({g[0] for g in gpus}) == 2
+        assert {x["device"] for x in lines} == {"cpu"}    # a logical GPU: the worker used the CPU
         cpu_only, _, _ = job_for(base, cfg_path, out, "cams", 0, device="cpu")
         assert cpu_only.gpus == 0 and cpu_only.num_actors == 3    # device=cpu is honoured
         job, shards, counts = job_for(base, cfg_path, out, "aff_labels", 0)

@@ -68,6 +68,7 @@ class LabelWorker:
             res = rw_shard(self.model, in_shard, cams_in, out_shard, r.beta, r.t, r.radius,
                            r.bg_alpha, self.device, r.batch_size, r.tol, crf_settings(cfg, r.crf))
         res["pid"] = os.getpid()
+        res["device"] = str(self.device)     # where the model ran: the GPU check reads it here
         ray = sys.modules.get("ray")     # imported only where the pool runs on Ray
         if ray is not None and ray.is_initialized():
             res["node"] = ray.get_runtime_context().get_node_id()
