@@ -51,8 +51,10 @@ def test_rehearsal_keeps_the_paper_configs_models_and_settings(name):
             assert getattr(getattr(cfg, t), key) == getattr(getattr(paper, t), key), f"{t}.{key}"
     assert not cfg.train_aff.resize_long        # the authors do not rescale for AffinityNet
     assert cfg.seg_full == paper.seg_full
-    # only the amount of work is cut: a few dozen images, one epoch each, a 2-core machine
-    assert (cfg.synth.num_train, cfg.synth.num_val, cfg.data.shard_size) == (24, 8, 8)
+    # only the amount of work is cut: a dozen or two images in at least two train shards (the
+    # pool's sharding runs as it would), one epoch each, a 2-core machine
+    assert 8 <= cfg.synth.num_train <= 24 and 4 <= cfg.synth.num_val <= 8
+    assert cfg.synth.num_train >= 2 * cfg.data.shard_size
     assert cfg.synth.num_classes == CLASSES[name] and cfg.synth.size_range is not None
     for t in ("train_cls", "train_aff", "train_seg"):
         tc = getattr(cfg, t)
