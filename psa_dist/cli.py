@@ -164,7 +164,7 @@ def cmd_bench_cost(args) -> int:
     res = bench_cost(args.out, datasets, tuple(args.stages or COST_STAGES), amps, args.images,
                      args.batch, args.gpu_speedup, args.efficiency, args.cpus_per_gpu,
                      not args.no_bounds, args.overrides, args.size_scale,
-                     bf16_cut=args.bf16_cut)
+                     devices=args.devices, bf16_cut=args.bf16_cut)
     return 1 if any("error" in r for r in res["rows"]) else 0
 
 
@@ -320,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32, bf16 autocast (forced on, also on this CPU), or both")
     p.add_argument("--stages", nargs="+", choices=list(COST_STAGES), help="default: all")
     p.add_argument("--out", default="runs/bench/cost")
-    p.add_argument("--batch", type=int, default=1, help="images per measured training step")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per measured training step (default: 1 on the CPU, the config's "
+                        "batch per rank on CUDA)")
+    p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                   help="where to measure (default: the CPU, and CUDA where there is one)")
     p.add_argument("--gpu-speedup", type=float, default=GPU_SPEEDUP,
                    help="GPU / this CPU's float32, assumed where no CUDA device was measured "
                         f"(default {GPU_SPEEDUP:g})")

@@ -94,12 +94,15 @@ def test_bench_cost_tiny_cut(tmp_path):
     stages = ["train_cls", "aff_labels", "random_walk"]
     rc = main(["bench", "cost", "--dataset", "voc", "--amp", "both", "--stages", *stages,
                "--size-scale", "0.125", "--gpu-speedup", "50", "--out", str(tmp_path),
+               "--devices", "cpu",     # the CPU's formula below holds on a CUDA machine too
                "model.backbone=small", "model.segmenter=light", "model.aff_dims=null"])
     assert rc == 0
     res = json.loads((tmp_path / "cost.json").read_text())
     assert res["devices"]["cpu"] and "threads" in res["devices"]["cpu"]     # the CPU named
     assert (tmp_path / "cost.md").is_file() and (tmp_path / "run_info.json").is_file()
-    rows = {(r["stage"], r["precision"]): r for r in res["rows"] if r["device"] == "cpu"}
+    assert res["partial"] is False and {r["device"] for r in res["rows"]} == {"cpu"}
+    rows = {(r["stage"], r["precision"]): r for r in res["rows"]}
+    assert rows["train_cls", "float32"]["batch"] == 1      # the CPU's default: one image a step
     # every stage asked; the trainer in both precisions, the label stages in float32 (no amp)
     assert set(rows) == {("train_cls", "float32"), ("train_cls", "bf16"),
                          ("aff_labels", "float32"), ("random_walk", "float32")}

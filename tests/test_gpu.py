@@ -356,18 +356,21 @@ def _steps(device: str, dtype, n: int = 4, fp16_scaler: bool = False):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 64, 64, generator=g).to(device)
     y = (torch.rand(4, 6, generator=g) > 0.5).float().to(device)
-    losses, scales = [], []
+    losses, scales, conv_dtypes = [], [], []
+    # the dtype the classifier's last conv computed in: what autocast really did
+    model.fc.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
     for _ in range(n):
         losses.append(float(train_step(model, "cls", x, y, opt, sched, scaler, dtype)))
         scales.append(float(scaler.get_scale()) if fp16_scaler else None)
     delta = torch.cat([(p.detach() - s).flatten().cpu() for p, s in zip(model.parameters(), start)])
+    model.conv_dtypes = sorted(set(map(str, conv_dtypes)))
     return losses, scales, delta, model
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_train_steps_under_fp16_with_the_grad_scaler_and_bf16_follow_float32():
-    ref, _, d32, _ = _steps("cpu", None)                      # the CPU in float32: the reference
+    ref, _, d32, m32 = _steps("cpu", None)                    # the CPU in float32: the reference
     b16, _, dbf, mbf = _steps(CUDA, torch.bfloat16)
     f16, scales, dfp, mfp = _steps(CUDA, torch.float16, fp16_scaler=True)
     print(json.dumps({"fp32_cpu": ref, "bf16_cuda": b16, "fp16_cuda": f16, "scales": scales}))
@@ -377,7 +380,8 @@ def test_train_steps_under_fp16_with_the_grad_scaler_and_bf16_follow_float32():
         assert all(p.dtype == torch.float32 and p.is_cuda for p in m.parameters())
     # bf16 (8-bit mantissa, roundoff 2^-8) over a few steps: within 2% of float32, weights moving
     # the same way (as the CPU bf16 test asks)
-    assert b16[0] != ref[0]                                    # the forward really ran in bf16
+    assert (m32.conv_dtypes, mbf.conv_dtypes, mfp.conv_dtypes) == (
+        ["torch.float32"], ["torch.bfloat16"], ["torch.float16"])   # autocast really ran
     for a, b in zip(ref, b16):
         assert abs(a - b) <= 0.02 * abs(a), (ref, b16)
     cos = float(nn.functional.cosine_similarity(dbf, d32, dim=0))

@@ -136,6 +136,7 @@ def _sample_bytes(shard: Path) -> tuple[int, int]:
 def _trainer(cfg, ds, stage, device, dtype, batch):
     kind = TRAIN[stage]
     tcfg = getattr(cfg, stage)
+    batch = batch or tcfg.batch_size      # 0: the config's batch per rank (the GPU default)
     if kind == "cls":
         model = build_classifier(cfg.model, ds["classes"])
     elif kind == "aff":
@@ -252,11 +253,16 @@ def run_case(spec: dict) -> dict:
                   f"{device.type}: image {i + 1}/{len(scenes)} {seconds[-1]:.2f} s", file=sys.stderr,
                   flush=True)
         peak = _mem(device, peak=True) - base
+        # CUDA: what the caching allocator held too (what the GPU must have free; the CUDA
+        # context itself, a few hundred MB, is in neither figure)
+        reserved = torch.cuda.max_memory_reserved() / 2**20 if device.type == "cuda" else None
         out_bytes, tar_bytes = output(Path(tmp))
     return {**{k: spec[k] for k in ("dataset", "stage", "precision", "device")},
             "cut": spec.get("cut", 1.0),
             "size": [h, w], "seconds": statistics.median(seconds), "seconds_all": seconds,
-            "peak_mb": round(peak, 1), "output_bytes": out_bytes, "tar_bytes": tar_bytes,
+            "peak_mb": round(peak, 1),
+            **({"reserved_mb": round(reserved, 1)} if reserved is not None else {}),
+            "output_bytes": out_bytes, "tar_bytes": tar_bytes,
             "threads": torch.get_num_threads(),
             **{k: round(v, 1) if isinstance(v, float) else v for k, v in info.items()}}
 
@@ -297,24 +303,31 @@ def _what(cfg, stage: str, size, scale: float = 1.0) -> str:
 
 
 def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
-               amps=("float32", "bf16"), images: int = 1, batch: int = 1,
+               amps=("float32", "bf16"), images: int = 1, batch: int | None = None,
                gpu_speedup: float = GPU_SPEEDUP, efficiency: float = 0.9, cpus_per_gpu: int = 8,
                bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None,
                bf16_cut: float = 1.0) -> dict:
     """Every case in its own subprocess, then the tables; writes OUT/cost.json, cost.md and
     run_info.json. ``bf16_cut`` < 1: the bf16 cases on images and crops this much smaller (bf16
     convolutions take torch's slow reference kernels on a CPU without native bf16), beside
-    float32 cases of the same cut for the ratio."""
+    float32 cases of the same cut for the ratio. ``batch``: images per training step; None
+    measures the CPU at 1 and CUDA at the config's batch per rank (a GPU's time per image at
+    batch 1 is mostly kernel launches). ``cost.json`` is rewritten after every case (``partial``
+    true until the last), so a run stopped at a time limit keeps what it measured."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     devices = list(devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))
     cfgs = {d: dataset_config(d, overrides) for d in datasets}
     for d, cfg in cfgs.items():     # resolved once: every case reads this file, not the config
-        (out / f"config_{d}.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(
-            dataclasses.asdict(cfg)))))
-    common = {"images": images, "batch": batch, "size_scale": size_scale}
-    cases = [{**common, "dataset": d, "stage": s, "precision": p, "device": dev, "overrides": [],
-              "config": str(out / f"config_{d}.yaml")}
+        atomic_write_bytes(out / f"config_{d}.yaml", yaml.safe_dump(json.loads(json.dumps(
+            dataclasses.asdict(cfg)))).encode())
+    common = {"images": images, "size_scale": size_scale}
+
+    def batch_on(dev: str) -> int:
+        return batch if batch is not None else (1 if dev == "cpu" else 0)
+
+    cases = [{**common, "batch": batch_on(dev), "dataset": d, "stage": s, "precision": p,
+              "device": dev, "overrides": [], "config": str(out / f"config_{d}.yaml")}
              for dev in devices for d in datasets for s in stages
              for p in (amps if s in AMP_STAGES else ["float32"])
              if not (dev == "cuda" and s == "aff_labels")]      # the CRF runs on the CPU anyway
@@ -323,13 +336,34 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
         for c in cut:
             c["cut"] = bf16_cut
         cases += [{**c, "precision": "float32"} for c in cut]
-    bound_cases = [{**common, "dataset": d, "stage": s, "precision": "float32", "device": dev,
+    bound_cases = [{**common, "batch": batch_on(dev), "dataset": d, "stage": s,
+                    "precision": "float32", "device": dev,
                     "overrides": extra, "config": str(out / f"config_{d}.yaml"), "bound": name,
                     "about": about}
                    for dev in devices for name, (d, s, extra, about) in BOUNDS.items()
                    if bounds and d in datasets and s in stages]
+    plan = {}
+    for d, cfg in cfgs.items():
+        ds = DATASETS[d]
+        image, mask = _scene(*_size(ds, size_scale), 0)
+        fields = [encode_image(image), encode_json(ds["present"]), encode_mask(mask)]
+        plan[d] = {"images": ds["images"], "split": ds["split"],
+                   "sample_tar_bytes": sum(512 + -(-len(b) // 512) * 512 for b in fields),
+                   "epochs": {s: getattr(cfg, s).epochs for s in TRAIN},
+                   "checkpoints": {"train_seg": 2 if cfg.seg_full else 1}}
+        plan[d]["epochs"]["train_seg"] *= 2 if cfg.seg_full else 1
     t0 = time.monotonic()
     rows, bound_rows = [], []
+
+    def result(partial: bool) -> dict:
+        return {"bench": "cost", "partial": partial, "devices": {d: device_name(d) for d in devices},
+                "project_default_precision": {d: str(amp_dtype("bf16", torch.device(d)) or "float32")
+                                              for d in devices},
+                "threads": torch.get_num_threads(), "size_scale": size_scale, "images": images,
+                "bf16_cut": bf16_cut, "rows": rows, "bounds": bound_rows, "plan": plan,
+                "extrapolation": extrapolate(rows, plan, gpu_speedup, efficiency, cpus_per_gpu),
+                "seconds": round(time.monotonic() - t0, 1)}
+
     for i, spec in enumerate(cases + bound_cases):
         label = f"{spec['dataset']} {spec.get('bound', spec['stage'])} {spec['precision']} " \
                 f"{spec['device']}" + (f" (size x {spec['cut']:g})" if "cut" in spec else "")
@@ -348,29 +382,13 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
             r.update(bound=spec["bound"], about=spec["about"])
             if "error" not in r:
                 r["at_config_batch_mb"] = at_batch(r)
-                worst = max(r["peak_mb"], r["at_config_batch_mb"]) / 1024
+                worst = max(r["peak_mb"], r.get("reserved_mb", 0), r["at_config_batch_mb"]) / 1024
                 r["verdict"] = "yes" if worst <= LIMIT_GIB else f"**no** ({worst:.1f} GiB)"
             bound_rows.append(r)
         else:
             rows.append(r)
-    plan = {}
-    for d, cfg in cfgs.items():
-        ds = DATASETS[d]
-        image, mask = _scene(*_size(ds, size_scale), 0)
-        fields = [encode_image(image), encode_json(ds["present"]), encode_mask(mask)]
-        plan[d] = {"images": ds["images"], "split": ds["split"],
-                   "sample_tar_bytes": sum(512 + -(-len(b) // 512) * 512 for b in fields),
-                   "epochs": {s: getattr(cfg, s).epochs for s in TRAIN},
-                   "checkpoints": {"train_seg": 2 if cfg.seg_full else 1}}
-        plan[d]["epochs"]["train_seg"] *= 2 if cfg.seg_full else 1
-    res = {"bench": "cost", "devices": {d: device_name(d) for d in devices},
-           "project_default_precision": {d: str(amp_dtype("bf16", torch.device(d)) or "float32")
-                                         for d in devices},
-           "threads": torch.get_num_threads(), "size_scale": size_scale, "images": images,
-           "bf16_cut": bf16_cut,
-           "rows": rows, "bounds": bound_rows, "plan": plan,
-           "extrapolation": extrapolate(rows, plan, gpu_speedup, efficiency, cpus_per_gpu),
-           "seconds": round(time.monotonic() - t0, 1)}
+        atomic_write_json(out / "cost.json", result(partial=True))
+    res = result(partial=False)
     atomic_write_json(out / "cost.json", res)
     md = tables(res)
     atomic_write_bytes(out / "cost.md", md.encode())

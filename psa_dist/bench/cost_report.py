@@ -23,6 +23,9 @@ ASSUMPTIONS = {
               "speed",
     "storage": "tar bytes of each stage's output sample (512-byte header + data padded to 512) x "
                "images; checkpoints once; the dataset's JPEGs are synthetic scenes (quality 90)",
+    "batch": "a trainer's seconds per image are its step time / the measured batch: 1 on the CPU, "
+             "the config's batch per rank on CUDA (unless --batch is given); cams and "
+             "random-walk one image at a time",
     "memory_at_batch": "peak at the config's batch = fixed (weights, and for a trainer its "
                        "gradients and momentum) + batch x (measured peak - fixed) / measured batch",
 }
