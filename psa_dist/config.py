@@ -7,6 +7,7 @@ file it came from), so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -221,6 +222,9 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(key: str, value: Any, tp: Any, default: Any = None) -> Any:
     """Coerce `value` to the annotated type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -245,6 +249,8 @@ def _check_value(key: str, value: Any, tp: Any, default: Any = None) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return float(value)     # YAML 1.1 reads 1e-3 (no dot) as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

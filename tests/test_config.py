@@ -76,3 +76,11 @@ def test_frozen_layers_are_checked_against_the_backbone_before_the_run():
     assert not [p for p in unmet_needs(bad, ["random_walk"], lambda s: True) if "frozen" in p]
     with pytest.raises(ConfigError, match="model.cls_dropout"):
         load_config(None, ["model.cls_dropout=1.0"])
+
+
+def test_numbers_in_exponent_notation_without_a_dot_are_numbers():
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; a learning rate written so must still load
+    cfg = load_config(None, ["train_cls.lr=1e-3", "train_aff.lr=5E2", "random_walk.tol=1.5e-5"])
+    assert (cfg.train_cls.lr, cfg.train_aff.lr, cfg.random_walk.tol) == (1e-3, 500.0, 1.5e-5)
+    with pytest.raises(ConfigError, match="train_cls.lr: expected a number"):
+        load_config(None, ["train_cls.lr=fast"])

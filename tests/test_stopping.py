@@ -163,3 +163,21 @@ def test_objects_lost_and_dropped_against_a_count_by_hand():
     # lost by the walk: (a, 3) of 3 objects; of the 2 the CAM found, the walk lost 1
     assert got == {"objects": 3, "lost": 1 / 3, "dropped": 1 / 2}
     assert lost_objects(cam) == {"objects": 3, "lost": 1 / 3}
+
+
+def test_a_diverging_trainer_stops_naming_the_keys_and_keeps_no_nan_checkpoint(tiny, tmp_path):
+    # a learning rate of 1e6 blows the classifier up within its first steps: the trainer must stop
+    # with an error that names the step and the keys to change, and leave no non-finite weights
+    from psa_dist.stages.engine import TrainingDiverged
+    out = tmp_path / "run"
+    cfg = load_config(tiny, [f"out_dir={out}", "train_cls.lr=1e6", "train_cls.log_every=1",
+                             "train_cls.checkpoint_every=1", "train_cls.epochs=3"])
+    with pytest.raises(TrainingDiverged, match=r"train_cls\.lr.*train_cls\.amp=none"):
+        run_pipeline(cfg, stages=["train_cls"])
+    assert not (out / "stages" / "train_cls.json").exists()        # the stage is not done
+    ck = out / "cls" / "checkpoint.pth"
+    if ck.exists():                                                 # written before it diverged
+        weights = load_checkpoint(ck)["model"]
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
+    assert 0 < len(lines) < 18          # it trained, then stopped within the first of 3 epochs

@@ -15,6 +15,7 @@ stage table (``cls``, ``aff``, ``seg``, ``seg_full``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -106,6 +107,24 @@ class StopRule:
         return bool(st["curve"]) and st["curve"][-1][0] - st["ref_epoch"] >= self.patience
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite: the trainer stops rather than train on it."""
+
+
+def check_finite(loss: float, kind: str, epoch: int, step: int, section: str, ckpt: Path,
+                 what: str | None = None) -> None:
+    """Raise :class:`TrainingDiverged` for a non-finite ``loss`` (as MAE and DINO stop). Called on
+    values summed over every rank, so all ranks stop at the same step."""
+    if math.isfinite(loss):
+        return
+    raise TrainingDiverged(
+        f"[{kind}] {what or f'the training loss is {loss}'} at epoch {epoch}, step {step}: "
+        f"training diverged "
+        f"and stops; the last good checkpoint is {ckpt} (a rerun resumes from it). Lower "
+        f"{section}.lr, set {section}.amp=none, or, when training from random weights, set "
+        f"model.freeze_bn=false (frozen BN keeps the initial statistics, so nothing normalises)")
+
+
 @torch.no_grad()
 def heldout_loss(model: nn.Module, kind: str, loader, device, dtype, radius: int = 5,
                  border: str = "all") -> float:
@@ -157,7 +176,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     net = wrap_ddp(model, info)
     steps_per_epoch = len(loader)
     max_steps = train_cfg.epochs * steps_per_epoch
-    field = table.MODELS[kind].section + ".amp"
+    section = table.MODELS[kind].section
+    field = section + ".amp"
     dtype = amp_dtype(train_cfg.amp, info.device, field)
     if info.is_main:
         print(f"[{kind}] precision: {'autocast ' + str(dtype).split('.')[-1] if dtype else 'float32'}"
@@ -187,6 +207,13 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     best_path = out_dir / "best.pth"
 
     def save(epoch: int, step_in_epoch: int) -> None:
+        # a step's loss is taken before its update: the weights it leaves are checked here, on
+        # every rank together, so that no checkpoint holds NaN or infinite weights or statistics
+        bad = sum(int(not torch.isfinite(t).all()) for t in model.state_dict().values()
+                  if t.is_floating_point())                   # BN's running statistics too
+        bad = float(all_reduce_sum(torch.tensor([float(bad)], device=info.device))[0])
+        check_finite(float("nan") if bad else 0.0, kind, epoch, step, section, ckpt_path,
+                     what="the weights are no longer finite")
         if info.is_main:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -225,6 +252,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
             if step % train_cfg.log_every == 0:
                 ep_loss += win_loss
                 mean = all_reduce_sum(win_loss)
+                check_finite(float(mean[0]), kind, epoch, step, section, ckpt_path)
                 now = time.monotonic()
                 log({"kind": kind, "epoch": epoch, "step": step, "of": max_steps,
                      "loss": float(mean[0] / mean[1]), "lr": opt.param_groups[0]["lr"],
@@ -236,6 +264,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 save(epoch, k)
         ep_loss += win_loss
         ep_loss = all_reduce_sum(ep_loss)
+        check_finite(float(ep_loss[0]), kind, epoch, step, section, ckpt_path)
         images_seen += n_img * info.world_size
         dt = time.monotonic() - t0
         log({"kind": kind, "epoch": epoch, "step": step,

@@ -103,6 +103,12 @@ def run_trainer(cfg: Config, model: str) -> dict:
             print(f"[{model}] starting from {source}" if source else
                   f"[{model}] no pretrained weights ({random_init_key(cfg, model)} unset): "
                   f"training from random initialisation", flush=True)
+            if cfg.model.freeze_bn and not (cfg.model.pretrained if model in ("cls", "aff")
+                                            else source):
+                print(f"[{model}] warning: model.freeze_bn with random weights keeps BN at its "
+                      f"initial statistics (mean 0, variance 1), so nothing normalises the "
+                      f"activations and training may diverge: set model.freeze_bn=false",
+                      flush=True)
         net = model_to_train(run, model).to(info.device)
         loader = train_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size,
                               pin_memory=info.device.type == "cuda")
