@@ -119,10 +119,10 @@ def check_finite(loss: float, kind: str, epoch: int, step: int, section: str, ck
         return
     raise TrainingDiverged(
         f"[{kind}] {what or f'the training loss is {loss}'} at epoch {epoch}, step {step}: "
-        f"training diverged "
-        f"and stops; the last good checkpoint is {ckpt} (a rerun resumes from it). Lower "
+        f"training diverged and stops ({ckpt} holds only weights from before). Lower "
         f"{section}.lr, set {section}.amp=none, or, when training from random weights, set "
-        f"model.freeze_bn=false (frozen BN keeps the initial statistics, so nothing normalises)")
+        f"model.freeze_bn=false (frozen BN keeps the initial statistics, so nothing normalises), "
+        f"then rerun the stage with --force")
 
 
 @torch.no_grad()
