@@ -75,7 +75,8 @@ def cmd_data_preview(args) -> int:
 # ----------------------------------------------------------------------------- pipeline
 def cmd_run(args) -> int:
     _launcher_overrides(args)
-    return run_pipeline(_load(args), force=args.force)
+    redo = args.redo_from.replace("-", "_") if args.redo_from else None
+    return run_pipeline(_load(args), force=args.force, redo_from=redo)
 
 
 def _launcher_overrides(args) -> None:
@@ -178,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every stage of CONFIG into cfg.out_dir; finished stages are "
                                    "skipped, so a rerun resumes where the last one stopped.")
     _add_config_args(p, required=True)
-    p.add_argument("--force", action="store_true", help="redo stages even if marked done")
+    p.add_argument("--force", action="store_true",
+                   help="redo every stage from scratch (their earlier outputs are removed)")
+    p.add_argument("--from", dest="redo_from", metavar="STAGE",
+                   choices=[s.replace("_", "-") for s in table.ORDER] + list(table.ORDER),
+                   help="redo STAGE and every later one from scratch, keep the earlier ones")
     _add_launcher_arg(p)
     p.set_defaults(func=cmd_run)
 
@@ -202,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description=f"Run one stage of the pipeline: {stage.help}. Reads and "
                            "writes the config's out_dir, so stages can run on other machines.")
         _add_config_args(p, required=True)
-        p.add_argument("--force", action="store_true", help="redo the stage even if marked done")
+        p.add_argument("--force", action="store_true",
+                       help="redo the stage from scratch (its earlier outputs are removed)")
         if stage.kind == "labels":
             p.add_argument("--ray-address", help="run on an existing Ray cluster (same as the "
                            "override ray.address=HOST:PORT)")

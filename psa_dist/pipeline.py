@@ -44,11 +44,33 @@ def check_chain(cfg: Config, to_run: list[str], done) -> None:
         raise ChainUnmet("cannot run " + ", ".join(to_run) + ":\n  " + "\n  ".join(problems))
 
 
+def warn_changed(run: Run, cached: list[str]) -> dict[str, list[str]]:
+    """Say which cached stages were made with other settings than the config's now. They are
+    kept, not redone (a trained model can be hours of work; a changed cap of epochs may be meant
+    to resume): the warning names the command that redoes them."""
+    changed = run.changed_since_done(cached)
+    if changed and is_main_process():
+        first = min(changed, key=STAGES.index)
+        for name, keys in changed.items():
+            print(f"[run] warning: {name} is cached from a run with other settings "
+                  f"({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}); its outputs are "
+                  f"kept", flush=True)
+        print(f"[run] warning: to redo them with these settings: psa-dist run CONFIG "
+              f"--from {table.stage(first).cli}", flush=True)
+    return changed
+
+
 def run_stage(run: Run, name: str, force: bool = False) -> dict | None:
-    """One stage, unless its marker says it is done; writes the marker with its summary."""
+    """One stage, unless its marker says it is done; writes the marker with its summary.
+    ``force``: redone from scratch, its earlier outputs removed first (a trainer's checkpoint
+    would otherwise be resumed, a label stage's shards skipped)."""
     if run.done(name) and not force:
         print(f"[run] {name}: done (cached in {run.marker(name)})", flush=True)
         return None
+    if force and is_main_process():
+        cleared = run.clear_outputs(name)
+        if cleared:
+            print(f"[run] {name}: redone from scratch (removed {', '.join(cleared)})", flush=True)
     t0 = time.monotonic()
     summary = RUNNERS[table.stage(name).kind](run, name)
     summary = {"seconds": round(time.monotonic() - t0, 2), **summary}
@@ -56,25 +78,29 @@ def run_stage(run: Run, name: str, force: bool = False) -> dict | None:
     return summary
 
 
-def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False) -> int:
-    """The stages ``stages`` (default: all) of ``cfg`` in table order, into ``cfg.out_dir``."""
+def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False,
+                 redo_from: str | None = None) -> int:
+    """The stages ``stages`` (default: all) of ``cfg`` in table order, into ``cfg.out_dir``;
+    ``force`` redoes them all, ``redo_from`` that stage and every later one."""
     stages = list(stages or STAGES)
-    for name in stages:
+    for name in stages + ([redo_from] if redo_from else []):
         table.stage(name)                       # an unknown name fails before anything runs
+    redo = set(STAGES[STAGES.index(redo_from):]) if redo_from else set()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_run_info(out, cfg)
     run = Run(cfg)
     run.check_same_dataset(force)
-    to_run = [s for s in stages if force or not run.done(s)]
+    to_run = [s for s in stages if force or s in redo or not run.done(s)]
+    warn_changed(run, [s for s in stages if s not in to_run])
     warn_shape(cfg, to_run)     # SLURM jobs whose shape does not fit their work: said first
     check_chain(cfg, to_run, run.done)
     print(f"[run] {cfg.name}: {run.num_train} train images, {run.num_classes} classes, device "
           f"{run.device}, outputs in {out}", flush=True)
     t0 = time.monotonic()
     for name in stages:
-        run_stage(run, name, force=force)
+        run_stage(run, name, force=force or name in redo)
     where = f"; report in {out / 'report.md'}" if "report" in stages else f"; outputs in {out}"
     print(f"[run] {cfg.name}: finished in {time.monotonic() - t0:.0f}s{where}", flush=True)
     return 0

@@ -72,13 +72,36 @@ def test_pipeline_end_to_end_and_cached(tiny_cfg, tmp_path, capsys):
     assert 0 <= rep["perfect_walk"]["miou"] <= 100 and "perfect affinity" in md
     # a stage redone after eval (train-seg here) makes eval and report stale: they run again
     seg_mtime = (out / "stages" / "eval.json").stat().st_mtime_ns
+    ck_mtime = (out / "seg" / "checkpoint.pth").stat().st_mtime_ns
+    log_lines = len((out / "seg" / "log.jsonl").read_text().splitlines())
+    capsys.readouterr()
     assert main(["train-seg", str(tiny_cfg), f"out_dir={out}", "--force"]) == 0
+    # --force trains anew: it does not resume the finished checkpoint, nor append to the log
+    assert "train_seg: redone from scratch (removed seg/checkpoint.pth" in capsys.readouterr().out
+    assert (out / "seg" / "checkpoint.pth").stat().st_mtime_ns > ck_mtime
+    assert len((out / "seg" / "log.jsonl").read_text().splitlines()) == log_lines
     assert not (out / "stages" / "eval.json").exists() and not (out / "stages" / "report.json").exists()
     capsys.readouterr()
     assert main(["run", str(tiny_cfg), f"out_dir={out}"]) == 0
     text = capsys.readouterr().out
     assert "eval: done (cached" not in text and "report: done (cached" not in text
     assert (out / "stages" / "eval.json").stat().st_mtime_ns > seg_mtime
+    # other settings than the cached stages were made with: each is named with the keys, kept,
+    # and `run --from` redoes the first one and everything after it
+    capsys.readouterr()
+    assert main(["run", str(tiny_cfg), f"out_dir={out}", "cams.scales=[1.0]"]) == 0
+    text = capsys.readouterr().out
+    assert "warning: cams is cached from a run with other settings (cams.scales)" in text
+    assert "warning: train_seg is cached" in text and "train_cls is cached" not in text
+    assert "psa-dist run CONFIG --from cams" in text
+    cls_mtime = (out / "cls" / "checkpoint.pth").stat().st_mtime_ns
+    assert main(["run", str(tiny_cfg), f"out_dir={out}", "cams.scales=[1.0]", "--from", "cams"]) == 0
+    text = capsys.readouterr().out
+    assert "train_cls: done (cached" in text and "cams: redone from scratch" in text
+    assert (out / "cls" / "checkpoint.pth").stat().st_mtime_ns == cls_mtime
+    assert json.loads((out / "stages" / "cams.json").read_text())["settings"]["cams.scales"] == [1.0]
+    assert main(["run", str(tiny_cfg), f"out_dir={out}", "cams.scales=[1.0]"]) == 0
+    assert "warning" not in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -138,11 +138,51 @@ class Run:
 
     def finish(self, stage: str, summary: dict) -> None:
         if is_main_process():   # under torchrun every rank runs the stage; one marks it done
-            atomic_write_json(self.marker(stage), summary)
+            atomic_write_json(self.marker(stage),
+                              {**summary, "settings": table.settings(self.cfg, stage)})
             # eval and report read every earlier stage's outputs: a stage (re)done after them
             # (say train-seg run after eval) makes them stale, so they run again
             for later in table.stale_after(stage):
                 self.marker(later).unlink(missing_ok=True)
+
+    def clear_outputs(self, stage: str) -> list[str]:
+        """Remove what ``stage`` wrote (a trainer's checkpoints, logs and curves; a label stage's
+        shards and shard log) so that it runs anew; the paths removed."""
+        s = table.stage(stage)
+        paths = []
+        if s.kind == "train":
+            for model in s.models:
+                d = self.model_dir(model)
+                paths += [d / n for n in ("checkpoint.pth", "best.pth", "log.jsonl", "tensorboard")]
+        elif s.kind == "labels":
+            d = self.stage_dir(stage)
+            paths += sorted(d.glob("*.tar")) if d.is_dir() else []
+            paths.append(self.out / "stages" / f"{stage}.shards.jsonl")
+        removed = []
+        for p in paths:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+            else:
+                continue
+            removed.append(str(p.relative_to(self.out)))
+        if s.kind == "labels" and len(removed) > 3:
+            removed = [f"{len(removed) - 1} shards of {s.output}/", *removed[-1:]]
+        return removed
+
+    def changed_since_done(self, stages: list[str]) -> dict[str, list[str]]:
+        """For each done stage of ``stages`` whose marker recorded other settings than the
+        config's now: the keys that differ (markers from before settings were recorded: none)."""
+        out = {}
+        for name in stages:
+            if self.done(name):
+                recorded = self.summary(name).get("settings")
+                if recorded is not None:
+                    diff = table.changed_settings(recorded, table.settings(self.cfg, name))
+                    if diff:
+                        out[name] = diff
+        return out
 
     def check_same_dataset(self, force: bool) -> None:
         """A run directory belongs to one dataset: cached stages made from another one (say, the

@@ -9,10 +9,12 @@ directory of its checkpoint and log, and its trainer's ``[name]`` in the logs).
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import Config, TrainConfig
+from ..config import Config, JobConfig, TrainConfig
 from ..nets.backbones import BACKBONES, layer_names
 
 
@@ -155,3 +157,29 @@ def unmet_needs(cfg: Config, to_run: list[str], done: Callable[[str], bool]) -> 
             problems.append(f"model.frozen_layers: {', '.join(map(repr, unknown))} is not a layer "
                             f"of the {cfg.model.backbone} backbone (have {', '.join(have)})")
     return problems
+
+
+# Keys that say where and how fast a stage runs, not what it computes: left out of its settings
+_RUN_ONLY = {f.name for f in dataclasses.fields(JobConfig)} | {
+    "num_workers", "threads", "log_every", "checkpoint_every", "tensorboard", "resample"}
+
+
+def settings(cfg: Config, name: str) -> dict:
+    """What decides stage ``name``'s outputs under ``cfg``, as dotted keys: the seed, the
+    synthetic data's settings, the model, and the sections of this stage and every earlier one
+    (a label stage's inference batch and every job or logging key left out). Recorded in the
+    stage's marker, so that a rerun with other settings can say which cached stages they concern."""
+    flat = {"seed": cfg.seed, "seg_full": cfg.seg_full}
+    sections = ["model"] + (["synth"] if cfg.data.source == "synth" else [])
+    sections += [s.section for s in STAGES[:ORDER.index(name) + 1] if s.section]
+    for sec in sections:
+        for key, value in dataclasses.asdict(getattr(cfg, sec)).items():
+            if key in _RUN_ONLY or (key == "batch_size" and sec in LABEL_STAGES):
+                continue
+            flat[f"{sec}.{key}"] = json.loads(json.dumps(value))    # tuples as lists, as stored
+    return flat
+
+
+def changed_settings(recorded: dict, now: dict) -> list[str]:
+    """The keys whose value differs between a marker's settings and the current ones."""
+    return sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
