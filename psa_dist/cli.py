@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .bench.cost import GPU_SPEEDUP, STAGES as COST_STAGES, bench_cost
+from .bench.cost import GPU_TFLOPS, STAGES as COST_STAGES, bench_cost
 from .bench.labels import bench_cams, bench_scaling
 from .bench.loader import bench_loader
 from .bench.quality import VARIANTS, bench_quality
@@ -165,7 +165,7 @@ def cmd_bench_cost(args) -> int:
     res = bench_cost(args.out, datasets, tuple(args.stages or COST_STAGES), amps, args.images,
                      args.batch, args.gpu_speedup, args.efficiency, args.cpus_per_gpu,
                      not args.no_bounds, args.overrides, args.size_scale,
-                     devices=args.devices, bf16_cut=args.bf16_cut)
+                     devices=args.devices, bf16_cut=args.bf16_cut, gpu_tflops=args.gpu_tflops)
     return 1 if any("error" in r for r in res["rows"]) else 0
 
 
@@ -331,9 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch per rank on CUDA)")
     p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
                    help="where to measure (default: the CPU, and CUDA where there is one)")
-    p.add_argument("--gpu-speedup", type=float, default=GPU_SPEEDUP,
-                   help="GPU / this CPU's float32, assumed where no CUDA device was measured "
-                        f"(default {GPU_SPEEDUP:g})")
+    p.add_argument("--gpu-speedup", type=float, default=None,
+                   help="GPU / this CPU's float32, where no CUDA device was measured (default: "
+                        "--gpu-tflops / this CPU's convolution throughput, timed in the run)")
+    p.add_argument("--gpu-tflops", type=float, default=GPU_TFLOPS,
+                   help=f"sustained TFLOP/s of one GPU, assumed (default {GPU_TFLOPS:g})")
     p.add_argument("--efficiency", type=float, default=0.9, help="G GPUs = G x this x one GPU")
     p.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU actors of aff-labels per GPU")
     p.add_argument("--no-bounds", action="store_true",

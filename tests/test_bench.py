@@ -112,6 +112,7 @@ def test_bench_cost_tiny_cut(tmp_path):
     cfg = load_config("configs/voc_resnet38.yaml")
     a = res["extrapolation"]["assumptions"]
     assert (a["gpu_speedup"], a["efficiency"], a["cpus_per_gpu"]) == (50.0, 0.9, 8)
+    assert a["cpu_gflops"] > 0 and a["gpu_tflops"] is None        # set, not derived
     hours = {r["stage"]: r["hours"] for r in res["extrapolation"]["time"]}
     assert set(hours) == {*stages, "total"}
     for g in (8, 32, 128):
@@ -124,3 +125,18 @@ def test_bench_cost_tiny_cut(tmp_path):
     store = {s["what"]: s for s in res["extrapolation"]["storage"]}
     assert store["random_walk"]["total_gb"] == pytest.approx(
         10582 * rows["random_walk", "float32"]["tar_bytes"] / 1e9)
+
+
+def test_cpu_conv_gflops_against_a_timed_matmul_of_the_same_work():
+    # the calibration the GPU speed-up is derived from: within a factor of 8 of a plain float32
+    # matmul doing the same multiply-adds (im2col of the same convolution), timed here
+    import time
+    import torch
+    from psa_dist.bench.cost import cpu_conv_gflops
+    conv = cpu_conv_gflops()
+    a, b = torch.randn(4 * 56 * 56, 256 * 9), torch.randn(256 * 9, 256)
+    a @ b
+    t0 = time.perf_counter()
+    a @ b
+    mm = 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
+    assert mm / 8 < conv < mm * 8, (conv, mm)

@@ -52,7 +52,7 @@ from ..stages.labels import crf_settings
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from ..util.precision import AMP_DTYPES, amp_dtype
 from ..util.runinfo import write_run_info
-from .cost_report import GPU_SPEEDUP, LIMIT_GIB, STAGES, TRAIN, at_batch, extrapolate, tables
+from .cost_report import GPU_TFLOPS, LIMIT_GIB, STAGES, TRAIN, at_batch, extrapolate, tables
 
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # size (H, W), classes, the classes of the image (2 for VOC: train_aug has 1.5 per image; 3 for
@@ -302,11 +302,28 @@ def _what(cfg, stage: str, size, scale: float = 1.0) -> str:
             f"{size[1]}x{size[0]}")
 
 
+def cpu_conv_gflops(repeats: int = 3) -> float:
+    """This CPU's float32 throughput on a ResNet-like convolution (3x3, 256 -> 256 channels,
+    56x56, batch 4), GFLOP/s with this process's threads: what the assumed GPU speed is divided
+    by, so that the extrapolation does not depend on the CPU that measured the stages."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    x = torch.randn(4, 256, 56, 56)
+    flops = 2 * 4 * 256 * 256 * 9 * 56 * 56
+    with torch.no_grad():
+        conv(x)                                   # warm-up: oneDNN picks its kernel here
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            conv(x)
+            times.append(time.perf_counter() - t0)
+    return flops / statistics.median(times) / 1e9
+
+
 def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                amps=("float32", "bf16"), images: int = 1, batch: int | None = None,
-               gpu_speedup: float = GPU_SPEEDUP, efficiency: float = 0.9, cpus_per_gpu: int = 8,
+               gpu_speedup: float | None = None, efficiency: float = 0.9, cpus_per_gpu: int = 8,
                bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None,
-               bf16_cut: float = 1.0) -> dict:
+               bf16_cut: float = 1.0, gpu_tflops: float = GPU_TFLOPS) -> dict:
     """Every case in its own subprocess, then the tables; writes OUT/cost.json, cost.md and
     run_info.json. ``bf16_cut`` < 1: the bf16 cases on images and crops this much smaller (bf16
     convolutions take torch's slow reference kernels on a CPU without native bf16), beside
@@ -352,8 +369,20 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                    "epochs": {s: getattr(cfg, s).epochs for s in TRAIN},
                    "checkpoints": {"train_seg": 2 if cfg.seg_full else 1}}
         plan[d]["epochs"]["train_seg"] *= 2 if cfg.seg_full else 1
+    cpu_gflops = cpu_conv_gflops()
+    speedup = gpu_speedup if gpu_speedup is not None else gpu_tflops * 1000 / cpu_gflops
+    print(f"[bench cost] this CPU: {cpu_gflops:.0f} GFLOP/s float32 convolution; GPU speed-up "
+          f"{speedup:.0f}" + (" (--gpu-speedup)" if gpu_speedup is not None else
+                              f" = {gpu_tflops:g} TFLOP/s assumed / that"), file=sys.stderr,
+          flush=True)
     t0 = time.monotonic()
     rows, bound_rows = [], []
+
+    def extrapolation() -> dict:
+        ex = extrapolate(rows, plan, speedup, efficiency, cpus_per_gpu)
+        ex["assumptions"].update(cpu_gflops=round(cpu_gflops, 1),
+                                 gpu_tflops=None if gpu_speedup is not None else gpu_tflops)
+        return ex
 
     def result(partial: bool) -> dict:
         return {"bench": "cost", "partial": partial, "devices": {d: device_name(d) for d in devices},
@@ -361,7 +390,7 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                                               for d in devices},
                 "threads": torch.get_num_threads(), "size_scale": size_scale, "images": images,
                 "bf16_cut": bf16_cut, "rows": rows, "bounds": bound_rows, "plan": plan,
-                "extrapolation": extrapolate(rows, plan, gpu_speedup, efficiency, cpus_per_gpu),
+                "extrapolation": extrapolation(),
                 "seconds": round(time.monotonic() - t0, 1)}
 
     for i, spec in enumerate(cases + bound_cases):

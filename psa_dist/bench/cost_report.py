@@ -7,13 +7,17 @@ from __future__ import annotations
 STAGES = ("train_cls", "cams", "aff_labels", "train_aff", "random_walk", "train_seg")
 TRAIN = {"train_cls": "cls", "train_aff": "aff", "train_seg": "seg"}
 GPUS = (8, 32, 128)
-GPU_SPEEDUP = 200.0     # assumed GPU / this CPU (float32) when no GPU was measured: see ASSUMPTIONS
+GPU_TFLOPS = 25.0       # assumed sustained TFLOP/s of one GPU on these networks: see ASSUMPTIONS
 LIMIT_GIB = 24.0
 ASSUMPTIONS = {
     "gpu_speedup": "one GPU runs a network stage this many times faster than this CPU in float32 "
-                   "(assumed when no CUDA device was measured; default 200: an A100-class GPU "
-                   "under bf16 autocast against this CPU's ~115 GFLOP/s; measured instead when "
-                   "CUDA is present)",
+                   "(used when no CUDA device was measured; measured instead when CUDA is "
+                   "present): by default gpu_tflops / this CPU's float32 convolution throughput, "
+                   "timed in the same run (cpu_gflops), so the estimate does not depend on which "
+                   "CPU measured it; --gpu-speedup sets it directly",
+    "gpu_tflops": "sustained TFLOP/s of one GPU on these convolutional networks, assumed: 25 by "
+                  "default (an A100 under bf16 autocast sustains about a tenth of its 312 peak "
+                  "on dilated ResNets at these batches; a V100 in float32 about 10)",
     "efficiency": "G GPUs run G x efficiency times faster than one (DDP trainers and Ray label "
                   "actors alike)",
     "epochs": "trainers: the config's train_*.epochs (train_seg twice with seg_full); label "
@@ -48,7 +52,7 @@ def _basis(rows: list, dataset: str, stage: str) -> dict | None:
     return next((ok[k] for k in order if k in ok), None)
 
 
-def extrapolate(rows: list, plan: dict, gpu_speedup: float = GPU_SPEEDUP, efficiency: float = 0.9,
+def extrapolate(rows: list, plan: dict, gpu_speedup: float, efficiency: float = 0.9,
                 cpus_per_gpu: int = 8, gpus=GPUS) -> dict:
     """Hours and bytes of whole datasets from the per-image rows. ``plan``: dataset -> images,
     epochs per stage, checkpoints kept per trainer, and the dataset's own bytes per sample.
@@ -72,7 +76,7 @@ def extrapolate(rows: list, plan: dict, gpu_speedup: float = GPU_SPEEDUP, effici
             elif r["device"] == "cuda":
                 s, how = r["seconds"], f"CUDA {r['precision']}, measured"
             else:
-                s, how = r["seconds"] / gpu_speedup, f"this CPU {r['precision']} / {gpu_speedup:g}"
+                s, how = r["seconds"] / gpu_speedup, f"this CPU {r['precision']} / {gpu_speedup:.0f}"
             epochs = p["epochs"].get(stage, 1)
             hours = {str(g): p["images"] * epochs * s / (g * efficiency) / 3600 for g in gpus}
             res["time"].append({"dataset": name, "stage": stage, "images": p["images"],
@@ -160,7 +164,9 @@ def tables(res: dict) -> str:
                        f"{s['total_gb']:.2f} |" if "count" in s else
                        f"| {s['dataset']} | **total** | | | **{s['total_gb']:.2f}** |")
         a = ex["assumptions"]
-        out += ["", f"Assumptions: gpu_speedup {a['gpu_speedup']:g}, efficiency "
+        derived = (f" (= gpu_tflops {a['gpu_tflops']:g} / this CPU's {a['cpu_gflops']:g} GFLOP/s)"
+                   if a.get("gpu_tflops") else "")
+        out += ["", f"Assumptions: gpu_speedup {a['gpu_speedup']:.0f}{derived}, efficiency "
                 f"{a['efficiency']:g}, cpus_per_gpu {a['cpus_per_gpu']}."]
         out += [f"- {k}: {v}" for k, v in a["text"].items()]
     return "\n".join(out) + "\n"
