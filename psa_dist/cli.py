@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and COCO train (82,783) on 8, 32 and 128 GPUs, assumptions stated. "
                         "Writes OUT/cost.json, OUT/cost.md, OUT/run_info.json.")
     p.add_argument("overrides", nargs="*", help="overrides of both configs (tests: "
-                   "model.backbone=small model.segmenter=light model.aff_dims=null)")
+                   "model.backbone=small model.segmenter=light model.aff_dims=null model.frozen_layers=[])")
     p.add_argument("--dataset", choices=["voc", "coco", "both"], default="both")
     p.add_argument("--images", type=int, default=1, help="images per case (the median is kept)")
     p.add_argument("--amp", choices=["none", "bf16", "both"], default="both",

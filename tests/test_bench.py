@@ -92,10 +92,12 @@ def test_bench_cost_tiny_cut(tmp_path):
     # The real command on a tiny cut: small networks, images and crops at 1/8 of the real size.
     from psa_dist.cli import main
     stages = ["train_cls", "aff_labels", "random_walk"]
-    rc = main(["bench", "cost", "--dataset", "voc", "--amp", "both", "--stages", *stages,
-               "--size-scale", "0.125", "--gpu-speedup", "50", "--out", str(tmp_path),
+    rc = main(["bench", "cost", "--dataset", "voc", "--amp", "both",
                "--devices", "cpu",     # the CPU's formula below holds on a CUDA machine too
-               "model.backbone=small", "model.segmenter=light", "model.aff_dims=null"])
+               "--stages", *stages,
+               "--size-scale", "0.125", "--gpu-speedup", "50", "--out", str(tmp_path),
+               "model.backbone=small", "model.segmenter=light", "model.aff_dims=null",
+               "model.frozen_layers=[]"])
     assert rc == 0
     res = json.loads((tmp_path / "cost.json").read_text())
     assert res["devices"]["cpu"] and "threads" in res["devices"]["cpu"]     # the CPU named
