@@ -59,6 +59,14 @@ def cmd_data_convert_coco(args) -> int:
     return 0
 
 
+def cmd_data_convert_weights(args) -> int:
+    from .nets.mxnet_params import convert_params
+    n = convert_params(args.params, args.out)
+    print(f"[data] wrote {args.out}: {n} tensors of {args.params} in the authors' torch names "
+          f"(model.pretrained reads it, or the .params file itself)", flush=True)
+    return 0
+
+
 def cmd_data_inspect(args) -> int:
     report = inspect_dataset(args.root, verify=not args.quick, shard_url=args.shard_url)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -381,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("coco_root", help="directory holding train2014/, val2014/ and annotations/")
     conv_common(p, "train2014,val2014")
     p.set_defaults(func=cmd_data_convert_coco)
+
+    p = dsub.add_parser("convert-weights",
+                        help="the authors' MXNet ResNet-38 .params to a torch file (no mxnet)",
+                        description="Read an MXNet .params file (the authors' ImageNet ResNet-38, "
+                                    "ilsvrc-cls_rna-a1_cls1000_ep-0001.params) without mxnet and "
+                                    "write its tensors as a torch state dict in the authors' names "
+                                    "(as their convert_mxnet_to_torch). model.pretrained also "
+                                    "reads the .params file directly.")
+    p.add_argument("params", help="the .params file")
+    p.add_argument("--out", required=True, help="the .pth file to write")
+    p.set_defaults(func=cmd_data_convert_weights)
 
     p = dsub.add_parser("inspect", help="counts per split and a class histogram",
                         description="Read every shard of a dataset and print counts per split and "

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from .mxnet_params import psa_names, read_params
+
 log = logging.getLogger(__name__)
 
 
@@ -230,8 +232,14 @@ def load_pretrained(net: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model.pretrained: weights file not found: {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    if p.suffix == ".params":           # the authors' MXNet ImageNet file, read without mxnet
+        if not isinstance(net, ResNet38):
+            raise ValueError(f"model.pretrained: {p} is an MXNet .params file, read for the "
+                             f"resnet38 backbone only")
+        state = {k: torch.from_numpy(v) for k, v in psa_names(read_params(p)).items()}
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
     if isinstance(net, ResNet38) and isinstance(state, dict) and is_psa_resnet38(state):
         log.warning("%s: the authors' ResNet-38 key names, renamed to psa_dist's", p)
         state = from_psa_resnet38(state)
