@@ -21,6 +21,7 @@ from .data.dataset_writer import BuildError
 from .data.inspect import format_report, inspect_dataset, preview_dataset
 from .data.shards import ShardError
 from .data.synth import write_synth
+from .nets.mxnet_params import convert_params
 from .pipeline import label_dataset, run_pipeline
 from .stages.export import LAYOUTS, WHAT, ExportError, export
 from .stages.predict import predict
@@ -60,7 +61,6 @@ def cmd_data_convert_coco(args) -> int:
 
 
 def cmd_data_convert_weights(args) -> int:
-    from .nets.mxnet_params import convert_params
     n = convert_params(args.params, args.out)
     print(f"[data] wrote {args.out}: {n} tensors of {args.params} in the authors' torch names "
           f"(model.pretrained reads it, or the .params file itself)", flush=True)
