@@ -2,8 +2,8 @@
 path against the same images processed one by one.
 
 * CAMs: ``cam_multiscale_batch`` on a batch against each image alone, and the label stage's
-  ``cam_shard`` (which batches consecutive images of one size) on a shard of mixed sizes against
-  ``cam_multiscale`` image by image.
+  ``cam_shard`` (which batches the images of one size wherever they stand in the shard, so no
+  CAM batch is padded) on a shard of mixed sizes against ``cam_multiscale`` image by image.
 * The walk: ``random_walk_many`` (grids zero-padded to the batch's largest) against
   ``random_walk`` of each image, ``walk_labels`` of a mixed batch against each image alone, and
   ``rw_shard`` walking the whole shard at once against one image at a time.
@@ -46,6 +46,7 @@ from psa_dist.stages.labelgen import cam_shard, rw_shard
 
 NUM_CLASSES = 5
 # (H, W): none a multiple of 8 but one, portrait and landscape, 45x61 three times back to back
+# and once more apart
 SIZES = [(37, 52), (45, 61), (45, 61), (45, 61), (61, 29), (56, 40), (30, 66), (45, 61)]
 SCALES = (1.0, 0.5, 1.5)
 
@@ -116,6 +117,9 @@ def test_cam_shard_of_mixed_sizes_equals_one_by_one(samples, models, cams):
     cls, _, _ = models
     path, summary = cams
     assert summary["samples"] == len(samples) and summary["failed"] == []
+    # images of one size are batched together wherever they stand in the shard: 45x61 four
+    # times (one of them apart from the others) in one batch, each other size alone
+    assert summary["batches"] == len(set(SIZES))
     got = [decode_sample(r, ["cls", "cam"]) for r in iter_shard(path)]
     assert [g["key"] for g in got] == [s["key"] for s in samples]
     for g, s in zip(got, samples):

@@ -102,11 +102,15 @@ def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.
     ``cls.json`` (in that order), at image resolution. ``amp``: the autocast dtype of the
     classifier's forward (None: float32); the maps are summed and normalised in float32."""
     t0, failed, out, io = time.monotonic(), [], [], {}
-    batch: list[dict] = []
+    groups: dict[tuple, list[dict]] = {}     # images of one size, batched together (VOC / COCO
+    order: dict[str, int] = {}               # sizes vary, so neighbours rarely match)
+    batches = 0
 
-    def flush():
+    def flush(batch: list[dict]) -> None:
+        nonlocal batches
         if not batch:
             return
+        batches += 1
         imgs = normalize(torch.from_numpy(np.stack([s["image"] for s in batch])).to(device))
         hot = torch.zeros(len(batch), num_classes, device=device)
         for i, s in enumerate(batch):
@@ -120,12 +124,16 @@ def cam_shard(model, in_shard, out_shard, num_classes: int, scales=(1.0, 0.5, 1.
         batch.clear()
 
     for s in _decoded(in_shard, failed=failed, io=io):
-        if batch and (s["image"].shape != batch[0]["image"].shape or len(batch) >= batch_size):
-            flush()                      # batch only images of one size (VOC/COCO sizes vary)
-        batch.append(s)
-    flush()
+        order[s["key"]] = len(order)
+        group = groups.setdefault(s["image"].shape, [])
+        group.append(s)
+        if len(group) >= batch_size:
+            flush(group)
+    for group in groups.values():
+        flush(group)
+    out.sort(key=lambda r: order[r["__key__"]])      # the input shard's order
     _write(out_shard, out, io)
-    return _summary(in_shard, out_shard, t0, len(out), failed, io)
+    return {**_summary(in_shard, out_shard, t0, len(out), failed, io), "batches": batches}
 
 
 def aff_label_shard(in_shard, cams_shard, out_shard, alpha_lo=4.0, alpha_hi=32.0,
