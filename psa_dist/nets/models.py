@@ -148,26 +148,37 @@ def build_classifier(model_cfg, num_classes: int) -> Classifier:
                       model_cfg.cls_dropout)
 
 
+def unknown_layers(names, have, backbone: str) -> str | None:
+    """The error for ``model.frozen_layers`` names that are not among the backbone's layers
+    ``have``, or None when every name is one."""
+    unknown = [n for n in names if n not in have]
+    return (f"model.frozen_layers: {', '.join(map(repr, unknown))} is not a layer of the "
+            f"{backbone} backbone (have {', '.join(have)})" if unknown else None)
+
+
 def freeze_layers(backbone: nn.Module, names) -> None:
     """Stop training the backbone's child modules ``names`` (``model.frozen_layers``): their
     parameters no longer require grad, so the optimiser and DDP leave them out. Their BN layers
     still follow ``model.freeze_bn``, as in the authors' code."""
     children = dict(backbone.named_children())
-    unknown = [n for n in names if n not in children]
-    if unknown:
-        raise ValueError(f"model.frozen_layers: {', '.join(map(repr, unknown))} is not a layer of "
-                         f"the {type(backbone).__name__} backbone (have {', '.join(children)})")
+    problem = unknown_layers(names, list(children), type(backbone).__name__)
+    if problem:
+        raise ValueError(problem)
     for n in names:
         for p in children[n].parameters():
             p.requires_grad_(False)
 
 
+def deeplab_weights(model_cfg) -> str | None:
+    """The weights file of DeepLabV3's ResNet-50: ``model.seg_pretrained``, else
+    ``model.pretrained`` when that is a ResNet-50 file too, else None (random)."""
+    return model_cfg.seg_pretrained or (
+        model_cfg.pretrained if model_cfg.backbone == "resnet50" else None)
+
+
 def build_segmenter(model_cfg, num_classes_with_bg: int) -> nn.Module:
     if model_cfg.segmenter == "deeplabv3_resnet50":
-        # its ResNet-50 takes model.pretrained only when that is a ResNet-50 file too
-        weights = model_cfg.seg_pretrained or (
-            model_cfg.pretrained if model_cfg.backbone == "resnet50" else None)
-        return DeepLabV3(num_classes_with_bg, weights)
+        return DeepLabV3(num_classes_with_bg, deeplab_weights(model_cfg))
     if model_cfg.segmenter == "light":
         return LightSegmenter(build_backbone(model_cfg.backbone, model_cfg.pretrained),
                               num_classes_with_bg)

@@ -17,13 +17,13 @@ block's BN, ``bn7`` -> ``bn7``; ``linear1000`` (ImageNet's classifier) is droppe
 """
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import save_checkpoint
 
 LIST_MAGIC = 0x112
 V1_MAGIC, V2_MAGIC = 0xF993FAC8, 0xF993FAC9
@@ -136,12 +136,5 @@ def convert_params(src: str | Path, out: str | Path) -> int:
     state = {k: torch.from_numpy(v) for k, v in psa_names(read_params(src)).items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_checkpoint(out, state)
     return len(state)

@@ -8,14 +8,15 @@ directory of its checkpoint and log, and its trainer's ``[name]`` in the logs).
 """
 from __future__ import annotations
 
-import importlib.util
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Callable
 
 from ..config import Config, JobConfig, TrainConfig
 from ..nets.backbones import BACKBONES, layer_names
+from ..nets.models import unknown_layers
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,9 @@ def unmet_needs(cfg: Config, to_run: list[str], done: Callable[[str], bool]) -> 
         scheduled.add(name)
     frozen = cfg.model.frozen_layers
     if frozen and {"train_cls", "train_aff"} & set(to_run) and cfg.model.backbone in BACKBONES:
-        have = layer_names(cfg.model.backbone)
-        unknown = [n for n in frozen if n not in have]
-        if unknown:
-            problems.append(f"model.frozen_layers: {', '.join(map(repr, unknown))} is not a layer "
-                            f"of the {cfg.model.backbone} backbone (have {', '.join(have)})")
+        problem = unknown_layers(frozen, layer_names(cfg.model.backbone), cfg.model.backbone)
+        if problem:
+            problems.append(problem)
     return problems
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..nets.backbones import build_backbone
 from ..nets.checkpoint import load_weights
 from ..nets.models import (AffinityNet, Classifier, build_classifier, build_segmenter,
-                           freeze_layers)
+                           deeplab_weights, freeze_layers)
 from . import table
 from .run_dir import Run
 
@@ -51,11 +51,11 @@ def initial_weights(cfg, model: str) -> str | None:
         if m.seg_from_classifier:
             return "the trained classifier's backbone (model.seg_from_classifier)"
         if m.segmenter == "deeplabv3_resnet50":
-            if m.seg_pretrained:
-                return f"model.seg_pretrained={m.seg_pretrained}"
-            if m.pretrained and m.backbone == "resnet50":
-                return f"model.pretrained={m.pretrained}"
-            return None
+            weights = deeplab_weights(m)
+            if weights is None:
+                return None
+            return (f"model.seg_pretrained={weights}" if weights == m.seg_pretrained
+                    else f"model.pretrained={weights}")
     return f"model.pretrained={m.pretrained}" if m.pretrained else None
 
 
