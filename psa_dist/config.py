@@ -137,6 +137,16 @@ class TrainConfig(JobConfig):
     stop_patience: Optional[int] = None
     stop_min_delta: float = 0.01
     stop_decay: float = 0.25
+    # Stop when the classifier fits its own training labels (train_cls only; docs/guide.md): the
+    # CAMs are taken on the training images, so what they need is the fit there, which goes on
+    # improving long after a held-out loss has flattened (docs/benchmark.md, rounds 9 and 11).
+    # epochs is then a cap: the learning rate stays constant until the mean training loss of the
+    # last fit_window epochs is at most fit_target x the labels' prior loss (each class predicted
+    # at its frequency in the train split: what a classifier that has learned nothing from the
+    # images scores), then decays (poly) over stop_decay of the epochs so far. None: poly over
+    # epochs epochs.
+    fit_target: Optional[float] = None
+    fit_window: int = 3
     holdout_shards: int = 1
     amp: str = "bf16"               # bf16 | fp16 | none: autocast on CUDA, and bf16 on CPUs with
                                     # native bf16 (AMX / AVX512-BF16; else float32 there)
@@ -353,6 +363,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{name}.stop_decay: must be in (0, 1], got {t.stop_decay}")
             if t.holdout_shards < 1:
                 raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
+            if t.fit_target is not None:
+                if name != "train_cls":
+                    raise ConfigError(f"{name}.fit_target: only train_cls uses it (AffinityNet "
+                                      f"and the segmenters stop on held-out labels: "
+                                      f"{name}.stop_patience)")
+                if not 0 < t.fit_target < 1:
+                    raise ConfigError(f"{name}.fit_target: must be in (0, 1), got {t.fit_target}")
+                if t.stop_patience is not None:
+                    raise ConfigError(f"{name}.fit_target and {name}.stop_patience: one rule "
+                                      f"decides when to stop; set the other to null")
+            if t.fit_window < 1:
+                raise ConfigError(f"{name}.fit_window: must be at least 1, got {t.fit_window}")
         if not 0 <= cfg.random_walk.tol < 1:
             raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
         return cfg

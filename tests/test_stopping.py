@@ -183,3 +183,72 @@ def test_a_diverging_trainer_stops_naming_the_keys_and_keeps_no_nan_checkpoint(t
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
     assert 0 < len(lines) < 18          # it trained, then stopped within the first of 3 epochs
+
+
+def test_fit_rule_on_a_known_curve():
+    from psa_dist.stages.engine import FitRule
+    rule = FitRule(target=0.5, window=2, prior=1.0)
+    fired = [rule.update(e, v) for e, v in enumerate([0.9, 0.6, 0.5, 0.45, 0.3, 0.2])]
+    # the mean of the last two epochs: 0.75, 0.55, 0.475 <= 0.5 at epoch 3; fires once only
+    assert fired == [False, False, False, True, False, False]
+    assert rule.state["fit_epoch"] == 3
+    again = FitRule(0.5, 2, 1.0, json.loads(json.dumps(rule.state)))     # from a checkpoint
+    assert again.state == rule.state and not again.update(6, 0.1)
+
+
+def test_prior_loss_is_the_loss_of_predicting_the_label_frequencies():
+    from psa_dist.nets.models import Classifier
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(500, 5, generator=g) < torch.tensor([0.1, 0.3, 0.5, 0.02, 0.0])).float()
+    freq = labels.mean(0)
+    # a classifier that outputs each class's frequency for every image, scored by the loss itself
+    logits = torch.logit(freq.clamp(1e-12, 1 - 1e-12)).expand_as(labels)
+    by_loss = float(Classifier.loss(logits.double(), labels.double()))
+    assert abs(Classifier.prior_loss(freq) - by_loss) < 1e-6
+    # and no constant prediction does better (the frequencies minimise the expected loss)
+    for shift in (-0.3, 0.3):
+        worse = float(Classifier.loss((logits + shift).double(), labels.double()))
+        assert worse > by_loss
+
+
+def test_fit_target_is_checked_by_name(tiny):
+    with pytest.raises(ConfigError, match="train_aff.fit_target: only train_cls"):
+        load_config(tiny, ["train_aff.fit_target=0.3"])
+    with pytest.raises(ConfigError, match=r"train_cls.fit_target: must be in \(0, 1\)"):
+        load_config(tiny, ["train_cls.fit_target=1.5"])
+    with pytest.raises(ConfigError, match="fit_target and train_cls.stop_patience"):
+        load_config(tiny, ["train_cls.fit_target=0.3", "train_cls.stop_patience=2"])
+
+
+@pytest.mark.slow
+def test_classifier_trains_until_it_fits_its_labels(tiny, tmp_path):
+    from psa_dist.data.shards import decode_sample, iter_split
+    from psa_dist.nets.models import Classifier
+    out = tmp_path / "run"
+    cfg = load_config(tiny, [f"out_dir={out}", "train_cls.fit_target=0.9",
+                             "train_cls.fit_window=2", "train_cls.epochs=40",
+                             "train_cls.lr=0.02"])
+    run_pipeline(cfg, stages=["train_cls"])
+    marker = json.loads((out / "stages" / "train_cls.json").read_text())
+    # the labels' frequencies, counted here from the train split's image labels
+    freq = torch.zeros(Run(cfg).num_classes, dtype=torch.float64)
+    samples = [decode_sample(r, ("cls",))["cls"] for r in iter_split(cfg.data.root, "train")]
+    for classes in samples:
+        freq[torch.tensor(classes, dtype=torch.long) - 1] += 1
+    assert abs(marker["prior_loss"] - Classifier.prior_loss(freq / len(samples))) < 1e-5
+    curve, prior = marker["train_loss"], marker["prior_loss"]
+    lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "epoch_seconds" in r]
+    assert [round(r["loss"], 5) for r in epochs] == curve
+    # fit after the first epoch whose 2-epoch mean is within 0.9 of the prior (none before it)
+    means = [(curve[e - 1] + curve[e]) / 2 for e in range(1, len(curve))]
+    first = next(e + 1 for e, m in enumerate(means) if m <= 0.9 * prior)
+    assert marker["fit_epoch"] == first
+    # constant learning rate to the fit, then a quarter of the epochs so far (at least one) of
+    # decay to 0, and training stops before the cap
+    decay = max(1, round(0.25 * (first + 1)))
+    assert marker["epochs_run"] == len(curve) == first + 1 + decay < 40
+    assert all(r["lr"] == cfg.train_cls.lr for r in epochs[:first + 1])
+    assert epochs[-1]["lr"] == 0.0
+    report_epochs = __import__("psa_dist.stages.report", fromlist=["x"]).stopping_epochs(Run(cfg))
+    assert report_epochs["cls"]["fit"] == first and report_epochs["cls"]["train_loss"] == curve

@@ -44,6 +44,15 @@ class Classifier(nn.Module):
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.multilabel_soft_margin_loss(logits, targets)
 
+    @staticmethod
+    def prior_loss(frequency: torch.Tensor) -> float:
+        """:meth:`loss` of a classifier that predicts each class at its frequency in the labels
+        (``frequency``: the share of images with each class), the best it can do without looking
+        at the images: the mean binary entropy of the frequencies. A class never (or always)
+        present contributes 0."""
+        p = frequency.double().clamp(1e-12, 1 - 1e-12)
+        return float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+
 
 class AffinityNet(nn.Module):
     """The paper's multi-level head: a 1×1 conv + ELU per backbone tap, concat, 1×1 conv + ELU.

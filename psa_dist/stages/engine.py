@@ -107,6 +107,32 @@ class StopRule:
         return bool(st["curve"]) and st["curve"][-1][0] - st["ref_epoch"] >= self.patience
 
 
+class FitRule:
+    """When the classifier fits its training labels: the mean training loss of the last ``window``
+    epochs is at most ``target`` × ``prior`` (the loss of predicting each class at its frequency,
+    :meth:`~psa_dist.nets.models.Classifier.prior_loss`). A share of the labels' uncertainty, not
+    a loss value, so that one target holds for any number and frequency of classes. The trainer
+    then anneals (:class:`~psa_dist.nets.optim.LearnedSchedule`) and stops with its last weights:
+    the CAMs are taken on these training images, so no epoch is picked on other data. Its state
+    is a plain dict kept in the checkpoint, so a resumed run decides as an uninterrupted one
+    would."""
+
+    def __init__(self, target: float, window: int, prior: float, state: dict | None = None):
+        self.target, self.window = target, window
+        self.state = state or {"curve": [], "prior": prior, "fit_epoch": None}
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record epoch ``epoch``'s training loss; True at the epoch the labels are first fit."""
+        st = self.state
+        st["curve"].append([epoch, loss])
+        recent = [v for _, v in st["curve"][-self.window:]]
+        if (st["fit_epoch"] is None and len(recent) == self.window
+                and sum(recent) / self.window <= self.target * st["prior"]):
+            st["fit_epoch"] = epoch
+            return True
+        return False
+
+
 class TrainingDiverged(FloatingPointError):
     """The training loss became NaN or infinite: the trainer stops rather than train on it."""
 
@@ -161,13 +187,16 @@ def _set_rng_state(st: dict) -> None:
 
 def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: DistInfo,
           new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
-          config_dict: dict | None = None, tensorboard=None, heldout=None) -> dict:
+          config_dict: dict | None = None, tensorboard=None, heldout=None,
+          label_prior: float | None = None) -> dict:
     """Train ``model`` (already on ``info.device``) for ``train_cfg.epochs`` epochs of
     ``len(loader)`` steps on every rank; returns a summary. Checkpoints hold the bare model.
     ``tensorboard``: rank 0's :class:`~psa_dist.stages.tensorboard.TensorBoardLog`, or None.
     ``heldout``: a loader of held-out weak labels; with it, ``train_cfg.epochs`` is a cap, training
     stops by :class:`StopRule` (``train_cfg.stop_patience``, ``stop_min_delta``) and ends with
-    the weights of its best epoch (``best.pth``)."""
+    the weights of its best epoch (``best.pth``). ``label_prior``: the classifier's
+    :meth:`~psa_dist.nets.models.Classifier.prior_loss` on its training labels, with
+    ``train_cfg.fit_target``: then ``epochs`` is a cap and training stops by :class:`FitRule`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
@@ -184,12 +213,15 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
               f" on {info.device.type} ({field}={train_cfg.amp})", flush=True)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum, new_modules)
-    step, epoch0, skip, stop_state = 0, 0, 0, None
+    step, epoch0, skip, stop_state, partial_loss = 0, 0, 0, None, None
     ck = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
     if ck is not None:
         stop_state = ck.get("stop")
+    fitting = train_cfg.fit_target is not None
+    if fitting and label_prior is None:
+        raise ValueError(f"{section}.fit_target needs the labels' prior loss (label_prior)")
     learned = (LearnedSchedule(max_steps, train_cfg.stop_decay, state=(stop_state or {}).get("lr"))
-               if heldout is not None else None)
+               if heldout is not None or fitting else None)
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, learned) if learned is not None
              else build_poly_scheduler(opt, max_steps))
     if ck is not None:
@@ -198,15 +230,20 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         step, epoch0, skip = ck["step"], ck["epoch"], ck["step_in_epoch"]
+        partial_loss = ck.get("epoch_loss")
         _set_rng_state(ck["rng"])
         if info.is_main:
             print(f"[{kind}] resumed from {ckpt_path} at epoch {epoch0}, step {step}", flush=True)
 
     stopper = (StopRule(train_cfg.stop_patience, train_cfg.stop_min_delta,
                         (stop_state or {}).get("rule")) if heldout is not None else None)
+    fit = (FitRule(train_cfg.fit_target, train_cfg.fit_window, label_prior,
+                   (stop_state or {}).get("fit")) if fitting else None)
     best_path = out_dir / "best.pth"
 
-    def save(epoch: int, step_in_epoch: int) -> None:
+    def save(epoch: int, step_in_epoch: int, epoch_loss: torch.Tensor | None = None) -> None:
+        # epoch_loss: within an epoch, its loss so far summed over every rank, so that a resumed
+        # epoch ends with the loss (and the stopping decision) of an uninterrupted one
         # a step's loss is taken before its update: the weights it leaves are checked here, on
         # every rank together, so that no checkpoint holds NaN or infinite weights or statistics
         bad = sum(int(not torch.isfinite(t).all()) for t in model.state_dict().values()
@@ -219,9 +256,11 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
+                **({"epoch_loss": epoch_loss.cpu()} if epoch_loss is not None else {}),
                 "config": config_dict or {}, "world_size": info.world_size,
-                **({"stop": {"rule": stopper.state, "lr": learned.state}}
-                   if stopper is not None else {})})
+                **({"stop": {"rule": stopper.state if stopper else None,
+                             "fit": fit.state if fit else None, "lr": learned.state}}
+                   if learned is not None else {})})
 
     json_log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
 
@@ -239,6 +278,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         k = skip
         t0 = t_log = time.monotonic()
         ep_loss = torch.zeros(2, dtype=torch.float64, device=info.device)   # sum, count
+        if skip and partial_loss is not None and info.is_main:   # the resumed epoch's first part
+            ep_loss += partial_loss.to(info.device)
         win_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
         n_img = n_win = 0
         for x, y in loader:
@@ -261,7 +302,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 win_loss.zero_()
                 t_log, n_win = now, 0
             if step % train_cfg.checkpoint_every == 0 and k < steps_per_epoch:
-                save(epoch, k)
+                save(epoch, k, all_reduce_sum(ep_loss + win_loss))
         ep_loss += win_loss
         ep_loss = all_reduce_sum(ep_loss)
         check_finite(float(ep_loss[0]), kind, epoch, step, section, ckpt_path)
@@ -291,6 +332,13 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                           f"{train_cfg.stop_patience} epochs; the learning rate decays over "
                           f"{decay // steps_per_epoch} more epoch(s), then training stops",
                           flush=True)
+        if fit is not None and fit.update(epoch, float(ep_loss[0] / ep_loss[1].clamp(min=1))):
+            decay = learned.start_decay(step, steps_per_epoch)
+            if decay and info.is_main:
+                print(f"[{kind}] fit after epoch {epoch}: the training loss of the last "
+                      f"{fit.window} epoch(s) is within {train_cfg.fit_target} of the labels' "
+                      f"prior loss {fit.state['prior']:.4f}; the learning rate decays over "
+                      f"{decay // steps_per_epoch} more epoch(s), then training stops", flush=True)
         save(epoch + 1, 0)
         if learned is not None and learned.finished(step):
             break
@@ -314,4 +362,10 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         summary.update({"epochs_run": curve[-1][0] + 1 if curve else 0,
                         "best_epoch": stopper.state["best_epoch"],
                         "heldout_loss": [round(v, 5) for _, v in curve]})
+    if fit is not None:
+        curve = fit.state["curve"]
+        summary.update({"epochs_run": curve[-1][0] + 1 if curve else 0,
+                        "fit_epoch": fit.state["fit_epoch"],
+                        "prior_loss": round(fit.state["prior"], 5),
+                        "train_loss": [round(v, 5) for _, v in curve]})
     return summary

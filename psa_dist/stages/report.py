@@ -87,7 +87,9 @@ def final_losses(out) -> dict:
 
 def stopping_epochs(run) -> dict:
     """For each model trained with ``stop_patience``: the epochs it ran, the epoch whose weights it
-    kept (the best held-out loss) and the held-out curve, from its stage's marker."""
+    kept (the best held-out loss) and the held-out curve; with ``fit_target``: the epochs it ran,
+    the epoch it fit its labels after, the labels' prior loss and the training curve; from its
+    stage's marker."""
     res = {}
     for model, m in table.MODELS.items():
         if not run.done(m.stage):
@@ -97,6 +99,9 @@ def stopping_epochs(run) -> dict:
         if "best_epoch" in s:
             res[model] = {"run": s["epochs_run"], "best": s["best_epoch"],
                           "heldout_loss": s["heldout_loss"]}
+        elif "fit_epoch" in s:
+            res[model] = {"run": s["epochs_run"], "fit": s["fit_epoch"],
+                          "prior_loss": s["prior_loss"], "train_loss": s["train_loss"]}
     return res
 
 
@@ -165,8 +170,13 @@ def markdown(report: dict, name: str) -> str:
               "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()),
               "", "Training loss over the last epoch: " + ", ".join(
                   f"{k} {v:.3f}" for k, v in report.get("final_loss", {}).items()),
-              *(["", "Stopped on held-out weak labels (kept epoch, of the epochs run): " + ", ".join(
-                  f"{k} {v['best'] + 1} of {v['run']}" for k, v in report["epochs"].items())]
+              *(["", "Stopped when learned: " + "; ".join(
+                  f"{k} kept epoch {v['best'] + 1} of {v['run']} (the best held-out loss)"
+                  if "best" in v else
+                  (f"{k} fit its labels after epoch {v['fit'] + 1}, {v['run']} epochs run "
+                   f"(prior loss {v['prior_loss']:.3f})" if v["fit"] is not None else
+                   f"{k} never fit its labels ({v['run']} epochs, the cap)")
+                  for k, v in report["epochs"].items())]
                 if report.get("epochs") else []),
               "", "## Samples", "",
               "image | ground truth | CAM | affinity labels (neutral in beige) | random-walk label | segmenter",

@@ -21,7 +21,8 @@ import torch
 
 from ..cluster.launch import LAUNCHERS, follow_job, make_executor
 from ..config import Config, config_to_dict
-from ..data.shards import split_shards
+from ..data.shards import decode_sample, iter_shard, split_shards
+from ..nets.models import Classifier
 from ..data.train_data import make_train_loader
 from ..util.dist import cleanup, cpu_threads, init_distributed
 from . import table
@@ -81,6 +82,21 @@ def heldout_loader(run: Run, model: str, tcfg, rank: int = 0, world_size: int = 
                    rank, world_size, False)
 
 
+def label_frequency(run: Run, model: str, tcfg) -> torch.Tensor:
+    """The share of ``model``'s training images that have each class: its training shards'
+    image labels (only ``cls.json`` is decoded)."""
+    counts, n = torch.zeros(run.num_classes, dtype=torch.float64), 0
+    for shard, _, _ in _shard_sets(run, model, tcfg)[0]:
+        for raw in iter_shard(shard):
+            classes = decode_sample(raw, ("cls",))["cls"]
+            counts[torch.tensor(sorted(set(classes)), dtype=torch.long) - 1] += 1
+            n += 1
+    if n == 0:
+        raise ValueError(f"{table.MODELS[model].section}.fit_target: the training shards hold "
+                         f"no images")
+    return counts / n
+
+
 def run_trainer(cfg: Config, model: str) -> dict:
     """Train ``model`` on this rank (one of ``WORLD_SIZE``, or alone); returns the engine's
     summary."""
@@ -115,9 +131,12 @@ def run_trainer(cfg: Config, model: str) -> dict:
         tb = (TensorBoardLog(run.model_dir(model) / "tensorboard", model, run.info["palette"])
               if tcfg.tensorboard and info.is_main else None)
         held = heldout_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size)
+        prior = (Classifier.prior_loss(label_frequency(run, model, tcfg))
+                 if tcfg.fit_target is not None else None)   # every rank reads the same labels
         return train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
                      freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
-                     config_dict=config_to_dict(cfg), tensorboard=tb, heldout=held)
+                     config_dict=config_to_dict(cfg), tensorboard=tb, heldout=held,
+                     label_prior=prior)
     finally:
         cleanup()
         # an inline trainer runs in the pipeline's own process: later stages get its threads back
