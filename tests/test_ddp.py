@@ -143,15 +143,19 @@ def _weights(out):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data):
+@pytest.mark.parametrize("extra", [[], ["train_cls.fit_target=0.5"]], ids=["poly", "fit_rule"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data, extra):
+    # with the fit rule, the epoch killed mid-way must also end with the uninterrupted epoch's
+    # loss (its first part comes from the checkpoint), or the rule could decide otherwise
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CFG.format(root=data, epochs=4))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
-    subprocess.run(_cli(cfg, ref), check=True, env=env, capture_output=True)
+    subprocess.run(_cli(cfg, ref, *extra), check=True, env=env, capture_output=True)
     # the same run, SIGKILLed once a mid-epoch checkpoint (step 9 of 48) is on disk, then rerun
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(cfg, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_cli(cfg, out, *extra), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     log = out / "cls" / "log.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -164,10 +168,16 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data):
     proc.wait()
     ck = load_checkpoint(out / "cls" / "checkpoint.pth")
     assert 0 < ck["step"] < 48
-    res = subprocess.run(_cli(cfg, out), check=True, env=env, capture_output=True, text=True)
+    res = subprocess.run(_cli(cfg, out, *extra), check=True, env=env, capture_output=True,
+                         text=True)
     assert f"resumed from {out / 'cls' / 'checkpoint.pth'}" in res.stdout
     final = _weights(out)
-    assert load_checkpoint(out / "cls" / "checkpoint.pth")["step"] == 48
+    assert load_checkpoint(out / "cls" / "checkpoint.pth")["step"] == \
+        load_checkpoint(ref / "cls" / "checkpoint.pth")["step"]
+    if extra:
+        markers = [json.loads((o / "stages" / "train_cls.json").read_text()) for o in (ref, out)]
+        assert markers[0]["train_loss"] == markers[1]["train_loss"]
+        assert markers[0]["fit_epoch"] == markers[1]["fit_epoch"]
     for k, v in _weights(ref).items():
         assert torch.equal(final[k], v), k
 

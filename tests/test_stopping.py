@@ -127,8 +127,11 @@ def test_quality_table_marks_each_goal():
     row = {"variant": "v", "cam": 60.0, "walk": 70.0, "walk_gain": 10.0, "cam_recall": 0.8,
            "walk_recall": 0.79, "seg": 70.0, "seg_full": 80.0, "seg_ratio": 0.875,
            "final_loss": {"cls": 0.2}, "minutes": 10.0, "goals_met": False}
-    text = table([row, {**row, "variant": "w", "walk_recall": 0.85, "goals_met": True}])
+    fit = {"cls": {"run": 23, "fit": 18, "prior_loss": 0.55, "train_loss": []}}
+    text = table([row, {**row, "variant": "w", "walk_recall": 0.85, "goals_met": True,
+                        "epochs": fit}])
     assert "0.80 → 0.79" in text and "**not met**" in text and "| 1/2 |" in text
+    assert "0.200 (23, fit after 19)" in text
 
 
 @pytest.mark.slow

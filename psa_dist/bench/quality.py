@@ -51,17 +51,28 @@ def row_of(name: str, overrides: list, out: Path, seconds: float) -> dict:
     return row
 
 
+def _epochs(stopped: dict | None) -> str:
+    """' (23 of 60, fit after 19)': the epochs a classifier stopped when learned ran."""
+    if not stopped:
+        return ""
+    if "fit" in stopped:
+        return (f" ({stopped['run']}, fit after {stopped['fit'] + 1})" if stopped["fit"] is not None
+                else f" ({stopped['run']}, never fit)")
+    return f" ({stopped['run']}, kept {stopped['best'] + 1})"
+
+
 def table(rows: list[dict]) -> str:
     """The sweep as markdown, one row per variant, then the spread of each column."""
     head = ("| variant | CAM | walk | walk − CAM | recall CAM → walk | segmenter / full | "
-            "classifier loss | minutes | goals |")
+            "classifier loss (epochs) | minutes | goals |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         ratio = f"{r['seg']:.1f} / {r['seg_full']:.1f} = {100 * r['seg_ratio']:.0f}%" \
             if r.get("seg_ratio") else "-"
         lines.append(f"| {r['variant']} | {r['cam']:.1f} | {r['walk']:.1f} | {r['walk_gain']:+.1f} | "
                      f"{r['cam_recall']:.2f} → {r['walk_recall']:.2f} | {ratio} | "
-                     f"{r['final_loss'].get('cls', float('nan')):.3f} | {r['minutes']:.1f} | "
+                     f"{r['final_loss'].get('cls', float('nan')):.3f}"
+                     f"{_epochs(r.get('epochs', {}).get('cls'))} | {r['minutes']:.1f} | "
                      f"{'met' if r['goals_met'] else '**not met**'} |")
     if len(rows) > 1:
         def spread(key, scale=1.0, fmt="{:.1f}"):
