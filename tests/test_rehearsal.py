@@ -28,7 +28,7 @@ REHEARSES = {"voc_rehearsal": "voc_resnet38", "coco_rehearsal": "coco_resnet50"}
 CLASSES = {"voc_rehearsal": 20, "coco_rehearsal": 80}
 # What a run computes, per trainer (not how much of it, nor where it runs)
 TRAIN_SETTINGS = ("lr", "weight_decay", "momentum", "crop_size", "resize_long", "color_jitter",
-                  "amp", "missing_class_frac", "pair_border", "stop_patience")
+                  "amp", "missing_class_frac", "pair_border", "stop_patience", "fit_target")
 
 
 @pytest.mark.parametrize("name", sorted(REHEARSES))
