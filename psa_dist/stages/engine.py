@@ -336,7 +336,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
             decay = learned.start_decay(step, steps_per_epoch)
             if decay and info.is_main:
                 print(f"[{kind}] fit after epoch {epoch}: the training loss of the last "
-                      f"{fit.window} epoch(s) is within {train_cfg.fit_target} of the labels' "
+                      f"{fit.window} epoch(s) is at most {train_cfg.fit_target} x the labels' "
                       f"prior loss {fit.state['prior']:.4f}; the learning rate decays over "
                       f"{decay // steps_per_epoch} more epoch(s), then training stops", flush=True)
         save(epoch + 1, 0)
