@@ -201,7 +201,7 @@ def test_torchrun_and_submitit_local_run_two_ranks(tmp_path, data):
         marker = json.loads((out / "stages" / "train_cls.json").read_text())
         assert marker["world_size"] == 2 and marker["steps"] == 12     # 48 / (4 x 2) x 2 epochs
         lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
-        assert [x["epoch"] for x in lines if "epoch_seconds" in x] == [0, 1]   # rank 0 logs alone
+        assert [x["epoch"] for x in lines if "epoch_seconds" in x] == [1, 2]   # rank 0 logs alone
     # both launchers run the same 2-rank training: same weights
     wa, wb = _weights(a), _weights(b)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

@@ -93,8 +93,8 @@ def test_classifier_stops_and_keeps_its_best_epoch(tiny, tmp_path):
     # no epoch beats the first by 90%: learned after epoch 1, a quarter of 2 epochs (rounded up
     # to one) of decay, then it stops: 3 epochs of the cap's 8, the last at a learning rate of 0
     assert len(curve) == marker["epochs_run"] == 3
-    best = marker["best_epoch"]
-    assert curve[best] == min(curve)
+    best = marker["best_epoch"]                    # counted from 1, as everything written out
+    assert curve[best - 1] == min(curve)
     lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if "epoch_seconds" in r]
     assert [r["lr"] for r in epochs][:2] == [cfg.train_cls.lr] * 2 and epochs[-1]["lr"] == 0.0
@@ -112,7 +112,7 @@ def test_classifier_stops_and_keeps_its_best_epoch(tiny, tmp_path):
         for x, y in loader:
             total += float(loss_for("cls", model, x, y)) * x.shape[0]
             n += x.shape[0]
-    assert abs(total / n - curve[best]) < 2e-3 * max(1.0, curve[best])
+    assert abs(total / n - curve[best - 1]) < 2e-3 * max(1.0, curve[best - 1])
     # the held-out curve is in the log and the report; a rerun trains nothing more
     lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
     assert [round(r["heldout_loss"], 5) for r in lines if "heldout_loss" in r] == curve
@@ -127,7 +127,7 @@ def test_quality_table_marks_each_goal():
     row = {"variant": "v", "cam": 60.0, "walk": 70.0, "walk_gain": 10.0, "cam_recall": 0.8,
            "walk_recall": 0.79, "seg": 70.0, "seg_full": 80.0, "seg_ratio": 0.875,
            "final_loss": {"cls": 0.2}, "minutes": 10.0, "goals_met": False}
-    fit = {"cls": {"run": 23, "fit": 18, "prior_loss": 0.55, "train_loss": []}}
+    fit = {"cls": {"run": 23, "fit": 19, "prior_loss": 0.55, "train_loss": []}}
     text = table([row, {**row, "variant": "w", "walk_recall": 0.85, "goals_met": True,
                         "epochs": fit}])
     assert "0.80 → 0.79" in text and "**not met**" in text and "| 1/2 |" in text
@@ -230,7 +230,7 @@ def test_classifier_trains_until_it_fits_its_labels(tiny, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(tiny, [f"out_dir={out}", "train_cls.fit_target=0.9",
                              "train_cls.fit_window=2", "train_cls.epochs=40",
-                             "train_cls.lr=0.02"])
+                             "train_cls.lr=0.02", "train_cls.log_every=3"])
     run_pipeline(cfg, stages=["train_cls"])
     marker = json.loads((out / "stages" / "train_cls.json").read_text())
     # the labels' frequencies, counted here from the train split's image labels
@@ -243,15 +243,21 @@ def test_classifier_trains_until_it_fits_its_labels(tiny, tmp_path):
     lines = [json.loads(x) for x in (out / "cls" / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if "epoch_seconds" in r]
     assert [round(r["loss"], 5) for r in epochs] == curve
-    # fit after the first epoch whose 2-epoch mean is within 0.9 of the prior (none before it)
-    means = [(curve[e - 1] + curve[e]) / 2 for e in range(1, len(curve))]
-    first = next(e + 1 for e, m in enumerate(means) if m <= 0.9 * prior)
-    assert marker["fit_epoch"] == first
+    # fit after the first epoch (counted from 1) whose 2-epoch mean is within 0.9 of the prior
+    means = {e: (curve[e - 2] + curve[e - 1]) / 2 for e in range(2, len(curve) + 1)}
+    fit = min(e for e, m in means.items() if m <= 0.9 * prior)
+    assert marker["fit_epoch"] == fit
+    assert [r["epoch"] for r in epochs] == list(range(1, len(curve) + 1))
     # constant learning rate to the fit, then a quarter of the epochs so far (at least one) of
     # decay to 0, and training stops before the cap
-    decay = max(1, round(0.25 * (first + 1)))
-    assert marker["epochs_run"] == len(curve) == first + 1 + decay < 40
-    assert all(r["lr"] == cfg.train_cls.lr for r in epochs[:first + 1])
+    decay = max(1, round(0.25 * fit))
+    assert marker["epochs_run"] == len(curve) == fit + decay < 40
+    assert all(r["lr"] == cfg.train_cls.lr for r in epochs[:fit])
     assert epochs[-1]["lr"] == 0.0
+    # the ETA counts to the cap until the fit, then to the last step of the decay
+    steps = [r for r in lines if "of" in r]
+    assert {r["eta_to"] for r in steps if r["epoch"] <= fit} == {"cap"}
+    assert {r["eta_to"] for r in steps if r["epoch"] > fit} == {"end"}
+    assert {r["eta_to"] for r in epochs[fit:]} == {"end"}
     report_epochs = __import__("psa_dist.stages.report", fromlist=["x"]).stopping_epochs(Run(cfg))
-    assert report_epochs["cls"]["fit"] == first and report_epochs["cls"]["train_loss"] == curve
+    assert report_epochs["cls"]["fit"] == fit and report_epochs["cls"]["train_loss"] == curve

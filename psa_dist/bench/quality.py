@@ -52,13 +52,14 @@ def row_of(name: str, overrides: list, out: Path, seconds: float) -> dict:
 
 
 def _epochs(stopped: dict | None) -> str:
-    """' (23 of 60, fit after 19)': the epochs a classifier stopped when learned ran."""
+    """' (23, fit after 19)': the epochs a classifier stopped when learned ran, and the epoch
+    (counted from 1) it fit its labels after or whose weights it kept."""
     if not stopped:
         return ""
     if "fit" in stopped:
-        return (f" ({stopped['run']}, fit after {stopped['fit'] + 1})" if stopped["fit"] is not None
+        return (f" ({stopped['run']}, fit after {stopped['fit']})" if stopped["fit"] is not None
                 else f" ({stopped['run']}, never fit)")
-    return f" ({stopped['run']}, kept {stopped['best'] + 1})"
+    return f" ({stopped['run']}, kept {stopped['best']})"
 
 
 def table(rows: list[dict]) -> str:

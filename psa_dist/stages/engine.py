@@ -10,7 +10,10 @@ its directory continues from it, the loader skipping the batches the epoch alrea
 Since the loader's batches are a pure function of (seed, epoch, rank, worker), a run stopped at any
 point and resumed ends with the weights of an uninterrupted run (on deterministic kernels; tested
 on CPU), having redone at most ``checkpoint_every`` steps. ``kind`` is the model's name in the
-stage table (``cls``, ``aff``, ``seg``, ``seg_full``).
+stage table (``cls``, ``aff``, ``seg``, ``seg_full``). Epochs are counted from 1 in everything a
+trainer writes out (log lines, ``log.jsonl``, ``best.pth``, its summary); the checkpoint's
+``epoch`` is the number of epochs finished, and the stopping rules' states, kept in the
+checkpoint, index epochs from 0.
 """
 from __future__ import annotations
 
@@ -139,7 +142,8 @@ class TrainingDiverged(FloatingPointError):
 
 def check_finite(loss: float, kind: str, epoch: int, step: int, section: str, ckpt: Path,
                  what: str | None = None) -> None:
-    """Raise :class:`TrainingDiverged` for a non-finite ``loss`` (as MAE and DINO stop). Called on
+    """Raise :class:`TrainingDiverged` for a non-finite ``loss`` in epoch ``epoch`` (counted from
+    1) at global step ``step`` (as MAE and DINO stop). Called on
     values summed over every rank, so all ranks stop at the same step."""
     if math.isfinite(loss):
         return
@@ -168,6 +172,11 @@ def heldout_loss(model: nn.Module, kind: str, loader, device, dtype, radius: int
     model.train(was)
     total = all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1))
+
+
+def _counted(epoch: int | None) -> int | None:
+    """A rule's epoch index (from 0) as the epoch number written out (from 1)."""
+    return None if epoch is None else epoch + 1
 
 
 def _rng_state() -> dict:
@@ -233,7 +242,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         partial_loss = ck.get("epoch_loss")
         _set_rng_state(ck["rng"])
         if info.is_main:
-            print(f"[{kind}] resumed from {ckpt_path} at epoch {epoch0}, step {step}", flush=True)
+            print(f"[{kind}] resumed from {ckpt_path} in epoch {epoch0 + 1}, at step {step}",
+                  flush=True)
 
     stopper = (StopRule(train_cfg.stop_patience, train_cfg.stop_min_delta,
                         (stop_state or {}).get("rule")) if heldout is not None else None)
@@ -249,7 +259,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         bad = sum(int(not torch.isfinite(t).all()) for t in model.state_dict().values()
                   if t.is_floating_point())                   # BN's running statistics too
         bad = float(all_reduce_sum(torch.tensor([float(bad)], device=info.device))[0])
-        check_finite(float("nan") if bad else 0.0, kind, epoch, step, section, ckpt_path,
+        check_finite(float("nan") if bad else 0.0, kind, epoch + (step_in_epoch > 0), step,
+                     section, ckpt_path,
                      what="the weights are no longer finite")
         if info.is_main:
             save_checkpoint(ckpt_path, {
@@ -263,6 +274,15 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                    if learned is not None else {})})
 
     json_log = JsonLog(out_dir / "log.jsonl", enabled=info.is_main)
+
+    def eta(step: int, seconds_per_step: float) -> dict:
+        # A trainer that stops when learned runs to the cap until its rule fires: its ETA is then
+        # an upper bound ("eta_to": "cap"); once the decay has started, the last step is known.
+        last, to = max_steps, "end"
+        if learned is not None:
+            start, length = learned.window()
+            last, to = start + length, ("end" if learned.state["decay_from"] is not None else "cap")
+        return {"eta_seconds": round((last - step) * seconds_per_step, 1), "eta_to": to}
 
     def log(record: dict) -> None:
         json_log.write(record)
@@ -293,49 +313,47 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
             if step % train_cfg.log_every == 0:
                 ep_loss += win_loss
                 mean = all_reduce_sum(win_loss)
-                check_finite(float(mean[0]), kind, epoch, step, section, ckpt_path)
+                check_finite(float(mean[0]), kind, epoch + 1, step, section, ckpt_path)
                 now = time.monotonic()
-                log({"kind": kind, "epoch": epoch, "step": step, "of": max_steps,
+                log({"kind": kind, "epoch": epoch + 1, "step": step, "of": max_steps,
                      "loss": float(mean[0] / mean[1]), "lr": opt.param_groups[0]["lr"],
                      "images_per_s": round(n_win * info.world_size / max(now - t_log, 1e-9), 2),
-                     "eta_seconds": round((max_steps - step) * (now - t0) / max(k - skip, 1))})
+                     **eta(step, (now - t0) / max(k - skip, 1))})
                 win_loss.zero_()
                 t_log, n_win = now, 0
             if step % train_cfg.checkpoint_every == 0 and k < steps_per_epoch:
                 save(epoch, k, all_reduce_sum(ep_loss + win_loss))
         ep_loss += win_loss
         ep_loss = all_reduce_sum(ep_loss)
-        check_finite(float(ep_loss[0]), kind, epoch, step, section, ckpt_path)
+        check_finite(float(ep_loss[0]), kind, epoch + 1, step, section, ckpt_path)
         images_seen += n_img * info.world_size
         dt = time.monotonic() - t0
-        log({"kind": kind, "epoch": epoch, "step": step,
+        log({"kind": kind, "epoch": epoch + 1, "step": step,
              "loss": float(ep_loss[0] / ep_loss[1].clamp(min=1)),
              "lr": opt.param_groups[0]["lr"],
              "images_per_s": round(n_img * info.world_size / max(dt, 1e-9), 2),
-             "epoch_seconds": round(dt, 2),
-             "eta_seconds": round((train_cfg.epochs - epoch - 1) * dt * steps_per_epoch
-                                  / max(k - skip, 1), 1)})
+             "epoch_seconds": round(dt, 2), **eta(step, dt / max(k - skip, 1))})
         if tensorboard is not None and n_img:     # panels of the epoch's last batch
             tensorboard.panels(epoch + 1, model, x, y)
         skip = 0
         if stopper is not None:
             h = heldout_loss(model, kind, heldout, info.device, dtype, radius, train_cfg.pair_border)
             if stopper.update(epoch, h) and info.is_main:
-                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
-            log({"kind": kind, "epoch": epoch, "step": step, "heldout_loss": h,
-                 "best_epoch": stopper.state["best_epoch"]})
+                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch + 1})
+            log({"kind": kind, "epoch": epoch + 1, "step": step, "heldout_loss": h,
+                 "best_epoch": stopper.state["best_epoch"] + 1})
             if stopper.stop:
                 decay = learned.start_decay(step, steps_per_epoch)
                 if decay and info.is_main:
-                    print(f"[{kind}] learned after epoch {epoch}: the held-out loss is no better "
-                          f"than epoch {stopper.state['ref_epoch']}'s for "
+                    print(f"[{kind}] learned after epoch {epoch + 1}: the held-out loss is no "
+                          f"better than epoch {stopper.state['ref_epoch'] + 1}'s for "
                           f"{train_cfg.stop_patience} epochs; the learning rate decays over "
                           f"{decay // steps_per_epoch} more epoch(s), then training stops",
                           flush=True)
         if fit is not None and fit.update(epoch, float(ep_loss[0] / ep_loss[1].clamp(min=1))):
             decay = learned.start_decay(step, steps_per_epoch)
             if decay and info.is_main:
-                print(f"[{kind}] fit after epoch {epoch}: the training loss of the last "
+                print(f"[{kind}] fit after epoch {epoch + 1}: the training loss of the last "
                       f"{fit.window} epoch(s) is at most {train_cfg.fit_target} x the labels' "
                       f"prior loss {fit.state['prior']:.4f}; the learning rate decays over "
                       f"{decay // steps_per_epoch} more epoch(s), then training stops", flush=True)
@@ -353,19 +371,19 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     if info.is_main:
         print(f"[{kind}] done: {epochs} epochs, {step} steps, {images_seen} images in "
               f"{seconds:.0f}s on {info.world_size} rank(s)" +
-              (f"; the weights of epoch {stopper.state['best_epoch']}, the best on held-out labels"
+              (f"; the weights of epoch {stopper.state['best_epoch'] + 1}, the best on held-out labels"
                if stopper is not None else ""), flush=True)
     summary = {"steps": step, "seconds": round(seconds, 2), "images": images_seen,
                "world_size": info.world_size}
     if stopper is not None:
         curve = stopper.state["curve"]
         summary.update({"epochs_run": curve[-1][0] + 1 if curve else 0,
-                        "best_epoch": stopper.state["best_epoch"],
+                        "best_epoch": _counted(stopper.state["best_epoch"]),
                         "heldout_loss": [round(v, 5) for _, v in curve]})
     if fit is not None:
         curve = fit.state["curve"]
         summary.update({"epochs_run": curve[-1][0] + 1 if curve else 0,
-                        "fit_epoch": fit.state["fit_epoch"],
+                        "fit_epoch": _counted(fit.state["fit_epoch"]),
                         "prior_loss": round(fit.state["prior"], 5),
                         "train_loss": [round(v, 5) for _, v in curve]})
     return summary

@@ -89,7 +89,7 @@ def stopping_epochs(run) -> dict:
     """For each model trained with ``stop_patience``: the epochs it ran, the epoch whose weights it
     kept (the best held-out loss) and the held-out curve; with ``fit_target``: the epochs it ran,
     the epoch it fit its labels after, the labels' prior loss and the training curve; from its
-    stage's marker."""
+    stage's marker. Epochs are counted from 1."""
     res = {}
     for model, m in table.MODELS.items():
         if not run.done(m.stage):
@@ -171,9 +171,9 @@ def markdown(report: dict, name: str) -> str:
               "", "Training loss over the last epoch: " + ", ".join(
                   f"{k} {v:.3f}" for k, v in report.get("final_loss", {}).items()),
               *(["", "Stopped when learned: " + "; ".join(
-                  f"{k} kept epoch {v['best'] + 1} of {v['run']} (the best held-out loss)"
+                  f"{k} kept epoch {v['best']} of {v['run']} (the best held-out loss)"
                   if "best" in v else
-                  (f"{k} fit its labels after epoch {v['fit'] + 1}, {v['run']} epochs run "
+                  (f"{k} fit its labels after epoch {v['fit']}, {v['run']} epochs run "
                    f"(prior loss {v['prior_loss']:.3f})" if v["fit"] is not None else
                    f"{k} never fit its labels ({v['run']} epochs, the cap)")
                   for k, v in report["epochs"].items())]
