@@ -129,8 +129,9 @@ def test_quality_table_marks_each_goal():
            "final_loss": {"cls": 0.2}, "minutes": 10.0, "goals_met": False}
     fit = {"cls": {"run": 23, "fit": 19, "prior_loss": 0.55, "train_loss": []}}
     text = table([row, {**row, "variant": "w", "walk_recall": 0.85, "goals_met": True,
-                        "epochs": fit}])
-    assert "0.80 → 0.79" in text and "**not met**" in text and "| 1/2 |" in text
+                        "epochs": fit, "objects": {"walk_dropped": 0.0062}}])
+    assert "0.800 → 0.790 | - |" in text and "0.800 → 0.850 | 0.6% |" in text
+    assert "**not met**" in text and "| 1/2 |" in text
     assert "0.200 (23, fit after 19)" in text
 
 

@@ -62,16 +62,23 @@ def _epochs(stopped: dict | None) -> str:
     return f" ({stopped['run']}, kept {stopped['best']})"
 
 
+def _dropped(row: dict) -> str:
+    """'0.6%': of the objects the CAM found (an image's region of one class, at least 20% of its
+    pixels labelled with it), the share the walk lost; '-' for rows recorded without it."""
+    share = row.get("objects", {}).get("walk_dropped")
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def table(rows: list[dict]) -> str:
     """The sweep as markdown, one row per variant, then the spread of each column."""
-    head = ("| variant | CAM | walk | walk − CAM | recall CAM → walk | segmenter / full | "
-            "classifier loss (epochs) | minutes | goals |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| variant | CAM | walk | walk − CAM | recall CAM → walk | objects the walk lost | "
+            "segmenter / full | classifier loss (epochs) | minutes | goals |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         ratio = f"{r['seg']:.1f} / {r['seg_full']:.1f} = {100 * r['seg_ratio']:.0f}%" \
             if r.get("seg_ratio") else "-"
         lines.append(f"| {r['variant']} | {r['cam']:.1f} | {r['walk']:.1f} | {r['walk_gain']:+.1f} | "
-                     f"{r['cam_recall']:.2f} → {r['walk_recall']:.2f} | {ratio} | "
+                     f"{r['cam_recall']:.3f} → {r['walk_recall']:.3f} | {_dropped(r)} | {ratio} | "
                      f"{r['final_loss'].get('cls', float('nan')):.3f}"
                      f"{_epochs(r.get('epochs', {}).get('cls'))} | {r['minutes']:.1f} | "
                      f"{'met' if r['goals_met'] else '**not met**'} |")
@@ -81,7 +88,7 @@ def table(rows: list[dict]) -> str:
             return (f"{fmt.format(statistics.mean(vals))} ({fmt.format(min(vals))} – "
                     f"{fmt.format(max(vals))})")
         lines.append(f"| mean (min – max) | {spread('cam')} | {spread('walk')} | "
-                     f"{spread('walk_gain')} | | {spread('seg_ratio', 100, '{:.0f}')}% | | "
+                     f"{spread('walk_gain')} | | | {spread('seg_ratio', 100, '{:.0f}')}% | | "
                      f"{spread('minutes')} | {sum(r['goals_met'] for r in rows)}/{len(rows)} |")
     return "\n".join(lines) + "\n"
 
