@@ -45,13 +45,25 @@ class Classifier(nn.Module):
         return F.multilabel_soft_margin_loss(logits, targets)
 
     @staticmethod
-    def prior_loss(frequency: torch.Tensor) -> float:
-        """:meth:`loss` of a classifier that predicts each class at its frequency in the labels
-        (``frequency``: the share of images with each class), the best it can do without looking
-        at the images: the mean binary entropy of the frequencies. A class never (or always)
-        present contributes 0."""
+    def class_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss` class by class: each class's binary cross-entropy, averaged over the
+        batch (K values; their mean is the loss)."""
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(0)
+
+    @staticmethod
+    def prior_losses(frequency: torch.Tensor) -> torch.Tensor:
+        """:meth:`class_losses` of a classifier that predicts each class at its frequency in the
+        labels (``frequency``: the share of images with each class), the best it can do without
+        looking at the images: each class's binary entropy, 0 for a class never (or always)
+        present. Their mean is :meth:`prior_loss`."""
         p = frequency.double().clamp(1e-12, 1 - 1e-12)
-        return float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+
+    @staticmethod
+    def prior_loss(frequency: torch.Tensor) -> float:
+        """:meth:`loss` of a classifier that predicts each class at its frequency: the mean of
+        :meth:`prior_losses`."""
+        return float(Classifier.prior_losses(frequency).mean())
 
 
 class AffinityNet(nn.Module):

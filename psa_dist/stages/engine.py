@@ -36,13 +36,15 @@ from . import table
 
 
 def loss_for(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: int = 5,
-             border: str = "all"):
+             border: str = "all", class_terms: bool = False):
     """The training loss of each trainer, on one batch. Under autocast the network runs in the low
     precision; its outputs are cast back to float32 so that every loss is taken in full precision.
     AffinityNet's labels come on its feature grid already (the loader crops them on the cells,
-    ``data/train_data.Augment``); ``border``: which pairs of the crop count (``affinity_loss``)."""
+    ``data/train_data.Augment``); ``border``: which pairs of the crop count (``affinity_loss``).
+    ``class_terms`` (the classifier): the loss of each class, whose mean is the loss."""
     if kind == "cls":
-        return Classifier.loss(model(x).float(), y)
+        logits = model(x).float()
+        return Classifier.class_losses(logits, y) if class_terms else Classifier.loss(logits, y)
     if kind == "aff":
         f = model(x).float()
         if f.shape[-2:] != y.shape[-2:]:
@@ -68,16 +70,18 @@ class JsonLog:
 
 
 def train_step(net: nn.Module, kind: str, x, y, opt, sched, scaler, dtype, radius: int = 5,
-               border: str = "all"):
-    """One optimisation step on one batch; returns the (detached) loss."""
+               border: str = "all", class_terms: bool = False):
+    """One optimisation step on one batch; returns the (detached) loss, or with ``class_terms``
+    the classifier's loss of each class (their mean is the loss it stepped on)."""
     with autocast(x.device, dtype):
-        loss = loss_for(kind, net, x, y, radius, border)
+        terms = loss_for(kind, net, x, y, radius, border, class_terms)
+    loss = terms.mean()
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
     sched.step()
-    return loss.detach()
+    return terms.detach()
 
 
 class StopRule:
@@ -113,27 +117,50 @@ class StopRule:
 class FitRule:
     """When the classifier fits its training labels: the mean training loss of the last ``window``
     epochs is at most ``target`` × ``prior`` (the loss of predicting each class at its frequency,
-    :meth:`~psa_dist.nets.models.Classifier.prior_loss`). A share of the labels' uncertainty, not
+    :meth:`~psa_dist.nets.models.Classifier.prior_loss`). With ``class_prior`` (each class's prior
+    loss, :meth:`~psa_dist.nets.models.Classifier.prior_losses`), the same holds for every class
+    on its own (a class never or always present is left out), so that a class it has not learned
+    cannot hide behind easy ones. A share of the labels' uncertainty, not
     a loss value, so that one target holds for any number and frequency of classes. The trainer
     then anneals (:class:`~psa_dist.nets.optim.LearnedSchedule`) and stops with its last weights:
     the CAMs are taken on these training images, so no epoch is picked on other data. Its state
     is a plain dict kept in the checkpoint, so a resumed run decides as an uninterrupted one
     would."""
 
-    def __init__(self, target: float, window: int, prior: float, state: dict | None = None):
+    def __init__(self, target: float, window: int, prior: float, state: dict | None = None,
+                 class_prior: list | None = None):
         self.target, self.window = target, window
-        self.state = state or {"curve": [], "prior": prior, "fit_epoch": None}
+        self.state = state or {"curve": [], "prior": prior, "fit_epoch": None,
+                               **({"class_curve": [], "class_prior": list(class_prior)}
+                                  if class_prior is not None else {})}
 
-    def update(self, epoch: int, loss: float) -> bool:
-        """Record epoch ``epoch``'s training loss; True at the epoch the labels are first fit."""
+    def class_ratios(self) -> list[float] | None:
+        """Each class's training loss over the last ``window`` epochs as a share of its prior
+        loss (None for a class left out); None without ``class_prior``."""
+        st = self.state
+        if "class_prior" not in st or not st["class_curve"]:
+            return None
+        recent = [c for _, c in st["class_curve"][-self.window:]]
+        means = [sum(col) / len(recent) for col in zip(*recent)]
+        return [m / p if p > 1e-9 else None for m, p in zip(means, st["class_prior"])]
+
+    def update(self, epoch: int, loss: float, class_loss: list | None = None) -> bool:
+        """Record epoch ``epoch``'s training loss (and each class's, with ``class_prior``); True
+        at the epoch the labels are first fit."""
         st = self.state
         st["curve"].append([epoch, loss])
-        recent = [v for _, v in st["curve"][-self.window:]]
-        if (st["fit_epoch"] is None and len(recent) == self.window
-                and sum(recent) / self.window <= self.target * st["prior"]):
+        if "class_prior" in st:
+            st["class_curve"].append([epoch, list(class_loss)])
+        if st["fit_epoch"] is not None or len(st["curve"]) < self.window:
+            return False
+        if "class_prior" in st:
+            fit = all(r <= self.target for r in self.class_ratios() if r is not None)
+        else:
+            fit = sum(v for _, v in st["curve"][-self.window:]) / self.window \
+                <= self.target * st["prior"]
+        if fit:
             st["fit_epoch"] = epoch
-            return True
-        return False
+        return fit
 
 
 class TrainingDiverged(FloatingPointError):
@@ -204,8 +231,9 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     ``heldout``: a loader of held-out weak labels; with it, ``train_cfg.epochs`` is a cap, training
     stops by :class:`StopRule` (``train_cfg.stop_patience``, ``stop_min_delta``) and ends with
     the weights of its best epoch (``best.pth``). ``label_prior``: the classifier's
-    :meth:`~psa_dist.nets.models.Classifier.prior_loss` on its training labels, with
-    ``train_cfg.fit_target``: then ``epochs`` is a cap and training stops by :class:`FitRule`."""
+    :meth:`~psa_dist.nets.models.Classifier.prior_losses` on its training labels (one per
+    class), with ``train_cfg.fit_target``: then ``epochs`` is a cap and training stops by
+    :class:`FitRule` (class by class with ``train_cfg.fit_each_class``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
@@ -229,6 +257,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     fitting = train_cfg.fit_target is not None
     if fitting and label_prior is None:
         raise ValueError(f"{section}.fit_target needs the labels' prior loss (label_prior)")
+    class_terms = fitting and train_cfg.fit_each_class     # the loss of each class, tracked
+    width = 2 + (len(label_prior) if class_terms else 0)   # sum, count[, each class's sum]
     learned = (LearnedSchedule(max_steps, train_cfg.stop_decay, state=(stop_state or {}).get("lr"))
                if heldout is not None or fitting else None)
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, learned) if learned is not None
@@ -247,8 +277,16 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
 
     stopper = (StopRule(train_cfg.stop_patience, train_cfg.stop_min_delta,
                         (stop_state or {}).get("rule")) if heldout is not None else None)
-    fit = (FitRule(train_cfg.fit_target, train_cfg.fit_window, label_prior,
-                   (stop_state or {}).get("fit")) if fitting else None)
+    fit = (FitRule(train_cfg.fit_target, train_cfg.fit_window,
+                   float(torch.as_tensor(label_prior, dtype=torch.float64).mean()),
+                   (stop_state or {}).get("fit"),
+                   class_prior=[float(p) for p in label_prior] if class_terms else None)
+           if fitting else None)
+
+    def loss_row(terms: torch.Tensor) -> torch.Tensor:
+        # one step's entry of the running sums: its loss, 1[, each class's loss]
+        head = torch.stack([terms.double().mean(), terms.new_ones((), dtype=torch.float64)])
+        return torch.cat([head, terms.double().reshape(-1)]) if class_terms else head
     best_path = out_dir / "best.pth"
 
     def save(epoch: int, step_in_epoch: int, epoch_loss: torch.Tensor | None = None) -> None:
@@ -297,18 +335,19 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         loader.set_epoch(epoch, skip)
         k = skip
         t0 = t_log = time.monotonic()
-        ep_loss = torch.zeros(2, dtype=torch.float64, device=info.device)   # sum, count
-        if skip and partial_loss is not None and info.is_main:   # the resumed epoch's first part
+        ep_loss = torch.zeros(width, dtype=torch.float64, device=info.device)
+        if (skip and partial_loss is not None and info.is_main
+                and partial_loss.numel() == width):          # the resumed epoch's first part
             ep_loss += partial_loss.to(info.device)
-        win_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
+        win_loss = torch.zeros(width, dtype=torch.float64, device=info.device)
         n_img = n_win = 0
         for x, y in loader:
             x = x.to(info.device, non_blocking=True)
             y = y.to(info.device, non_blocking=True)
-            loss = train_step(net, kind, x, y, opt, sched, scaler, dtype, radius,
-                              train_cfg.pair_border)
+            terms = train_step(net, kind, x, y, opt, sched, scaler, dtype, radius,
+                               train_cfg.pair_border, class_terms)
             step, k = step + 1, k + 1
-            win_loss += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
+            win_loss += loss_row(terms)
             n_img, n_win = n_img + x.shape[0], n_win + x.shape[0]
             if step % train_cfg.log_every == 0:
                 ep_loss += win_loss
@@ -328,8 +367,10 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         check_finite(float(ep_loss[0]), kind, epoch + 1, step, section, ckpt_path)
         images_seen += n_img * info.world_size
         dt = time.monotonic() - t0
-        log({"kind": kind, "epoch": epoch + 1, "step": step,
-             "loss": float(ep_loss[0] / ep_loss[1].clamp(min=1)),
+        ep_mean = float(ep_loss[0] / ep_loss[1].clamp(min=1))
+        class_mean = (ep_loss[2:] / ep_loss[1].clamp(min=1)).tolist() if class_terms else None
+        log({"kind": kind, "epoch": epoch + 1, "step": step, "loss": ep_mean,
+             **({"class_loss": [round(v, 5) for v in class_mean]} if class_terms else {}),
              "lr": opt.param_groups[0]["lr"],
              "images_per_s": round(n_img * info.world_size / max(dt, 1e-9), 2),
              "epoch_seconds": round(dt, 2), **eta(step, dt / max(k - skip, 1))})
@@ -350,13 +391,19 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                           f"{train_cfg.stop_patience} epochs; the learning rate decays over "
                           f"{decay // steps_per_epoch} more epoch(s), then training stops",
                           flush=True)
-        if fit is not None and fit.update(epoch, float(ep_loss[0] / ep_loss[1].clamp(min=1))):
+        if fit is not None and fit.update(epoch, ep_mean, class_mean):
             decay = learned.start_decay(step, steps_per_epoch)
             if decay and info.is_main:
-                print(f"[{kind}] fit after epoch {epoch + 1}: the training loss of the last "
-                      f"{fit.window} epoch(s) is at most {train_cfg.fit_target} x the labels' "
-                      f"prior loss {fit.state['prior']:.4f}; the learning rate decays over "
-                      f"{decay // steps_per_epoch} more epoch(s), then training stops", flush=True)
+                ratios = [r for r in fit.class_ratios() or [] if r is not None]
+                what = (f"each class's training loss of the last {fit.window} epoch(s) is at most "
+                        f"{train_cfg.fit_target} x its prior loss (the hardest class at "
+                        f"{max(ratios):.2f} x)" if ratios else
+                        f"the training loss of the last {fit.window} epoch(s) is at most "
+                        f"{train_cfg.fit_target} x the labels' prior loss "
+                        f"{fit.state['prior']:.4f}")
+                print(f"[{kind}] fit after epoch {epoch + 1}: {what}; the learning rate decays "
+                      f"over {decay // steps_per_epoch} more epoch(s), then training stops",
+                      flush=True)
         save(epoch + 1, 0)
         if learned is not None and learned.finished(step):
             break
@@ -386,4 +433,8 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                         "fit_epoch": _counted(fit.state["fit_epoch"]),
                         "prior_loss": round(fit.state["prior"], 5),
                         "train_loss": [round(v, 5) for _, v in curve]})
+        if "class_prior" in fit.state:
+            summary.update({"class_prior_loss": [round(v, 5) for v in fit.state["class_prior"]],
+                            "class_train_loss": [[round(v, 5) for v in c]
+                                                 for _, c in fit.state["class_curve"]]})
     return summary

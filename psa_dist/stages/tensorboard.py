@@ -30,6 +30,8 @@ class TensorBoardLog:
             if name in record:
                 tag = "epoch_loss" if name == "loss" and "epoch_seconds" in record else name
                 self.writer.add_scalar(f"{self.kind}/{tag}", record[name], step)
+        for c, value in enumerate(record.get("class_loss", []), start=1):   # class ids from 1
+            self.writer.add_scalar(f"{self.kind}/class_loss/{c}", value, step)
 
     def _image(self, x: torch.Tensor) -> np.ndarray:
         mean = torch.tensor(MEAN).view(3, 1, 1)

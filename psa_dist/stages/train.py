@@ -131,7 +131,7 @@ def run_trainer(cfg: Config, model: str) -> dict:
         tb = (TensorBoardLog(run.model_dir(model) / "tensorboard", model, run.info["palette"])
               if tcfg.tensorboard and info.is_main else None)
         held = heldout_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size)
-        prior = (Classifier.prior_loss(label_frequency(run, model, tcfg))
+        prior = (Classifier.prior_losses(label_frequency(run, model, tcfg))
                  if tcfg.fit_target is not None else None)   # every rank reads the same labels
         return train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
                      freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
