@@ -143,7 +143,9 @@ def _weights(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["train_cls.fit_target=0.5"]], ids=["poly", "fit_rule"])
+# fit_rule: the rule class by class, whose per-class sums of a part-trained epoch are resumed too
+@pytest.mark.parametrize("extra", [[], ["train_cls.fit_target=0.5", "train_cls.fit_each_class=true"]],
+                         ids=["poly", "fit_rule"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data, extra):
     # with the fit rule, the epoch killed mid-way must also end with the uninterrupted epoch's
     # loss (its first part comes from the checkpoint), or the rule could decide otherwise
@@ -178,6 +180,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data, extra):
         markers = [json.loads((o / "stages" / "train_cls.json").read_text()) for o in (ref, out)]
         assert markers[0]["train_loss"] == markers[1]["train_loss"]
         assert markers[0]["fit_epoch"] == markers[1]["fit_epoch"]
+        assert markers[0]["class_train_loss"] == markers[1]["class_train_loss"]
     for k, v in _weights(ref).items():
         assert torch.equal(final[k], v), k
 

@@ -1,6 +1,7 @@
 """Trainers that stop when they have learned, judged on held-out weak labels only; and the quality
 sweep that records the benchmark's goals over data variants."""
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from psa_dist.bench.quality import bench_quality, table
 from psa_dist.config import ConfigError, load_config
 from psa_dist.nets.checkpoint import load_checkpoint
 from psa_dist.pipeline import run_pipeline
-from psa_dist.stages.engine import StopRule, loss_for
+from psa_dist.stages.engine import loss_for
+from psa_dist.stages.stopping import StopRule
 from psa_dist.stages.run_dir import Run
 from psa_dist.stages.train import _shard_sets, heldout_loader
 from psa_dist.stages.trained import load_trained
@@ -190,7 +192,7 @@ def test_a_diverging_trainer_stops_naming_the_keys_and_keeps_no_nan_checkpoint(t
 
 
 def test_fit_rule_on_a_known_curve():
-    from psa_dist.stages.engine import FitRule
+    from psa_dist.stages.stopping import FitRule
     rule = FitRule(target=0.5, window=2, prior=1.0)
     fired = [rule.update(e, v) for e, v in enumerate([0.9, 0.6, 0.5, 0.45, 0.3, 0.2])]
     # the mean of the last two epochs: 0.75, 0.55, 0.475 <= 0.5 at epoch 3; fires once only
@@ -198,6 +200,47 @@ def test_fit_rule_on_a_known_curve():
     assert rule.state["fit_epoch"] == 3
     again = FitRule(0.5, 2, 1.0, json.loads(json.dumps(rule.state)))     # from a checkpoint
     assert again.state == rule.state and not again.update(6, 0.1)
+
+
+def test_fit_rule_class_by_class_waits_for_the_hardest_class():
+    from psa_dist.stages.stopping import FitRule
+    # three classes: the third is always present (prior 0: nothing to learn, left out); the
+    # second is learned late. The mean rule fires at epoch 2 (the 2-epoch mean of the mean loss,
+    # 0.317, is at most 0.5 x the mean prior 2/3); the class rule waits for class 1 (from 0)
+    prior = [1.0, 1.0, 0.0]
+    curve = [[0.40, 0.90, 0.0], [0.30, 0.80, 0.0], [0.20, 0.60, 0.0], [0.10, 0.40, 0.0],
+             [0.10, 0.30, 0.0]]
+    rule = FitRule(0.5, 2, sum(prior) / 3, class_prior=prior)
+    plain = FitRule(0.5, 2, sum(prior) / 3)
+    fired, fired_plain = [], []
+    for e, c in enumerate(curve):
+        fired.append(rule.update(e, sum(c) / 3, c))
+        fired_plain.append(plain.update(e, sum(c) / 3))
+    # class 1's 2-epoch means: 0.85, 0.70, 0.50 (epoch 3); class 0's are long below 0.5
+    assert fired == [False, False, False, True, False] and rule.state["fit_epoch"] == 3
+    assert fired_plain.index(True) == 2         # the mean of all classes was fit earlier
+    ratios = rule.class_ratios()                # the last window: epochs 3 and 4
+    assert ratios[2] is None and abs(ratios[0] - 0.1) < 1e-12 and abs(ratios[1] - 0.35) < 1e-12
+    again = FitRule(0.5, 2, 2 / 3, json.loads(json.dumps(rule.state)), class_prior=[9, 9, 9])
+    assert again.state == rule.state            # the checkpoint's state, not the argument
+
+
+def test_class_losses_are_the_loss_class_by_class():
+    from psa_dist.nets.models import Classifier
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(7, 4, generator=g, dtype=torch.float64) * 3
+    labels = (torch.rand(7, 4, generator=g) < 0.4).double()
+    # naively: -[y log s(x) + (1 - y) log(1 - s(x))] for each entry, averaged over the images
+    naive = [sum(-(float(labels[i, c]) * math.log(1 / (1 + math.exp(-float(logits[i, c]))))
+                   + (1 - float(labels[i, c])) * math.log(1 - 1 / (1 + math.exp(-float(logits[i, c])))))
+                 for i in range(7)) / 7 for c in range(4)]
+    terms = Classifier.class_losses(logits, labels)
+    assert max(abs(float(a) - b) for a, b in zip(terms, naive)) < 1e-9
+    assert abs(float(terms.mean()) - float(Classifier.loss(logits, labels))) < 1e-12
+    freq = torch.tensor([0.1, 0.5, 0.0, 1.0])
+    priors = Classifier.prior_losses(freq)
+    assert abs(float(priors[1]) - math.log(2)) < 1e-9 and float(priors[2:].abs().max()) < 1e-9
+    assert abs(float(priors.mean()) - Classifier.prior_loss(freq)) < 1e-12
 
 
 def test_prior_loss_is_the_loss_of_predicting_the_label_frequencies():
@@ -222,16 +265,20 @@ def test_fit_target_is_checked_by_name(tiny):
         load_config(tiny, ["train_cls.fit_target=1.5"])
     with pytest.raises(ConfigError, match="fit_target and train_cls.stop_patience"):
         load_config(tiny, ["train_cls.fit_target=0.3", "train_cls.stop_patience=2"])
+    with pytest.raises(ConfigError, match="train_cls.fit_each_class: needs train_cls.fit_target"):
+        load_config(tiny, ["train_cls.fit_each_class=true"])
 
 
 @pytest.mark.slow
-def test_classifier_trains_until_it_fits_its_labels(tiny, tmp_path):
+@pytest.mark.parametrize("each_class", [False, True], ids=["mean", "each_class"])
+def test_classifier_trains_until_it_fits_its_labels(tiny, tmp_path, each_class):
     from psa_dist.data.shards import decode_sample, iter_split
     from psa_dist.nets.models import Classifier
     out = tmp_path / "run"
     cfg = load_config(tiny, [f"out_dir={out}", "train_cls.fit_target=0.9",
                              "train_cls.fit_window=2", "train_cls.epochs=40",
-                             "train_cls.lr=0.02", "train_cls.log_every=3"])
+                             "train_cls.lr=0.02", "train_cls.log_every=3",
+                             f"train_cls.fit_each_class={str(each_class).lower()}"])
     run_pipeline(cfg, stages=["train_cls"])
     marker = json.loads((out / "stages" / "train_cls.json").read_text())
     # the labels' frequencies, counted here from the train split's image labels
@@ -247,6 +294,17 @@ def test_classifier_trains_until_it_fits_its_labels(tiny, tmp_path):
     # fit after the first epoch (counted from 1) whose 2-epoch mean is within 0.9 of the prior
     means = {e: (curve[e - 2] + curve[e - 1]) / 2 for e in range(2, len(curve) + 1)}
     fit = min(e for e, m in means.items() if m <= 0.9 * prior)
+    if each_class:   # ... for every class on its own, with its own prior (0: left out)
+        priors = Classifier.prior_losses(freq / len(samples)).tolist()
+        assert max(abs(a - b) for a, b in zip(marker["class_prior_loss"], priors)) < 1e-5
+        per_class = [r["class_loss"] for r in epochs]
+        assert marker["class_train_loss"] == per_class
+        assert all(abs(sum(c) / len(c) - r["loss"]) < 1e-4 for c, r in zip(per_class, epochs))
+        fit = min(e for e in range(2, len(per_class) + 1)
+                  if all((a + b) / 2 <= 0.9 * p for a, b, p in
+                         zip(per_class[e - 2], per_class[e - 1], priors) if p > 1e-9))
+    else:
+        assert "class_loss" not in epochs[0] and "class_train_loss" not in marker
     assert marker["fit_epoch"] == fit
     assert [r["epoch"] for r in epochs] == list(range(1, len(curve) + 1))
     # constant learning rate to the fit, then a quarter of the epochs so far (at least one) of
