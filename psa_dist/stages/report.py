@@ -101,7 +101,10 @@ def stopping_epochs(run) -> dict:
                           "heldout_loss": s["heldout_loss"]}
         elif "fit_epoch" in s:
             res[model] = {"run": s["epochs_run"], "fit": s["fit_epoch"],
-                          "prior_loss": s["prior_loss"], "train_loss": s["train_loss"]}
+                          "prior_loss": s["prior_loss"], "train_loss": s["train_loss"],
+                          **({"class_prior_loss": s["class_prior_loss"],
+                              "class_train_loss": s["class_train_loss"]}
+                             if "class_prior_loss" in s else {})}
     return res
 
 
@@ -173,7 +176,8 @@ def markdown(report: dict, name: str) -> str:
               *(["", "Stopped when learned: " + "; ".join(
                   f"{k} kept epoch {v['best']} of {v['run']} (the best held-out loss)"
                   if "best" in v else
-                  (f"{k} fit its labels after epoch {v['fit']}, {v['run']} epochs run "
+                  (f"{k} fit its labels{' class by class' if 'class_prior_loss' in v else ''} "
+                   f"after epoch {v['fit']}, {v['run']} epochs run "
                    f"(prior loss {v['prior_loss']:.3f})" if v["fit"] is not None else
                    f"{k} never fit its labels ({v['run']} epochs, the cap)")
                   for k, v in report["epochs"].items())]
