@@ -219,6 +219,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
         bad = sum(int(not torch.isfinite(t).all()) for t in model.state_dict().values()
                   if t.is_floating_point())                   # BN's running statistics too
         bad = float(all_reduce_sum(torch.tensor([float(bad)], device=info.device))[0])
+        # epoch: the epochs finished; mid-epoch (step_in_epoch > 0) the one under way is the next
         check_finite(float("nan") if bad else 0.0, kind, epoch + (step_in_epoch > 0), step,
                      section, ckpt_path,
                      what="the weights are no longer finite")
