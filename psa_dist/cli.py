@@ -152,7 +152,8 @@ def cmd_bench_quality(args) -> int:
         for name, over in VARIANTS.items():
             print(f"{name:26} {' '.join(over) or '(the config as it is)'}")
         return 0
-    rows = bench_quality(args.config, args.variants, args.out, args.overrides)
+    redo = args.redo_from.replace("-", "_") if args.redo_from else None
+    rows = bench_quality(args.config, args.variants, args.out, args.overrides, redo_from=redo)
     return 0 if all(r["goals_met"] for r in rows) else 1
 
 
@@ -298,11 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run CONFIG end to end on each variant of the synthetic data "
                         "(--list shows them) into OUT/<variant>, recording one row per variant "
                         "in OUT/quality.jsonl and the table in OUT/quality.md; recorded variants "
-                        "are skipped. Exits 1 when a variant misses a goal.")
+                        "are skipped (--from: run again from that stage on, rows replaced). "
+                        "Exits 1 when a variant misses a goal.")
     _add_config_args(p, required=True)
     p.add_argument("--variants", nargs="+", help="which (default: all)")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--from", dest="redo_from", metavar="STAGE",
+                   choices=[s.replace("_", "-") for s in table.ORDER] + list(table.ORDER),
+                   help="run the variants again from STAGE on (say random-walk after a change of "
+                   "its settings), keeping the stages before it; their rows are replaced")
     p.set_defaults(func=cmd_bench_quality)
     p = bsub.add_parser("cams", help="the CAM stage end to end vs bare forward passes on the same "
                         "images in memory")

@@ -152,6 +152,23 @@ def test_quality_sweep_runs_each_variant_once(tiny, tmp_path):
     again = bench_quality(str(tiny), None, tmp_path / "q", over, variants=variants)
     assert len(again) == 2 and (tmp_path / "q" / "a" / "report.json").stat().st_mtime_ns == stamp
     assert "mean (min – max)" in (tmp_path / "q" / "quality.md").read_text()
+    # from the walk on, with another number of steps: the classifier is kept, the rows replaced
+    a = tmp_path / "q" / "a"
+    cls_stamp = (a / "cls" / "checkpoint.pth").stat().st_mtime_ns
+    kept = json.loads((a / "stages" / "train_cls.json").read_text())["seconds"]
+    redone = bench_quality(str(tiny), ["a"], tmp_path / "q", over + ["random_walk.t=4"],
+                           variants=variants, redo_from="random_walk")
+    lines = (tmp_path / "q" / "quality.jsonl").read_text().splitlines()
+    assert [json.loads(x)["variant"] for x in lines] == ["a", "b"]
+    row = json.loads(lines[0])
+    assert row["redone_from"] == "random_walk" and "random_walk.t=4" in row["overrides"]
+    assert row == redone[0] and json.loads(lines[1]) == rows[1]
+    assert json.loads((a / "stages" / "random_walk.json").read_text())["settings"][
+        "random_walk.t"] == 4
+    assert (a / "cls" / "checkpoint.pth").stat().st_mtime_ns == cls_stamp
+    assert row["minutes"] >= kept / 60 - 0.05    # the kept stages' time is in the row
+    with pytest.raises(ValueError, match="unknown stage 'walk'"):
+        bench_quality(str(tiny), ["a"], tmp_path / "q", over, variants=variants, redo_from="walk")
 
 
 def test_objects_lost_and_dropped_against_a_count_by_hand():

@@ -3,7 +3,9 @@ seed. Each variant is the config (the demo's by default) run end to end on data 
 other settings (seed, number of classes, clutter, body mark, object sizes), in its own run
 directory under ``--out``; one row per variant is appended to ``quality.jsonl`` as it finishes,
 and ``quality.md`` holds the table with the spread. A variant whose row exists is not run again,
-so the sweep can be run in parts (``--variants a b``), each a command of its own.
+so the sweep can be run in parts (``--variants a b``), each a command of its own. With
+``--from STAGE`` the variants are run again from that stage on (say the walk, after a change of
+its settings), their trained models before it kept, and their rows replaced.
 
 The goals (issue 19): walk ≥ CAM + 8 mIoU, segmenter ≥ 85% of the fully supervised one, and the
 walk's object recall not below the CAM's. No decision of the pipeline reads the ground truth; the
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..stages.table import ORDER, stage
 from ..util.atomic import atomic_write_bytes
 
 # name -> overrides of the config (besides where its data and outputs go)
@@ -94,32 +97,48 @@ def table(rows: list[dict]) -> str:
 
 
 def bench_quality(config: str, names: list[str] | None = None, out_root="runs/quality",
-                  overrides: list | None = None, variants: dict | None = None) -> list[dict]:
+                  overrides: list | None = None, variants: dict | None = None,
+                  redo_from: str | None = None) -> list[dict]:
     """Run the variants ``names`` (default: all of ``variants``, the table above by default) not
-    yet in ``out_root/quality.jsonl``; returns every row recorded."""
+    yet in ``out_root/quality.jsonl``; returns every row recorded. ``redo_from`` (a stage): run
+    them all again from that stage on (``psa-dist run --from``) and replace their rows; a
+    row's minutes are then its earlier minutes with the redone stages' time replaced."""
     variants = VARIANTS if variants is None else variants
     unknown = [n for n in names or [] if n not in variants]
     if unknown:
         raise ValueError(f"bench quality: unknown variants {unknown} (have {', '.join(variants)})")
+    if redo_from:
+        stage(redo_from)        # an unknown stage fails before anything runs
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "quality.jsonl"
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-    have = {r["variant"] for r in rows}
+    have = {r["variant"]: r for r in rows}
     for name in names or list(variants):
-        if name in have:
+        if name in have and not redo_from:
             print(f"[bench quality] {name}: recorded in {log}", flush=True)
             continue
         out = root / name
         args = [*(overrides or []), *variants[name], f"out_dir={out}", f"data.root={out}/data",
-                f"name={name}"]
+                f"name={name}"] + (["--from", redo_from] if redo_from else [])
         print(f"[bench quality] {name}: psa-dist run {config} {' '.join(args)}", flush=True)
+        before = _stage_seconds(out, redo_from) if redo_from and name in have else None
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "psa_dist.cli", "run", config, *args], check=True)
-        row = row_of(name, variants[name] + list(overrides or []), out, time.monotonic() - t0)
-        with open(log, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        rows.append(row)
+        seconds = time.monotonic() - t0
+        if before is not None:      # the stages kept took what they took in the earlier run
+            seconds += 60 * have[name]["minutes"] - before
+        row = row_of(name, variants[name] + list(overrides or []), out, seconds)
+        if redo_from:
+            row["redone_from"] = redo_from
+        if name in have:
+            rows = [row if r["variant"] == name else r for r in rows]
+            atomic_write_bytes(log, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        else:
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+        have[name] = row
         print(f"[bench quality] {name}: CAM {row['cam']:.1f} -> walk {row['walk']:.1f} "
               f"({row['walk_gain']:+.1f}), segmenter {100 * (row['seg_ratio'] or 0):.0f}% of full; "
               f"goals {'met' if row['goals_met'] else 'NOT met'}", flush=True)
@@ -128,3 +147,13 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
     atomic_write_bytes(root / "quality.md", table(rows).encode())
     print(f"[bench quality] {len(rows)} variants in {root / 'quality.md'}\n" + table(rows), flush=True)
     return rows
+
+
+def _stage_seconds(out: Path, first: str) -> float:
+    """The seconds the stages from ``first`` on took in the run in ``out`` (their markers)."""
+    total = 0.0
+    for name in ORDER[ORDER.index(first):]:
+        marker = out / "stages" / f"{name}.json"
+        if marker.is_file():
+            total += json.loads(marker.read_text()).get("seconds", 0.0)
+    return total
