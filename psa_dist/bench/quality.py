@@ -102,7 +102,7 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
     """Run the variants ``names`` (default: all of ``variants``, the table above by default) not
     yet in ``out_root/quality.jsonl``; returns every row recorded. ``redo_from`` (a stage): run
     them all again from that stage on (``psa-dist run --from``) and replace their rows; a
-    row's minutes are then its earlier minutes with the redone stages' time replaced."""
+    row's minutes are then this run's and those the kept stages' markers record."""
     variants = VARIANTS if variants is None else variants
     unknown = [n for n in names or [] if n not in variants]
     if unknown:
@@ -122,12 +122,11 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
         args = [*(overrides or []), *variants[name], f"out_dir={out}", f"data.root={out}/data",
                 f"name={name}"] + (["--from", redo_from] if redo_from else [])
         print(f"[bench quality] {name}: psa-dist run {config} {' '.join(args)}", flush=True)
-        before = _stage_seconds(out, redo_from) if redo_from and name in have else None
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "psa_dist.cli", "run", config, *args], check=True)
         seconds = time.monotonic() - t0
-        if before is not None:      # the stages kept took what they took in the earlier run
-            seconds += 60 * have[name]["minutes"] - before
+        if redo_from:               # the stages kept took what their markers say
+            seconds += _kept_seconds(out, redo_from)
         row = row_of(name, variants[name] + list(overrides or []), out, seconds)
         if redo_from:
             row["redone_from"] = redo_from
@@ -149,10 +148,10 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
     return rows
 
 
-def _stage_seconds(out: Path, first: str) -> float:
-    """The seconds the stages from ``first`` on took in the run in ``out`` (their markers)."""
+def _kept_seconds(out: Path, redone: str) -> float:
+    """The seconds the stages before ``redone`` took in the run in ``out`` (their markers)."""
     total = 0.0
-    for name in ORDER[ORDER.index(first):]:
+    for name in ORDER[:ORDER.index(redone)]:
         marker = out / "stages" / f"{name}.json"
         if marker.is_file():
             total += json.loads(marker.read_text()).get("seconds", 0.0)
