@@ -122,11 +122,11 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
         args = [*(overrides or []), *variants[name], f"out_dir={out}", f"data.root={out}/data",
                 f"name={name}"] + (["--from", redo_from] if redo_from else [])
         print(f"[bench quality] {name}: psa-dist run {config} {' '.join(args)}", flush=True)
+        # the stages kept took what their markers say (read first: any not done yet runs now)
+        kept = _kept_seconds(out, redo_from) if redo_from else 0.0
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "psa_dist.cli", "run", config, *args], check=True)
-        seconds = time.monotonic() - t0
-        if redo_from:               # the stages kept took what their markers say
-            seconds += _kept_seconds(out, redo_from)
+        seconds = time.monotonic() - t0 + kept
         row = row_of(name, variants[name] + list(overrides or []), out, seconds)
         if redo_from:
             row["redone_from"] = redo_from
