@@ -83,8 +83,13 @@ def cmd_data_preview(args) -> int:
 # ----------------------------------------------------------------------------- pipeline
 def cmd_run(args) -> int:
     _launcher_overrides(args)
-    redo = args.redo_from.replace("-", "_") if args.redo_from else None
-    return run_pipeline(_load(args), force=args.force, redo_from=redo)
+    return run_pipeline(_load(args), force=args.force, redo_from=args.redo_from)
+
+
+def _add_from_arg(p, help: str) -> None:
+    """``--from STAGE`` (``random-walk`` or ``random_walk``), parsed to the stage's name."""
+    p.add_argument("--from", dest="redo_from", metavar="STAGE", help=help,
+                   type=lambda v: v.replace("-", "_"), choices=list(table.ORDER))
 
 
 def _launcher_overrides(args) -> None:
@@ -152,8 +157,8 @@ def cmd_bench_quality(args) -> int:
         for name, over in VARIANTS.items():
             print(f"{name:26} {' '.join(over) or '(the config as it is)'}")
         return 0
-    redo = args.redo_from.replace("-", "_") if args.redo_from else None
-    rows = bench_quality(args.config, args.variants, args.out, args.overrides, redo_from=redo)
+    rows = bench_quality(args.config, args.variants, args.out, args.overrides,
+                         redo_from=args.redo_from)
     return 0 if all(r["goals_met"] for r in rows) else 1
 
 
@@ -190,9 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=True)
     p.add_argument("--force", action="store_true",
                    help="redo every stage from scratch (their earlier outputs are removed)")
-    p.add_argument("--from", dest="redo_from", metavar="STAGE",
-                   choices=[s.replace("_", "-") for s in table.ORDER] + list(table.ORDER),
-                   help="redo STAGE and every later one from scratch, keep the earlier ones")
+    _add_from_arg(p, "redo STAGE and every later one from scratch, keep the earlier ones")
     _add_launcher_arg(p)
     p.set_defaults(func=cmd_run)
 
@@ -305,10 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", help="which (default: all)")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
-    p.add_argument("--from", dest="redo_from", metavar="STAGE",
-                   choices=[s.replace("_", "-") for s in table.ORDER] + list(table.ORDER),
-                   help="run the variants again from STAGE on (say random-walk after a change of "
-                   "its settings), keeping the stages before it; their rows are replaced")
+    _add_from_arg(p, "run the variants again from STAGE on (say random-walk after a change of "
+                  "its settings), keeping the stages before it; their rows are replaced")
     p.set_defaults(func=cmd_bench_quality)
     p = bsub.add_parser("cams", help="the CAM stage end to end vs bare forward passes on the same "
                         "images in memory")

@@ -1,7 +1,7 @@
 """`psa-dist bench quality`: the benchmark's goals over a sweep of synthetic-data variants, not one
 seed. Each variant is the config (the demo's by default) run end to end on data generated with
 other settings (seed, number of classes, clutter, body mark, object sizes), in its own run
-directory under ``--out``; one row per variant is appended to ``quality.jsonl`` as it finishes,
+directory under ``--out``; one row per variant goes into ``quality.jsonl`` as it finishes,
 and ``quality.md`` holds the table with the spread. A variant whose row exists is not run again,
 so the sweep can be run in parts (``--variants a b``), each a command of its own. With
 ``--from STAGE`` the variants are run again from that stage on (say the walk, after a change of
@@ -130,14 +130,9 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
         row = row_of(name, variants[name] + list(overrides or []), out, seconds)
         if redo_from:
             row["redone_from"] = redo_from
-        if name in have:
-            rows = [row if r["variant"] == name else r for r in rows]
-            atomic_write_bytes(log, "".join(json.dumps(r) + "\n" for r in rows).encode())
-        else:
-            with open(log, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            rows.append(row)
+        rows = [row if r["variant"] == name else r for r in rows] if name in have else rows + [row]
         have[name] = row
+        atomic_write_bytes(log, "".join(json.dumps(r) + "\n" for r in rows).encode())
         print(f"[bench quality] {name}: CAM {row['cam']:.1f} -> walk {row['walk']:.1f} "
               f"({row['walk_gain']:+.1f}), segmenter {100 * (row['seg_ratio'] or 0):.0f}% of full; "
               f"goals {'met' if row['goals_met'] else 'NOT met'}", flush=True)
