@@ -13,7 +13,7 @@ from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.engine import loss_for
 from psa_dist.stages.stopping import StopRule
 from psa_dist.stages.run_dir import Run
-from psa_dist.stages.train import _shard_sets, heldout_loader
+from psa_dist.stages.train import SettingsChanged, _shard_sets, heldout_loader
 from psa_dist.stages.trained import load_trained
 from psa_dist.util.precision import amp_dtype, autocast
 
@@ -123,18 +123,35 @@ def test_classifier_stops_and_keeps_its_best_epoch(tiny, tmp_path):
     (out / "stages" / "train_cls.json").unlink()
     run_pipeline(cfg, stages=["train_cls"])
     assert load_checkpoint(out / "cls" / "checkpoint.pth")["step"] == steps
+    # ... but not under settings that change what it computes: refused, naming the key, and the
+    # checkpoint left as it was; a key of where and how it runs (threads) resumes as before
+    (out / "stages" / "train_cls.json").unlink()
+    stamp = (out / "cls" / "checkpoint.pth").stat().st_mtime_ns
+    other = load_config(tiny, [f"out_dir={out}", "train_cls.stop_patience=1",
+                               "train_cls.stop_min_delta=0.9", "train_cls.epochs=8",
+                               "train_cls.lr=0.02"])
+    with pytest.raises(SettingsChanged, match=r"train_cls\.lr: 0\.01 -> 0\.02.*--from train-cls"):
+        run_pipeline(other, stages=["train_cls"])
+    assert (out / "cls" / "checkpoint.pth").stat().st_mtime_ns == stamp
+    same = load_config(tiny, [f"out_dir={out}", "train_cls.stop_patience=1",
+                              "train_cls.stop_min_delta=0.9", "train_cls.epochs=8",
+                              "train_cls.threads=1"])
+    run_pipeline(same, stages=["train_cls"])
+    assert load_checkpoint(out / "cls" / "checkpoint.pth")["step"] == steps
 
 
 def test_quality_table_marks_each_goal():
     row = {"variant": "v", "cam": 60.0, "walk": 70.0, "walk_gain": 10.0, "cam_recall": 0.8,
            "walk_recall": 0.79, "seg": 70.0, "seg_full": 80.0, "seg_ratio": 0.875,
            "final_loss": {"cls": 0.2}, "minutes": 10.0, "goals_met": False}
-    fit = {"cls": {"run": 23, "fit": 19, "prior_loss": 0.55, "train_loss": []}}
+    fit = {"cls": {"run": 23, "fit": 19, "prior_loss": 0.55, "train_loss": []},
+           "aff": {"run": 12, "best": 11, "heldout_loss": []}}
     text = table([row, {**row, "variant": "w", "walk_recall": 0.85, "goals_met": True,
                         "epochs": fit, "objects": {"walk_dropped": 0.0062}}])
     assert "0.800 → 0.790 | - |" in text and "0.800 → 0.850 | 0.6% |" in text
     assert "**not met**" in text and "| 1/2 |" in text
-    assert "0.200 (23, fit after 19)" in text
+    assert "0.200 (23, fit after 19) | 12, kept 11 |" in text
+    assert "0.200 | - |" in text          # no stopping rule: the fixed epochs, not shown
 
 
 @pytest.mark.slow

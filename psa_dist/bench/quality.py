@@ -55,14 +55,14 @@ def row_of(name: str, overrides: list, out: Path, seconds: float) -> dict:
 
 
 def _epochs(stopped: dict | None) -> str:
-    """' (23, fit after 19)': the epochs a classifier stopped when learned ran, and the epoch
-    (counted from 1) it fit its labels after or whose weights it kept."""
+    """'23, fit after 19' or '12, kept 11': the epochs a trainer stopped when learned ran, and the
+    epoch (counted from 1) it fit its labels after or whose weights it kept; '' for fixed epochs."""
     if not stopped:
         return ""
     if "fit" in stopped:
-        return (f" ({stopped['run']}, fit after {stopped['fit']})" if stopped["fit"] is not None
-                else f" ({stopped['run']}, never fit)")
-    return f" ({stopped['run']}, kept {stopped['best']})"
+        return (f"{stopped['run']}, fit after {stopped['fit']}" if stopped["fit"] is not None
+                else f"{stopped['run']}, never fit")
+    return f"{stopped['run']}, kept {stopped['best']}"
 
 
 def _dropped(row: dict) -> str:
@@ -75,15 +75,17 @@ def _dropped(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     """The sweep as markdown, one row per variant, then the spread of each column."""
     head = ("| variant | CAM | walk | walk − CAM | recall CAM → walk | objects the walk lost | "
-            "segmenter / full | classifier loss (epochs) | minutes | goals |")
-    lines = [head, "|" + "---|" * 10]
+            "segmenter / full | classifier loss (epochs) | AffinityNet epochs | minutes | goals |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
+        cls_epochs, aff_epochs = (_epochs(r.get("epochs", {}).get(m)) for m in ("cls", "aff"))
         ratio = f"{r['seg']:.1f} / {r['seg_full']:.1f} = {100 * r['seg_ratio']:.0f}%" \
             if r.get("seg_ratio") else "-"
         lines.append(f"| {r['variant']} | {r['cam']:.1f} | {r['walk']:.1f} | {r['walk_gain']:+.1f} | "
                      f"{r['cam_recall']:.3f} → {r['walk_recall']:.3f} | {_dropped(r)} | {ratio} | "
                      f"{r['final_loss'].get('cls', float('nan')):.3f}"
-                     f"{_epochs(r.get('epochs', {}).get('cls'))} | {r['minutes']:.1f} | "
+                     f"{cls_epochs and f' ({cls_epochs})'} | {aff_epochs or '-'} | "
+                     f"{r['minutes']:.1f} | "
                      f"{'met' if r['goals_met'] else '**not met**'} |")
     if len(rows) > 1:
         def spread(key, scale=1.0, fmt="{:.1f}"):
@@ -91,7 +93,7 @@ def table(rows: list[dict]) -> str:
             return (f"{fmt.format(statistics.mean(vals))} ({fmt.format(min(vals))} – "
                     f"{fmt.format(max(vals))})")
         lines.append(f"| mean (min – max) | {spread('cam')} | {spread('walk')} | "
-                     f"{spread('walk_gain')} | | | {spread('seg_ratio', 100, '{:.0f}')}% | | "
+                     f"{spread('walk_gain')} | | | {spread('seg_ratio', 100, '{:.0f}')}% | | | "
                      f"{spread('minutes')} | {sum(r['goals_met'] for r in rows)}/{len(rows)} |")
     return "\n".join(lines) + "\n"
 

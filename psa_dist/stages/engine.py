@@ -146,7 +146,7 @@ def _set_rng_state(st: dict) -> None:
 def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: DistInfo,
           new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
           config_dict: dict | None = None, tensorboard=None, heldout=None,
-          label_prior: float | None = None) -> dict:
+          label_prior: float | None = None, settings: dict | None = None) -> dict:
     """Train ``model`` (already on ``info.device``) for ``train_cfg.epochs`` epochs of
     ``len(loader)`` steps on every rank; returns a summary. Checkpoints hold the bare model.
     ``tensorboard``: rank 0's :class:`~psa_dist.stages.tensorboard.TensorBoardLog`, or None.
@@ -155,7 +155,9 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     the weights of its best epoch (``best.pth``). ``label_prior``: the classifier's
     :meth:`~psa_dist.nets.models.Classifier.prior_losses` on its training labels (one per
     class), with ``train_cfg.fit_target``: then ``epochs`` is a cap and training stops by
-    :class:`FitRule` (class by class with ``train_cfg.fit_each_class``)."""
+    :class:`FitRule` (class by class with ``train_cfg.fit_each_class``). ``settings``: what
+    decides the stage's outputs (``table.settings``), kept in the checkpoint so that a rerun under
+    other settings is refused before it resumes (``train.check_resumable``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
@@ -230,6 +232,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
                 **({"epoch_loss": epoch_loss.cpu()} if epoch_loss is not None else {}),
                 "config": config_dict or {}, "world_size": info.world_size,
+                **({"settings": settings} if settings is not None else {}),
                 **({"stop": {"rule": stopper.state if stopper else None,
                              "fit": fit.state if fit else None, "lr": learned.state}}
                    if learned is not None else {})})

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..cluster.launch import LAUNCHERS, follow_job, make_executor
-from ..config import Config, config_to_dict
+from ..config import Config, ConfigError, config_to_dict
 from ..data.shards import decode_sample, iter_shard, split_shards
+from ..nets.checkpoint import load_checkpoint
 from ..nets.models import Classifier
 from ..data.train_data import make_train_loader
 from ..util.dist import cleanup, cpu_threads, init_distributed
@@ -136,7 +137,7 @@ def run_trainer(cfg: Config, model: str) -> dict:
         return train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
                      freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
                      config_dict=config_to_dict(cfg), tensorboard=tb, heldout=held,
-                     label_prior=prior)
+                     label_prior=prior, settings=table.settings(cfg, table.MODELS[model].stage))
     finally:
         cleanup()
         # an inline trainer runs in the pipeline's own process: later stages get its threads back
@@ -159,8 +160,35 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.model))
 
 
+class SettingsChanged(ConfigError):
+    """A stage's checkpoint was trained under other settings than the config's now."""
+
+
+def check_resumable(cfg: Config, model: str) -> None:
+    """Refuse to resume ``model``'s checkpoint when it was trained under other settings (the keys
+    that decide the stage's outputs, ``table.settings``; where and how fast it runs may change):
+    it would mix two configs in one model, and the stage's marker would record only the second.
+    Checkpoints from before settings were kept resume as they are."""
+    m = table.MODELS[model]
+    ckpt = Path(cfg.out_dir) / m.name / "checkpoint.pth"
+    recorded = load_checkpoint(ckpt).get("settings") if ckpt.is_file() else None
+    if recorded is None:
+        return
+    now = table.settings(cfg, m.stage)
+    diff = table.changed_settings(recorded, now)
+    if diff:
+        cli = m.stage.replace("_", "-")
+        raise SettingsChanged(
+            f"{ckpt}: this stage's checkpoint was trained with other settings ("
+            f"{', '.join(f'{k}: {recorded.get(k)!r} -> {now.get(k)!r}' for k in diff)}); set "
+            f"them back to resume it, or train it again with these: psa-dist run CONFIG --from "
+            f"{cli} (or psa-dist {cli} CONFIG --force)")
+
+
 def launch_training(cfg: Config, model: str) -> dict:
-    """Train ``model`` with its configured launcher and return the rank-0 summary."""
+    """Train ``model`` with its configured launcher and return the rank-0 summary; a checkpoint
+    of it is resumed only under the settings it was trained with (:func:`check_resumable`)."""
+    check_resumable(cfg, model)
     tcfg = table.train_config(cfg, model)
     launcher = tcfg.launcher
     section = table.MODELS[model].section

@@ -88,8 +88,9 @@ def cpu_threads(loader_workers: int, threads: int | None = None) -> int:
     run on (SLURM_CPUS_PER_TASK, or the affinity mask split among the node's LOCAL_WORLD_SIZE
     ranks, which torchrun sets and ``init_distributed`` sets from submitit) less one per loader
     worker; at least 1. A step's threads and the loader workers on more threads than cores slow
-    each other: on 2 cores, 2 threads + 1 worker trained the classifier at 62-71 img/s, 1 thread
-    + 1 worker at 89 (bf16)."""
+    each other, and a worker with a core to itself may leave most of it idle: on 2 cores the demo's
+    classifier trained at 54 img/s with 1 thread + 1 worker, 74 with 2 + 1 and 79 with 2 threads
+    and no worker (its loader needs a fifth of a step; docs/benchmark.md round 14)."""
     if threads:
         return threads
     omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()   # "4,2": nested levels
