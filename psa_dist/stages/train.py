@@ -177,7 +177,7 @@ def check_resumable(cfg: Config, model: str) -> None:
     now = table.settings(cfg, m.stage)
     diff = table.changed_settings(recorded, now)
     if diff:
-        cli = m.stage.replace("_", "-")
+        cli = table.stage(m.stage).cli
         raise SettingsChanged(
             f"{ckpt}: this stage's checkpoint was trained with other settings ("
             f"{', '.join(f'{k}: {recorded.get(k)!r} -> {now.get(k)!r}' for k in diff)}); set "
