@@ -25,6 +25,7 @@ from .stages.report import write_report
 from .stages.run_dir import Run, is_main_process
 from .stages.shape import warn_shape
 from .stages.train import run_train_stage
+from .util.atomic import atomic_path
 from .util.runinfo import write_run_info
 
 STAGES = table.ORDER
@@ -107,13 +108,11 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        os.link(src, tmp)
-    except OSError:             # another file system: a copy
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:             # another file system: a copy
+            shutil.copyfile(src, tmp)
 
 
 def label_dataset(cfg: Config, dataset, out, split: str = "train") -> dict:

@@ -88,3 +88,55 @@ def test_sharded_writer_cuts_shards(tmp_path):
     with tarfile.open(tmp_path / "val-000001.tar") as tf:
         assert tf.getnames() == ["k3.cls.json", "k4.cls.json", "k5.cls.json"]
     assert json.loads(next(iter_shard(tmp_path / "val-000002.tar"))["cls.json"]) == [6]
+
+
+# ----------------------------------------------------------------------------- util/atomic.py
+# The one atomic writer behind write_shard, checkpoints, markers and eval parts.
+
+def test_failed_rewrite_keeps_the_old_shard_and_leaves_no_temporary(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "train-000000.tar"
+    write_shard(path, [_sample(i, rng)[0] for i in range(3)])
+    before = path.read_bytes()
+
+    def gen():
+        yield _sample(9, rng)[0]
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        write_shard(path, gen())
+    assert path.read_bytes() == before                      # the old shard, whole
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]   # no .tmp left beside it
+    assert [s["__key__"] for s in iter_shard(path)] == ["s000", "s001", "s002"]
+
+
+def test_atomic_forms_write_whole_files_or_nothing(tmp_path):
+    import torch
+
+    from psa_dist.nets.checkpoint import load_checkpoint, save_checkpoint
+    from psa_dist.util.atomic import atomic_open, atomic_path, atomic_write_json
+
+    target = tmp_path / "sub" / "x.bin"
+    data = bytes(range(256)) * 4096                          # 1 MiB, written in pieces
+    with atomic_open(target, "wb") as f:
+        for i in range(0, len(data), 4096):
+            f.write(data[i:i + 4096])
+        assert not target.exists()                           # nothing under the name until the end
+    assert target.read_bytes() == data
+    with pytest.raises(ValueError, match="half"):
+        with atomic_open(target, "wb") as f:
+            f.write(b"half")
+            raise ValueError("half")
+    assert target.read_bytes() == data
+    with pytest.raises(FileNotFoundError, match="nothing was written"):
+        with atomic_path(tmp_path / "never.bin"):
+            pass                                             # a writer that wrote nothing
+    atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [1, 2]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": [1, 2], "b": 1}
+    ck = tmp_path / "ck.pth"
+    save_checkpoint(ck, {"model": {"w": torch.arange(5.0)}, "step": 3})
+    with pytest.raises(AttributeError, match="pickle"):     # fails halfway through the save
+        save_checkpoint(ck, {"model": {"w": torch.zeros(1)}, "bad": lambda: 0})
+    assert load_checkpoint(ck)["step"] == 3 and torch.equal(load_checkpoint(ck)["model"]["w"],
+                                                            torch.arange(5.0))
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp"))
+    assert left == [], left

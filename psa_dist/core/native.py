@@ -108,6 +108,13 @@ def build(path: Path) -> None:
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{cc} failed on {SOURCE}:\n{proc.stderr.strip()[-1500:]}")
+    # core/ imports nothing of the project (docs/design.md), so not util.atomic: the same steps
+    # here, the library's bytes on disk before the name points at them
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shlex
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -33,6 +32,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from ..util.atomic import atomic_open
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
@@ -138,22 +139,12 @@ def decode_sample(sample: dict, fields: Iterable[str] = ("image", "cls", "mask",
 # ----------------------------------------------------------------------------- writing
 def write_shard(path: str | Path, samples: Iterable[dict]) -> int:
     """Write encoded samples (``__key__`` + bytes fields) to ``path`` atomically; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     n = 0
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=0.0) as sink:
-                for sample in samples:
-                    sink.write({k: v for k, v in sample.items() if k != "__url__"})
-                    n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0.0) as sink:
+            for sample in samples:
+                sink.write({k: v for k, v in sample.items() if k != "__url__"})
+                n += 1
     return n
 
 

@@ -2,17 +2,19 @@
 scaler, counters, RNG states, config), written atomically and read without unpickling code."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..util.atomic import atomic_path
+
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # fsynced before the rename: after a crash or power loss the name holds the old checkpoint or
+    # the whole new one, never a truncated file that a resume would fail to read
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -26,7 +26,7 @@ import torch
 from ..config import Config
 from ..data.shards import output_path, read_dataset_json, split_shards
 from ..data.synth import write_synth
-from ..util.atomic import atomic_write_json
+from ..util.atomic import atomic_write_json, atomic_write_text
 from . import table
 
 
@@ -194,5 +194,4 @@ class Run:
                                   f"{self.root} (dataset.json changed): use a new out_dir, or "
                                   f"--force")
         if is_main_process():
-            mark.parent.mkdir(parents=True, exist_ok=True)
-            mark.write_text(digest + "\n")
+            atomic_write_text(mark, digest + "\n")
