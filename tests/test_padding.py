@@ -258,8 +258,7 @@ def test_seg_batches_from_the_loader_pad_with_ignore_only(samples, models, shard
     # 0 in all channels (a real pixel never is: 0.485 * 255 is not an integer).
     _, _, seg = models
     tcfg = TrainConfig(crop_size=64, resize_long=(40, 72), batch_size=4, num_workers=0)
-    loader = make_train_loader("seg_full", [shard], None, NUM_CLASSES, tcfg,
-                               num_samples=len(samples))
+    loader = make_train_loader("seg_full", [shard], None, NUM_CLASSES, tcfg, [len(samples)])
     loader.set_epoch(0)
     batches = list(loader)
     assert len(batches) == 2

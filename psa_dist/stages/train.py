@@ -57,12 +57,14 @@ def _shard_sets(run: Run, model: str, tcfg):
     return train[:-k], train[-k:]
 
 
-def _loader(model, shards, tcfg, run, rank, world_size, pin_memory, num_samples=None):
+def _loader(model, shards, tcfg, run, rank, world_size, pin_memory, num_samples=None,
+            finite=False):
     labels = [lab for _, lab, _ in shards]
     return make_train_loader(model, [s for s, _, _ in shards], labels if labels[0] else None,
-                             run.num_classes, tcfg, num_samples or sum(c for _, _, c in shards),
-                             rank=rank, world_size=world_size, seed=run.cfg.seed,
-                             pin_memory=pin_memory, label_stride=run.cfg.model.aff_stride)
+                             run.num_classes, tcfg, [c for _, _, c in shards], rank=rank,
+                             world_size=world_size, seed=run.cfg.seed, pin_memory=pin_memory,
+                             label_stride=run.cfg.model.aff_stride, num_samples=num_samples,
+                             finite=finite)
 
 
 def train_loader(run: Run, model: str, tcfg, num_samples: int | None = None, rank: int = 0,
@@ -75,12 +77,13 @@ def train_loader(run: Run, model: str, tcfg, num_samples: int | None = None, ran
 
 def heldout_loader(run: Run, model: str, tcfg, rank: int = 0, world_size: int = 1):
     """This rank's share of ``model``'s held-out weak labels (None without ``stop_patience``):
-    the same augmentation draws every time it is read, no loader workers."""
+    every held-out sample on exactly one rank, once (at 64 ranks too), with the same augmentation
+    draws every time it is read, no loader workers."""
     _, held = _shard_sets(run, model, tcfg)
     if not held:
         return None
-    return _loader(model, held, dataclasses.replace(tcfg, num_workers=0, resample=False), run,
-                   rank, world_size, False)
+    return _loader(model, held, dataclasses.replace(tcfg, num_workers=0), run, rank, world_size,
+                   False, finite=True)
 
 
 def label_frequency(run: Run, model: str, tcfg) -> torch.Tensor:
