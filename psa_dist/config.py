@@ -123,7 +123,6 @@ class TrainConfig(JobConfig):
     color_jitter: tuple = (0.3, 0.3, 0.3, 0.1)
     num_workers: int = 2
     threads: Optional[int] = None   # intra-op threads per CPU rank; None: its CPUs less num_workers
-    resample: bool = False          # draw shards with replacement (else each epoch splits them)
     log_every: int = 20             # steps between JSON log lines
     checkpoint_every: int = 500     # steps between checkpoints (and one at every epoch end)
     tensorboard: bool = False       # also log to <model dir>/tensorboard (psa-dist[tensorboard])
