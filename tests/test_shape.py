@@ -102,3 +102,48 @@ def test_run_warns_before_anything_runs(tmp_path, capsys):
     assert "psa-dist: warning: train_aff: train_aff.num_workers=2 loader workers" in err
     assert "(train_aff.launcher=slurm)" in err
     assert not (tmp_path / "run" / "stages" / "submitit").exists()
+
+
+def _dataset(root, counts):
+    """A dataset.json listing COCO's train split in shards of ``counts`` samples (the warnings
+    read no shard)."""
+    import json
+    root.mkdir(parents=True, exist_ok=True)
+    shards = [{"name": f"train-{i:06d}.tar", "count": c} for i, c in enumerate(counts)]
+    (root / "dataset.json").write_text(json.dumps({"splits": {"train2014": {"shards": shards}}}))
+    return root
+
+
+COCO_SHARDS = [500] * 165 + [283]      # COCO 2014 train at the guide's --shard-size 500
+
+
+@pytest.mark.parametrize("nodes,warned", [(2, False), (8, False), (32, True)])
+def test_coco_shares_at_8_32_and_128_gpus(tmp_path, nodes, warned):
+    """COCO's 166 shards with 6 loader workers a rank: 8 and 32 GPUs (48 and 192 streams) read
+    each shard at most twice and are not warned; 128 GPUs (768 streams, each shard split 5 ways)
+    are told the shard size that reads each shard once."""
+    root = _dataset(tmp_path / "coco", COCO_SHARDS)
+    over = [f"data.root={root}"] + [f"{s}.nodes={nodes}" for s in ("train_cls", "train_aff",
+                                                                    "train_seg")]
+    lines = shape_warnings(_config("coco_resnet50", over), STAGES, submit=True)
+    if not warned:
+        assert lines == []
+        return
+    assert [line.split(":", 1)[0] for line in lines] == ["train_cls", "train_aff", "train_seg"]
+    assert all("768 loader streams on 166 shards" in line and "up to 5 streams" in line and
+               "shards of at most 107 samples (--shard-size)" in line for line in lines), lines
+
+
+def test_a_step_larger_than_the_set_and_a_large_left_over_are_named(tmp_path):
+    root = _dataset(tmp_path / "small", [50, 50])
+    lines = shape_warnings(_config("coco_resnet50", [f"data.root={root}", "train_cls.nodes=16"]),
+                           ["train_cls"], submit=True)
+    assert len(lines) == 2 and "64 rank(s) x train_cls.batch_size=2 take 128 samples a step, " \
+        "but its training set holds 100" in lines[0]
+    root = _dataset(tmp_path / "mid", [500, 500])
+    lines = shape_warnings(_config("coco_resnet50", [f"data.root={root}", "train_cls.nodes=4",
+                                                     "train_cls.batch_size=16"]),
+                           ["train_cls"], submit=True)
+    # 16 ranks x 16 = 256 a step: 3 steps train 768 of 1000
+    assert len(lines) == 2 and "trains 768 of 1000 samples; 232 (23%) wait" in lines[0], lines
+    assert "96 loader streams on 2 shards" in lines[1]
