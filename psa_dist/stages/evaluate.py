@@ -1,126 +1,183 @@
-"""mIoU of every stage: CAMs and pseudo labels on the train split, segmenters on val."""
+"""The eval stage (mIoU of every stage) on the shard scheduler: every shard scored
+(``evaluate_shard.py``) by an :class:`EvalWorker` of a
+:class:`~psa_dist.cluster.shard_pool.ShardPool` (Ray actors with ``ray.enabled``, else this
+process: the same pool as the label stages, ``labels.run_pool``), each shard's partial result
+written atomically to a small JSON file, and the figures summed from those files at the end.
+Also here: scoring PNG predictions against a split's masks (``psa-dist predict``).
+
+Parts: ``<out>/stages/eval_parts/<what>/<shard>.<fingerprint>.json``, ``what`` one of
+``labels`` (one part per train shard: the CAMs, the affinity labels, the walk's labels and the
+perfect walk; CPU work) and each segmenter (``seg``, ``seg_full``: one part per val shard, the model
+on a GPU actor where there is one). A rerun skips the parts that exist, so an eval stopped after
+hours resumes at its first missing shard. The fingerprint is a digest of what the part was
+computed from (the label shards' or the checkpoint's size and mtime, the scoring settings):
+a part of older inputs (say, the walk redone) has another name, and is removed before the run,
+while the parts whose inputs did not change are kept (train-seg redone rescored only the
+segmenter).
+"""
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..core.affinity import cells_to_pixels
-from ..core.cam import cam_to_label
-from ..core.image import normalize, pad_to_multiple
-from ..core.metrics import ConfusionMatrix, lost_objects, recall_and_leak, region_recalls
-from ..core.pseudo_labels import perfect_walk_label
-from ..data.shards import decode_sample, iter_joined, output_path, split_shards
-from .run_dir import Run
+from ..cluster.ray_job import submit_ray_job
+from ..config import Config
+from ..core.metrics import ConfusionMatrix, lost_objects
+from ..data.shards import decode_sample, iter_joined, output_path, shard_basename, split_shards
+from ..util.atomic import atomic_write_json
+# eval_label_shards and perfect_walk_label: imported from here by `psa-dist label` and the tests
+from .evaluate_shard import (LABEL_FIGURES, REGION_FIGURES, eval_label_shards,  # noqa: F401
+                             label_result, perfect_walk_label, print_results, score_label_shard,
+                             score_segmenter_shard, segmenter_result)
+from .labels import run_pool
+from .run_dir import Run, worker_device
 from .trained import load_trained
 
-
-def eval_label_shards(root, split, stage_dir, field: str, num_classes: int,
-                      bg_score: float = 0.2, bg_alpha: float = 16.0,
-                      shard_url: str | None = None, regions: dict | None = None,
-                      aff_stride: int = 8) -> dict:
-    """Score a stage's outputs against the ground-truth masks of ``split``.
-
-    ``field`` "cam": CAMs turned into labels with a constant background score (the paper's CAM
-    evaluation); "pseudo": the random-walk labels; "aff": confident-region labels, where neutral
-    pixels are left out and the share of labelled pixels is reported as ``coverage`` (the labels
-    are on the cell grid of ``aff_stride``, AffinityNet's: each cell's label counts on its pixels);
-    "perfect_walk": :func:`perfect_walk_label` of the CAMs (the walk's ceiling on these CAMs).
-    ``regions`` (a dict): filled with each object's recall, ``{(key, class): share}``.
-    """
-    cm = ConfusionMatrix(num_classes + 1)
-    labelled = total = 0
-    for shard in split_shards(root, split, url=shard_url):
-        for raw, (lab,) in iter_joined(shard, output_path(stage_dir, shard)):
-            gt = decode_sample(raw, ["mask"]).get("mask")
-            if gt is None:
-                continue
-            out = decode_sample(lab, ["cam" if field == "perfect_walk" else field])
-            target = torch.from_numpy(gt.astype(np.int64))
-            if field == "perfect_walk":
-                pred = perfect_walk_label(torch.from_numpy(out["cam"].astype(np.float32)),
-                                          decode_sample(raw, ["cls"])["cls"], target, bg_alpha)
-            elif field == "cam":
-                pred = cam_to_label(torch.from_numpy(out["cam"].astype(np.float32)),
-                                    decode_sample(raw, ["cls"])["cls"], bg_score)
-            else:
-                pred = torch.from_numpy(out[field].astype(np.int64))
-            if field == "aff":
-                try:
-                    pred = cells_to_pixels(pred, *target.shape, aff_stride)
-                except ValueError as e:
-                    raise ValueError(f"{output_path(stage_dir, shard)}: sample {raw['__key__']}: "
-                                     f"{e} (model.aff_stride={aff_stride}); labels from another "
-                                     f"stride or an older version: rerun aff-labels") from None
-                keep = pred != 255
-                labelled += int(keep.sum())
-                total += pred.numel()
-                target = torch.where(keep, target, torch.full_like(target, 255))
-                pred = torch.where(keep, pred, torch.zeros_like(pred))
-            cm.update(pred, target)
-            if regions is not None:
-                for c, r in region_recalls(pred, target).items():
-                    regions[(raw["__key__"], c)] = r
-    res = {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist(),
-           **recall_and_leak(cm.mat)}
-    if field == "aff":
-        res["coverage"] = labelled / max(total, 1)
-        res["precision"] = float(cm.mat.diag().sum()) / max(float(cm.mat.sum()), 1.0)
-    return res
+SEGMENTERS = ("seg", "seg_full")
 
 
-@torch.inference_mode()
-def eval_segmenter(model, root, split, num_classes: int, device="cpu", batch_size: int = 8,
-                   shard_url: str | None = None) -> dict:
-    """Single-scale prediction at image resolution on every image of ``split``."""
-    model.eval()
-    cm = ConfusionMatrix(num_classes + 1)
-    for shard in split_shards(root, split, url=shard_url):
-        for raw, _ in iter_joined(shard):
-            s = decode_sample(raw, ["image", "mask"])
-            if "mask" not in s:
-                continue
-            x = normalize(torch.from_numpy(s["image"])[None].to(device))
-            h, w = x.shape[-2:]
-            logits = model(pad_to_multiple(x, 8))[..., :h, :w]
-            cm.update(logits.argmax(1)[0].cpu(), torch.from_numpy(s["mask"].astype(np.int64)))
-    return {"miou": cm.miou(), "iou": [float(v) for v in cm.iou()], "confusion": cm.mat.tolist()}
+class EvalWorker:
+    """Scores shards into part files: ``what`` is "labels" (every label figure of a train shard)
+    or a segmenter, which it loads once (on ``device``)."""
+
+    def __init__(self, what: str, cfg: Config, device: str = "cpu", threads: int = 1):
+        torch.set_num_threads(threads)
+        self.what, self.cfg = what, cfg
+        self.run = Run(cfg, prepare=False)      # the driver made the dataset; read it only
+        self.device = worker_device(device)
+        self.model = load_trained(self.run, what, self.device) if what in SEGMENTERS else None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def process(self, in_shard: str, out_path: str) -> dict:
+        t0 = time.monotonic()
+        run, k = self.run, self.run.num_classes
+        if self.model is not None:
+            part = {self.what: score_segmenter_shard(self.model, in_shard, k, self.device)}
+        else:
+            c = self.cfg
+            part = {name: score_label_shard(in_shard, run.stage_dir(stage), field, k,
+                                            c.cams.eval_bg_score, c.random_walk.bg_alpha,
+                                            regions=name in REGION_FIGURES,
+                                            aff_stride=c.model.aff_stride)
+                    for name, (stage, field) in LABEL_FIGURES.items()}
+        atomic_write_json(out_path, {"shard": str(in_shard), "what": self.what, "parts": part})
+        return {"shard": str(in_shard), "samples": max(p["samples"] for p in part.values()),
+                "failed": [], "seconds": round(time.monotonic() - t0, 3), "pid": os.getpid(),
+                "device": str(self.device)}
+
+
+def parts_dir(run: Run, what: str) -> Path:
+    return run.out / "stages" / "eval_parts" / what
+
+
+def _stat(path: Path) -> list:
+    # a missing input is no fingerprint error: the worker reading it names the file
+    return [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else ["missing"]
+
+
+def part_paths(run: Run, what: str, shards: list) -> list[Path]:
+    """Where each shard's part goes, named by the fingerprint of what it is computed from."""
+    cfg = run.cfg
+    if what in SEGMENTERS:
+        common = {"checkpoint": _stat(run.checkpoint(what))}
+    else:
+        common = {"bg_score": cfg.cams.eval_bg_score, "bg_alpha": cfg.random_walk.bg_alpha,
+                  "aff_stride": cfg.model.aff_stride}
+    paths = []
+    for shard in shards:
+        inputs = dict(common, shard=shard_basename(shard))
+        if what not in SEGMENTERS:
+            inputs["labels"] = {st: _stat(output_path(run.stage_dir(st), shard))
+                                for st in sorted({st for st, _ in LABEL_FIGURES.values()})}
+        fp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+        paths.append(parts_dir(run, what) / f"{Path(shard_basename(shard)).stem}.{fp}.json")
+    return paths
+
+
+def _remove_stale(directory: Path, keep: list[Path]) -> int:
+    if not directory.is_dir():
+        return 0
+    stale = [p for p in directory.glob("*.json") if p not in set(keep)]
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
+def score_on_pool(run: Run, what: str, shards: list, counts: dict) -> list[dict]:
+    """Every shard's part of ``what`` (computed on the pool where missing); an error names the
+    shards without a part."""
+    paths = part_paths(run, what, shards)
+    stale = _remove_stale(parts_dir(run, what), paths)
+    if stale:
+        print(f"[eval] {what}: {stale} parts of earlier inputs removed", flush=True)
+    pool = run_pool(run, f"eval_{what}", EvalWorker, (what, run.cfg),
+                    uses_model=what in SEGMENTERS,
+                    log_path=run.out / "stages" / f"eval_{what}.shards.jsonl")
+    summary = pool.run(list(zip(shards, paths)), counts)
+    missing = [(str(s), str(p)) for s, p in zip(shards, paths) if not p.is_file()]
+    if missing:
+        why = {f["shard"]: f["reason"] for f in summary.get("failed_shards", [])}
+        raise RuntimeError(f"eval {what}: {len(missing)} shards not scored: " + "; ".join(
+            f"{s}: {why.get(s, 'no part written')} ({p})" for s, p in missing[:5]))
+    parts = []
+    for p in paths:
+        try:
+            parts.append(json.loads(p.read_text())["parts"])
+        except (ValueError, KeyError) as e:
+            raise RuntimeError(f"{p}: unreadable eval part ({e}): remove it and rerun eval") from e
+    return parts
+
+
+def _counts(run: Run, split: str, shards: list) -> dict:
+    return {str(url): s["count"] for url, s in zip(shards, run.info["splits"][split]["shards"])}
+
+
+class EvalOnCluster:
+    """The eval stage on the Ray cluster a submitit job started (picklable)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def __call__(self, address: str) -> dict:
+        cfg = copy.deepcopy(self.cfg)
+        cfg.ray.launcher, cfg.ray.address = "inline", address
+        return run_eval(Run(cfg))
 
 
 def run_eval(run: Run) -> dict:
     """The eval stage: every label stage's outputs and the walk's ceiling on the train split, and
-    each trained segmenter on the val split."""
-    cfg, res = run.cfg, {}
-    split, url, k = cfg.data.train_split, cfg.data.shard_url, run.num_classes
-    cam_regions, walk_regions = {}, {}
-    res["cam"] = eval_label_shards(run.root, split, run.stage_dir("cams"), "cam", k,
-                                   cfg.cams.eval_bg_score, shard_url=url, regions=cam_regions)
-    res["aff_labels"] = eval_label_shards(run.root, split, run.stage_dir("aff_labels"), "aff", k,
-                                          shard_url=url, aff_stride=cfg.model.aff_stride)
-    res["rw"] = eval_label_shards(run.root, split, run.stage_dir("random_walk"), "pseudo", k,
-                                  shard_url=url, regions=walk_regions)
+    each trained segmenter on the val split; the figures summed from the shards' parts."""
+    cfg = run.cfg
+    if cfg.ray.enabled and cfg.ray.launcher != "inline":     # as the label stages: its own job
+        return submit_ray_job(cfg.ray, EvalOnCluster(cfg), run.out / "stages" / "submitit",
+                              f"psa-{cfg.name}-eval", "eval")
+    k, train, val = run.num_classes, cfg.data.train_split, cfg.data.val_split
+    train_shards = split_shards(run.root, train, run.info, cfg.data.shard_url)
+    parts = score_on_pool(run, "labels", train_shards, _counts(run, train, train_shards))
+    res, regions = {}, {}
+    for name, (_, field) in LABEL_FIGURES.items():
+        res[name], regions[name] = label_result([p[name] for p in parts], field, k)
     # per object: lost by the CAM, by the walk, and found by the CAM but lost by the walk
-    res["cam"]["objects"] = lost_objects(cam_regions)
-    res["rw"]["objects"] = lost_objects(walk_regions, cam_regions)
-    res["perfect_walk"] = eval_label_shards(run.root, split, run.stage_dir("cams"), "perfect_walk",
-                                            k, bg_alpha=cfg.random_walk.bg_alpha, shard_url=url)
+    res["cam"]["objects"] = lost_objects(regions["cam"])
+    res["rw"]["objects"] = lost_objects(regions["rw"], regions["cam"])
+    val_shards = split_shards(run.root, val, run.info, cfg.data.shard_url)
     for model in ["seg"] + (["seg_full"] if cfg.seg_full else []):
         if not run.checkpoint(model).is_file():
             print(f"[eval] {model}: no checkpoint yet (run train-seg), not evaluated", flush=True)
             continue
-        res[model] = eval_segmenter(load_trained(run, model), run.root, cfg.data.val_split, k,
-                                    run.device, shard_url=url)
-    for name, v in res.items():
-        print(f"[eval] {name}: mIoU {v['miou']:.1f}" +
-              (f", object recall {v['fg_recall']:.2f}, background false positives "
-               f"{v['bg_false_pos']:.2f}" if "fg_recall" in v else "") +
-              (f" (coverage {v['coverage']:.2f}, precision {v['precision']:.2f})"
-               if "coverage" in v else "") +
-              (f"; objects lost {100 * v['objects']['lost']:.1f}%" if "objects" in v else "") +
-              (f", found by the CAM and lost by the walk {100 * v['objects']['dropped']:.1f}%"
-               if "dropped" in v.get("objects", {}) else ""), flush=True)
+        seg_parts = score_on_pool(run, model, val_shards, _counts(run, val, val_shards))
+        res[model] = segmenter_result([p[model] for p in seg_parts], k)
+    print_results(res)
     return res
 
 
