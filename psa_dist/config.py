@@ -209,6 +209,14 @@ class RayConfig(JobConfig):
     max_failures: float = 0.001     # share of samples allowed to fail before the stage exits non-zero
     dashboard: bool = False         # start Ray's dashboard on the head (local instance or job's head)
     dashboard_host: str = "127.0.0.1"   # where it listens: local only (all interfaces: anyone)
+    # A shard whose task raised a transient error (OSError, CUDA OOM, RuntimeError) is tried again
+    # up to shard_retries times, after retry_backoff_s, doubling; a corrupt shard is not retried
+    shard_retries: int = 2
+    retry_backoff_s: float = 2.0
+    # With no shard waiting, an idle actor runs a copy of a shard running speculate_after times
+    # longer than the median shard (per sample) and at least speculate_min_s; 0: never
+    speculate_after: float = 3.0
+    speculate_min_s: float = 30.0
     # The job of a Ray label stage (launcher local | slurm; see JobConfig): one Ray node per task
     gpus_per_node: int = 0
     tasks_per_node: Optional[int] = 1   # keep 1

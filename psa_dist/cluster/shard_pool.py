@@ -6,28 +6,41 @@ A worker is any class built as ``worker_cls(*worker_args, device=..., threads=..
 least ``samples``, ``failed`` (the samples it could not process, with key and reason) and
 ``seconds``. On Ray there is one actor per GPU (``num_gpus=1``) when the work wants GPUs and the
 cluster has them, else one per CPU; every actor runs with one intra-op thread on CPU, so the bytes
-written do not depend on how many actors there are. Two shards are in flight per actor.
+written do not depend on how many actors there are. Each actor holds one shard at a time: a shard
+queued behind a slow actor would wait for it while others idle, and the driver's round trip
+between shards (milliseconds) is small beside a shard's work (seconds to minutes).
 
-Reliability: a task whose output exists is skipped, so a rerun resumes. On Ray, a task lost with
-its actor (process killed, node removed) puts the shard back in the queue and a new actor is
-started in the old one's place, on whatever nodes remain. A shard that fails for a reason of its
-own (unreadable input) is recorded and the work goes on; the run fails only when failed samples
-exceed ``max_failures`` (a share of all samples). Every finished shard adds a line to
-``log_path`` (JSON lines) in both modes.
+Reliability:
+- a task whose output exists is skipped, so a rerun resumes (temp files of a dead run are removed);
+- a task lost with its actor (process killed, node removed) puts the shard back in the queue and a
+  new actor is started in the old one's place, on whatever nodes remain;
+- a task that raises a transient error (``retry_on``: OSError, CUDA out of memory, RuntimeError)
+  is retried up to ``shard_retries`` times after ``retry_backoff_s`` (doubling), preferably on
+  another actor; a deterministic one (``fail_fast``, or any other type: a corrupt shard, a bug) is
+  recorded at once. A recorded shard fails the run only when failed samples exceed
+  ``max_failures`` (a share of all samples);
+- a straggler: once no shard is waiting, an idle actor runs a copy of a shard that has run
+  ``speculate_after`` times longer than the shards done so far (per sample, at least
+  ``speculate_min_s``); the first copy to finish counts, the other is cancelled and ignored
+  (outputs are renamed into place atomically and are byte-identical, so either may land).
+Every finished shard adds a line to ``log_path`` (JSON lines) in both modes, with its attempts.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections import deque
 from pathlib import Path
 
-from ..util.progress import Progress
+from .pool_actor import PoolActor
+from .ray_scheduler import RayScheduler
+from .tally import StageFailed, Tally as _Tally, why as _why
 
+__all__ = ["RETRY_ON", "ShardPool", "StageFailed", "ensure_ray"]
 
-class StageFailed(RuntimeError):
-    """More failures than the configured threshold; the message says which shards and samples."""
+# Errors worth another try: a network filesystem hiccup, CUDA out of memory (torch's
+# OutOfMemoryError is a RuntimeError), a driver or library glitch. Anything else (ValueError,
+# KeyError, ...) is a bug or bad data that would fail the same way again.
+RETRY_ON = (OSError, RuntimeError, MemoryError)
 
 
 def ensure_ray(ray_cfg, num_cpus: int | None = None):
@@ -45,67 +58,28 @@ def ensure_ray(ray_cfg, num_cpus: int | None = None):
     return ray
 
 
-class _Tally:
-    """What both modes count: shards done and failed, failed samples, worker time, the log."""
-
-    def __init__(self, name: str, todo: list, counts: dict, log_path: Path):
-        self.name, self.counts, self.log_path = name, counts, log_path
-        total = sum(counts.get(s, 0) for s in todo) or None
-        self.bar = Progress(name.replace("_", "-"), total=total)
-        self.bar.extra = {"shards": f"0/{len(todo)}"}
-        self.done, self.failed_samples, self.failed_shards = 0, [], []
-        self.busy_s = self.io_s = 0.0     # worker seconds on shards, and of those on input/output
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def finished(self, res: dict, left: int) -> None:
-        self.done += 1
-        self.failed_samples += res["failed"]
-        for f in res["failed"]:     # a bad sample is said where it is found, then counted
-            print(f"[{self.name}] failed: {f.get('path') or f.get('key')}: {f['reason']}",
-                  flush=True)
-        self.busy_s += res["seconds"]
-        self.io_s += res.get("read_wait_seconds", 0.0) + res.get("write_seconds", 0.0)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps({k: v for k, v in res.items() if k != "failed"}) + "\n")
-        self.bar.extra["shards"] = f"{self.done}/{self.done + left}"
-        self.bar.update(res["samples"], failed=len(res["failed"]))
-
-    def shard_failed(self, shard: str, reason: str) -> None:
-        self.failed_shards.append({"shard": shard, "reason": reason})
-        print(f"[{self.name}] shard failed: {shard}: {reason}", flush=True)
-        self.bar.update(0, failed=self.counts.get(shard, 1))
-
-    def summary(self, skipped: int, restarts: int, max_failures: float) -> dict:
-        io_share = self.io_s / self.busy_s if self.busy_s else 0.0
-        stats = self.bar.close(
-            f"{self.done} shards written, {skipped} already there, {len(self.failed_shards)} "
-            f"shards failed, {restarts} workers restarted; workers waited on I/O "
-            f"{100 * io_share:.1f}% of their time")
-        total = sum(self.counts.values()) or 1
-        lost = len(self.failed_samples) + sum(self.counts.get(f["shard"], 1)
-                                              for f in self.failed_shards)
-        if lost > max_failures * total:
-            raise StageFailed(f"{self.name}: {len(self.failed_samples)} samples and "
-                              f"{len(self.failed_shards)} shards failed, over "
-                              f"ray.max_failures={max_failures}: "
-                              f"{(self.failed_shards + self.failed_samples)[:5]}")
-        return {**stats, "shards_done": self.done, "shards_skipped": skipped,
-                "restarts": restarts, "io_wait_share": round(io_share, 4),
-                "failed": self.failed_samples, "failed_shards": self.failed_shards}
-
-
 class ShardPool:
-    """Runs ``worker_cls`` over shards, on Ray actors (``use_ray``) or in this process."""
+    """Runs ``worker_cls`` over shards, on Ray actors (``use_ray``) or in this process.
+
+    ``log_dir``: where each Ray actor's stdout/stderr go (one file per actor; None: Ray's own
+    node-local logs). ``fail_fast``/``retry_on``: exception types recorded at once / retried."""
 
     def __init__(self, name: str, worker_cls, worker_args: tuple, *, use_ray: bool = True,
                  num_actors: int = 0, use_gpus: bool = True, max_failures: float = 0.001,
                  log_path=None, local_device: str = "cpu", local_threads: int = 1,
-                 max_retries: int = 3, start_timeout: float = 600.0):
+                 max_retries: int = 3, start_timeout: float = 600.0, log_dir=None,
+                 shard_retries: int = 2, retry_backoff_s: float = 2.0,
+                 fail_fast: tuple = (), retry_on: tuple = RETRY_ON,
+                 speculate_after: float = 3.0, speculate_min_s: float = 30.0):
         self.name, self.worker_cls, self.worker_args = name, worker_cls, tuple(worker_args)
         self.use_ray, self.max_failures, self.max_retries = use_ray, max_failures, max_retries
         self.local_device, self.local_threads = local_device, local_threads
         self.start_timeout = start_timeout
         self.log_path = Path(log_path) if log_path else Path(f"{name}.shards.jsonl")
+        self.log_dir = str(log_dir) if log_dir else None
+        self.shard_retries, self.retry_backoff_s = shard_retries, retry_backoff_s
+        self.fail_fast, self.retry_on = tuple(fail_fast), tuple(retry_on)
+        self.speculate_after, self.speculate_min_s = speculate_after, speculate_min_s
         if not use_ray:
             return
         import ray
@@ -118,7 +92,7 @@ class ShardPool:
         if num_actors > slots:
             print(f"[{name}] {num_actors} actors asked for, the cluster has room for {slots}",
                   flush=True)
-        self.actor_cls = ray.remote(worker_cls).options(
+        self.actor_cls = ray.remote(PoolActor).options(
             num_cpus=1, num_gpus=1 if self.gpus else 0, max_concurrency=1)
 
     def run(self, tasks: list, counts: dict | None = None) -> dict:
@@ -126,10 +100,33 @@ class ShardPool:
         its number of samples. Returns the summary; raises :class:`StageFailed`."""
         counts = {str(k): v for k, v in (counts or {}).items()}
         todo = [(str(i), str(o)) for i, o in tasks if not Path(o).is_file()]
+        for _, out in todo:   # temp files of a killed run: never renamed, only in the way
+            for tmp in Path(out).parent.glob(f".{Path(out).name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
         tally = _Tally(self.name, [i for i, _ in todo], counts, self.log_path)
         skipped = len(tasks) - len(todo)
+        self.counts = counts
         restarts = self._run_ray(todo, tally) if self.use_ray else self._run_here(todo, tally)
         return tally.summary(skipped, restarts, self.max_failures)
+
+    def _retry_delay(self, tally: _Tally, shard: str, exc: BaseException,
+                     attempt: int) -> float | None:
+        """After ``shard``'s ``attempt``-th try raised ``exc``: the seconds to wait before the
+        next try, or None once it is recorded as failed (a deterministic error, or out of tries)."""
+        why = _why(exc)
+        transient = isinstance(exc, self.retry_on) and not isinstance(exc, self.fail_fast)
+        if not transient:
+            tally.shard_failed(shard, f"{why} (not retried: a {type(exc).__name__} does not go "
+                                      f"away on another try)", attempt)
+            return None
+        if attempt > self.shard_retries:
+            tally.shard_failed(shard, f"{why} (after {attempt} attempts)", attempt)
+            return None
+        delay = self.retry_backoff_s * 2 ** (attempt - 1)
+        tally.retries += 1
+        print(f"[{self.name}] {shard}: {why}; retry {attempt}/{self.shard_retries} in "
+              f"{delay:.1f}s", flush=True)
+        return delay
 
     # ---------------------------------------------------------------- in this process
     def _run_here(self, todo: list, tally: _Tally) -> int:
@@ -139,18 +136,27 @@ class ShardPool:
         except Exception as e:   # noqa: BLE001 - the same message as a Ray worker that fails to start
             raise StageFailed(f"{self.name}: the worker failed to start: {e}") from e
         for k, (shard, out) in enumerate(todo):
-            try:
-                res = worker.process(shard, out)
-            except Exception as e:  # noqa: BLE001 - the shard itself is bad: recorded, work goes on
-                tally.shard_failed(shard, f"{type(e).__name__}: {e}".splitlines()[0])
-                continue
-            tally.finished(res, len(todo) - k - 1)
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    res = worker.process(shard, out)
+                except Exception as e:  # noqa: BLE001 - retried or recorded, the work goes on
+                    delay = self._retry_delay(tally, shard, e, attempt)
+                    if delay is None:
+                        break
+                    time.sleep(delay)
+                    continue
+                res["attempts"] = attempt
+                tally.finished(res, len(todo) - k - 1)
+                break
         return 0
 
     # ---------------------------------------------------------------- on Ray actors
     def _new_actor(self):
-        return self.actor_cls.remote(*self.worker_args, device="cuda" if self.gpus else "cpu",
-                                     threads=1)
+        kwargs = {"device": "cuda" if self.gpus else "cpu", "threads": 1}
+        return self.actor_cls.remote(self.worker_cls, self.worker_args, kwargs, self.log_dir,
+                                     self.name)
 
     def _raise_if_init_failed(self, e: Exception) -> None:
         # A worker whose constructor raised (bad checkpoint, missing file) fails the same way on
@@ -159,82 +165,4 @@ class ShardPool:
             raise StageFailed(f"{self.name}: a worker failed to start: {e}") from e
 
     def _run_ray(self, tasks: list, tally: _Tally) -> int:
-        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
-        ray = self.ray
-        out_of = dict(tasks)
-        todo = deque(s for s, _ in tasks)
-        tally.bar.extra["actors"] = self.num_actors
-        actors = [self._new_actor() for _ in range(min(self.num_actors, max(len(todo), 1)))]
-        live = set(range(len(actors)))   # slots whose actor runs; a replacement joins once started
-        starting: dict = {}      # readiness ref of a replacement actor -> its slot
-        inflight: dict = {}      # task ref -> (slot, shard, the actor it was sent to)
-        attempts: dict = {}
-        restarts, idle_since = 0, None
-
-        def fill():
-            """Two tasks per live actor: one running, one queued behind it."""
-            # breadth first: every actor gets its first shard before any gets a second (with as
-            # few shards as actors, depth first would queue them all behind the first actor)
-            for depth in (1, 2):
-                for i in sorted(live):
-                    if todo and sum(1 for a, _, _ in inflight.values() if a == i) < depth:
-                        shard = todo.popleft()
-                        ref = actors[i].process.remote(shard, out_of[shard])
-                        inflight[ref] = (i, shard, actors[i])
-
-        fill()
-        while inflight or (todo and starting):
-            if not inflight:   # every live actor lost: wait (bounded) for a replacement to start
-                idle_since = idle_since or time.monotonic()
-                if time.monotonic() - idle_since > self.start_timeout:
-                    raise StageFailed(f"{self.name}: no worker could be started in "
-                                      f"{self.start_timeout:.0f}s; {len(todo)} shards left")
-            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=5.0)
-            if not ready:
-                continue
-            ref = ready[0]
-            if ref in starting:
-                i = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                    live.add(i)
-                    idle_since = None
-                except (RayActorError, WorkerCrashedError) as e:
-                    self._raise_if_init_failed(e)   # else it died before starting; others go on
-                fill()
-                continue
-            i, shard, actor = inflight.pop(ref)
-            try:
-                res = ray.get(ref)
-            except (RayActorError, WorkerCrashedError) as e:
-                self._raise_if_init_failed(e)
-                # The worker process or its node is gone: the shard goes back in the queue, and a
-                # replacement is started; it gets work only once running, so a cluster that lost
-                # capacity (a removed node) carries on with the actors it still has.
-                attempts[shard] = attempts.get(shard, 0) + 1
-                if attempts[shard] > self.max_retries:
-                    raise StageFailed(f"{shard}: lost its worker {attempts[shard]} times: "
-                                      f"{e}") from e
-                todo.appendleft(shard)
-                if actors[i] is actor:   # replace a dead actor once (its queued task fails too)
-                    live.discard(i)
-                    actors[i] = self._new_actor()
-                    starting[actors[i].pid.remote()] = i
-                    restarts += 1
-                    why = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    print(f"[{self.name}] worker lost ({type(e).__name__}: {why}); "
-                          f"{Path(out_of[shard]).name} requeued, replacement actor starting",
-                          flush=True)
-            except RayTaskError as e:
-                # The shard itself is bad (e.g. an unreadable tar): recorded, the work goes on.
-                cause = e.cause if e.cause is not None else e
-                tally.shard_failed(shard, str(cause).splitlines()[0])
-            else:
-                tally.finished(res, len(todo) + len(inflight))
-            fill()
-        for a in actors:
-            ray.kill(a)
-        if todo:   # every worker was lost and none could be restarted: never report success
-            raise StageFailed(f"{self.name}: no worker left to run {len(todo)} shards "
-                              f"({restarts} restarts); first: {todo[0]}")
-        return restarts
+        return RayScheduler(self, tasks, tally).run()

@@ -4,8 +4,9 @@ turns one input shard into one output shard, and where the stage runs.
 ``ray.enabled`` (default): a :class:`~psa_dist.cluster.shard_pool.ShardPool` of Ray actors, on a
 local instance or ``ray.address``, or (``ray.launcher: local | slurm``) on a Ray cluster that a
 submitit job starts for the stage. ``ray.enabled: false``: the same pool in this process. Either
-way the failure accounting, the summary, the per-shard log and the device choice (``device``) are
-the same, and shards whose output exists are skipped.
+way the failure accounting (transient errors retried, corrupt shards recorded at once), the
+summary, the per-shard log and the device choice (``device``) are the same, and shards whose
+output exists are skipped.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from ..cluster.ray_job import submit_ray_job
 from ..cluster.shard_pool import ShardPool, ensure_ray
 from ..config import Config
-from ..data.shards import output_path
+from ..data.shards import SampleError, ShardError, output_path
 from ..util.precision import amp_dtype
 from . import table
 from .labelgen import aff_label_shard, cam_shard, rw_shard
@@ -80,7 +81,9 @@ def run_pool(run: Run, name: str, worker_cls, worker_args: tuple, *, uses_model:
              log_path, use_ray: bool | None = None, num_actors: int = 0) -> ShardPool:
     """A :class:`ShardPool` of ``worker_cls`` for this run: Ray actors with ``ray.enabled`` (or
     ``use_ray``), else this process. Actors get GPUs where the work has a model and ``device``
-    allows CUDA; ``device=cuda`` on a Ray cluster without GPUs is an error."""
+    allows CUDA; ``device=cuda`` on a Ray cluster without GPUs is an error. Each actor's output
+    goes to ``out_dir/stages/logs/<name>-<host>-<pid>.log``; retries and straggler copies follow
+    ``ray.shard_retries``, ``ray.retry_backoff_s``, ``ray.speculate_after``/``speculate_min_s``."""
     cfg = run.cfg
     use_ray = cfg.ray.enabled if use_ray is None else use_ray
     if use_ray:
@@ -88,11 +91,16 @@ def run_pool(run: Run, name: str, worker_cls, worker_args: tuple, *, uses_model:
         if cfg.device.startswith("cuda") and not ray.cluster_resources().get("GPU"):
             raise RuntimeError(f"device={cfg.device}, but the Ray cluster has no GPU for {name}: "
                                f"set device=auto or cpu, or start Ray with GPUs")
+    rc = cfg.ray
+    # A corrupt shard or an undecodable sample fails the same way on every try: not retried.
     return ShardPool(name, worker_cls, worker_args, use_ray=use_ray,
-                     num_actors=num_actors or cfg.ray.num_actors,
+                     num_actors=num_actors or rc.num_actors,
                      use_gpus=uses_model and not cfg.device.startswith("cpu"),
-                     max_failures=cfg.ray.max_failures, log_path=log_path,
-                     local_device=str(run.device), local_threads=torch.get_num_threads())
+                     max_failures=rc.max_failures, log_path=log_path,
+                     local_device=str(run.device), local_threads=torch.get_num_threads(),
+                     log_dir=run.out / "stages" / "logs", shard_retries=rc.shard_retries,
+                     retry_backoff_s=rc.retry_backoff_s, fail_fast=(ShardError, SampleError),
+                     speculate_after=rc.speculate_after, speculate_min_s=rc.speculate_min_s)
 
 
 def label_pool(run: Run, stage: str, num_actors: int = 0, log_path=None) -> ShardPool:
