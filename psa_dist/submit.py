@@ -17,7 +17,9 @@ Inside its allocation each job runs its stages through :func:`psa_dist.pipeline.
 the same code as ``psa-dist <stage>``: training ranks take their place from submitit's environment
 (the ``torchrun`` launcher), label stages drive the Ray cluster the job started. Stages already
 marked done are not submitted, so the same command after a failure resubmits from the failed step
-on; the chain is checked (needs, optional packages) before anything is submitted, and a job
+on; before that, a failed step's job requeues itself up to ``submit_retries`` times (same job id,
+so the later jobs still wait on it: ``cluster/slurm_chain.py``), which a transient failure (a node
+lost, a file system hiccup) does not outlast; the chain is checked (needs, optional packages) before anything is submitted, and a job
 shape that does not fit its work (no GPU for a GPU-sized model, more loader workers than CPUs) is
 a warning on stderr (``stages/shape.py``). The job ids go to ``out_dir/stages/submitted.json``.
 """
@@ -139,7 +141,7 @@ def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = Fa
     if not force:
         slurm_chain.check_not_queued(record)
     jobs = slurm_chain.submit(steps, prefix, out / "stages" / "submitit", record,
-                              keep_blocked=keep_blocked, meta={
+                              keep_blocked=keep_blocked, retries=cfg.submit_retries, meta={
         "config": str(Path(config_path).resolve()) if config_path else None, "out_dir": str(out)})
     if not jobs:
         print("[submit] every stage is done; nothing submitted", flush=True)

@@ -5,7 +5,8 @@ The fixture installs (if needed) and starts a two-node cluster on this machine w
 it by recorded PIDs afterwards. The tests: a 2-task DDP job; the same on two nodes; a job preempted
 with USR2 that submitit requeues and that resumes from its checkpoint to the uninterrupted weights;
 a failing job whose error reaches the caller; `psa-dist submit`'s chain of dependent jobs run to
-the report, and a chain whose first job fails leaving the later ones never run."""
+the report, a chain whose first job fails leaving the later ones never run, and a failed step
+requeued under the same job id: once and then through, or until its retries are spent."""
 import json
 import os
 import random
@@ -301,7 +302,8 @@ def test_submitted_chain_runs_every_stage_to_the_report(slurm, cfg_path, tmp_pat
 def test_failing_step_leaves_the_later_ones_never_run(slurm, cfg_path, tmp_path, own_ray_token):
     from psa_dist.cluster.slurm_chain import ChainError
     # a file that exists but holds no weights: train-cls fails inside its job, not at submission
-    broken = [*CHAIN_OVERRIDES, f"model.pretrained={cfg_path}"]
+    # submit_retries=0: the chain stops at the first failure (retries: the tests below)
+    broken = [*CHAIN_OVERRIDES, f"model.pretrained={cfg_path}", "submit_retries=0"]
     cfg = load_config(cfg_path, [f"out_dir={tmp_path / 'cancelled'}", *broken])
     jobs = submit_chain(cfg, str(cfg_path))
     ids = [j.job_id for j in jobs]
@@ -336,3 +338,86 @@ def test_failing_step_leaves_the_later_ones_never_run(slurm, cfg_path, tmp_path,
             submit_chain(cfg, str(cfg_path))
     finally:
         subprocess.run(["scancel", *ids[1:]], check=False)
+
+
+# ----------------------------------------------------------------------------- retries of a step
+# A step that fails is requeued (same job id) up to `retries` times; the chain's steps here are
+# shell commands (cluster/slurm_chain.py is generic over what a step runs).
+def release_requeued(job_id: str, ran, timeout: float = 240) -> None:
+    """Wait until ``job_id`` is requeued and held (BeginTime) once ``ran()`` (its attempt has
+    run: a job just released stays PENDING a moment), then release it as an operator would:
+    SLURM's hold of a requeued job (~2 minutes) is its own, not what is tested here."""
+    deadline = time.monotonic() + timeout
+    st = []
+    while time.monotonic() < deadline:
+        if not ran():
+            time.sleep(0.2)
+            continue
+        st = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], text=True,
+                            capture_output=True).stdout.split()
+        if st[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} was not requeued within {timeout:.0f} s: {st}")
+
+
+def shell_chain(tmp_path, flaky_script: str, retries: int):
+    from submitit.helpers import CommandFunction
+
+    from psa_dist.cluster import slurm_chain
+    from psa_dist.config import JobConfig
+    shape = JobConfig(launcher="slurm", partition="debug", gpus_per_node=0, tasks_per_node=1,
+                      cpus_per_task=1, time_min=5)
+    runs, after = tmp_path / "runs.txt", tmp_path / "after.txt"
+    steps = [slurm_chain.Step("flaky", ["flaky"], shape, lambda where: CommandFunction(
+                 ["bash", "-c", f"echo run >> {runs}; {flaky_script}"])),
+             slurm_chain.Step("after", ["after"], shape, lambda where: CommandFunction(
+                 ["bash", "-c", f"echo ran > {after}"]))]
+    record = tmp_path / "submitted.json"
+    jobs = slurm_chain.submit(steps, "retrytest", tmp_path / "submitit", record, meta={},
+                              retries=retries)
+    return jobs, runs, after, json.loads(record.read_text())["jobs"]
+
+
+def wait_ended(ids, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = sacct_rows(ids)
+        if all(r[0] not in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED", "?") for r in rows):
+            return rows
+        time.sleep(1)
+    return sacct_rows(ids)
+
+
+def test_a_step_that_fails_once_is_requeued_and_the_chain_goes_on(slurm, tmp_path):
+    marker = tmp_path / "failed-once"
+    jobs, runs, after, rec = shell_chain(
+        tmp_path, f"test -e {marker} || {{ touch {marker}; echo flaky >&2; exit 3; }}", retries=1)
+    release_requeued(jobs[0].job_id, lambda: runs.is_file())
+    jobs[-1].result()
+    ids = [j.job_id for j in jobs]
+    assert [r[0] for r in wait_ended(ids)] == ["COMPLETED", "COMPLETED"]
+    assert [j["job_id"] for j in rec] == ids          # the same job ids, nothing resubmitted anew
+    assert runs.read_text().splitlines() == ["run", "run"] and after.read_text() == "ran\n"
+    fails = sorted(Path(rec[0]["folder"]).glob(f"{ids[0]}.failed-attempt-*"))
+    assert [p.name for p in fails] == [f"{ids[0]}.failed-attempt-0"]
+    text = fails[0].read_text()               # the attempt's error, for whoever looks later
+    assert "FailedJobError" in text and "flaky" in text, text
+    # sacct keeps the requeued attempt too (-D): one REQUEUED, then COMPLETED
+    r = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", ids[0]],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["REQUEUED", "COMPLETED"], r.stdout
+
+
+def test_a_step_that_always_fails_stops_the_chain_after_its_retries(slurm, tmp_path):
+    jobs, runs, after, rec = shell_chain(tmp_path, "exit 4", retries=2)
+    for n in (1, 2):
+        release_requeued(jobs[0].job_id, lambda: runs.is_file() and
+                         len(runs.read_text().splitlines()) >= n)
+    ids = [j.job_id for j in jobs]
+    rows = wait_ended(ids)
+    assert [r[0] for r in rows] == ["FAILED", "CANCELLED"], rows
+    assert runs.read_text().splitlines() == ["run"] * 3          # 1 attempt + 2 retries
+    assert not after.exists() and rows[1][4] == "None assigned"  # the next step never ran
+    assert len(list(Path(rec[0]["folder"]).glob(f"{ids[0]}.failed-attempt-*"))) == 3
