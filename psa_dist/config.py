@@ -241,6 +241,9 @@ class Config:
     train_seg: TrainConfig = field(default_factory=TrainConfig)
     seg_full: bool = False          # also train the fully supervised baseline (upper bound)
     ray: RayConfig = field(default_factory=RayConfig)
+    # psa-dist submit: a step whose job fails is requeued (same job id, so the later steps' afterok
+    # dependency still holds) this many times before the chain stops; 0: never
+    submit_retries: int = 1
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
