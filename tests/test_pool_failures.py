@@ -248,6 +248,7 @@ def test_straggler_delays_the_stage_by_one_shard(setup, connected):
     pool, tasks, counts = make_pool(cfg_path, out, ctrl,
                                     {"sleep": fast, "slow_factor": factor, "barrier": 3})
     summary = pool.run(tasks, counts)
+    end = time.time()      # the stage is over: the straggler's copy does not hold it up
     lines = log_lines(out)
     keys = keys_of(out / "work")
     assert summary["shards_done"] == 12 and len(lines) == 12     # counted once each
@@ -255,11 +256,12 @@ def test_straggler_delays_the_stage_by_one_shard(setup, connected):
     assert digests(out / "work") == digests(base / "ref" / "work")
     slow_pid = int((ctrl / "slow").read_text())
     assert sum(x["pid"] == slow_pid for x in lines) <= 1   # its one shard at most, not a queue
-    # the straggler's shard was finished by a copy well before the slow actor would have
+    # the straggler's shard was finished by a copy, and the stage ended, well before the slow
+    # actor would have finished it (its queue of two, as before issue 29: twice as long)
     slow_start = min(float(p.read_text()) for p in ctrl.glob("slow-start-*"))
-    end = max(x["t1"] for x in lines)
     assert summary["speculative"] >= 1
-    assert end - slow_start < 0.6 * fast * factor, (end - slow_start, lines)
+    assert max(x["t1"] for x in lines) - slow_start < 0.6 * fast * factor, lines
+    assert end - slow_start < 0.75 * fast * factor, (end - slow_start, lines)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class RayScheduler:
     def _busy(self, i: int) -> bool:
         return any(t[0] == i for t in self.inflight.values())
 
+    def _pending(self) -> bool:
+        return any(t[1] not in self.done for t in self.inflight.values())
+
     def _copies(self, shard: str) -> int:
         return sum(1 for t in self.inflight.values() if t[1] == shard)
 
@@ -102,7 +105,8 @@ class RayScheduler:
         ray, pool = self.ray, self.pool
         idle_since = None
         self._fill()
-        while self.inflight or self.waiting or (self.todo and self.starting):
+        # a copy still running after its shard was counted (the straggler's) holds nothing up
+        while self._pending() or self.waiting or (self.todo and self.starting):
             if self.inflight or self.live:
                 idle_since = None
             else:   # every actor lost: wait (bounded) for a replacement to start
