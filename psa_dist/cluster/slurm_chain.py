@@ -64,7 +64,11 @@ class Retrying:
         except Exception as e:   # noqa: BLE001 - any failure of the step is what a retry is for
             if not self._requeued(e):
                 raise
-            # as submitit after its own requeue: no result file (the job is not over), exit now
+            # No result file (the job is not over), and no exit of our own: a task ending non-zero
+            # before slurmctld has finished the requeue can mark the job FAILED, and its
+            # dependants DependencyNeverSatisfied (seen on the local cluster); the requeue kills
+            # this task. Bounded, in case it never does.
+            time.sleep(300)
             sys.exit(1)
 
     def failures(self, job_id: str) -> list[Path]:
