@@ -8,6 +8,7 @@ shard atomically with ``write_shard``) with a sleep, an error or a slow actor in
 files in a control directory, so that the behaviour holds across actor processes. This module is
 also the driver that ``test_driver_killed_and_rerun`` starts as a subprocess and SIGKILLs.
 """
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 
 from psa_dist.cluster.shard_pool import StageFailed
 from psa_dist.config import load_config
-from psa_dist.data.shards import iter_shard, write_shard
+from psa_dist.data.shards import ShardError, iter_shard, write_shard
 from psa_dist.stages.labels import run_pool
 from psa_dist.stages.run_dir import Run
 
@@ -32,14 +33,17 @@ CFG = """
 name: poolfail
 data: {{root: {root}, shard_size: 2, workers: 1}}
 synth: {{image_size: 32, num_train: 24, num_val: 2}}
-ray: {{enabled: true, shard_retries: 2, retry_backoff_s: 0.2, speculate_after: 3.0, speculate_min_s: 0.0}}
+ray: {{enabled: true, shard_retries: 2, retry_backoff_s: 0.2, speculate_after: 3.0,
+       speculate_min_s: 0.0}}
 """
 
 
 class ShardWork:
     """Copies each sample's key and image size into an output shard; ``ctrl/config.json`` injects
-    a sleep per shard (``slow_factor`` times longer on the first actor to take a shard), an OSError
-    the first time a shard in ``fail_once`` is seen, a start barrier, and output on fds 1 and 2."""
+    a sleep per shard (``slow_factor`` times longer on the first actor to take a shard), an error
+    the first time a shard in ``fail_once`` is seen (``oserror``: an OSError; ``shard_eio``: a
+    ShardError raised from an OSError, as a read failing mid-shard gives), a start barrier, and
+    output on fds 1 and 2."""
 
     def __init__(self, ctrl: str, device: str = "cpu", threads: int = 1):
         self.ctrl = Path(ctrl)
@@ -66,17 +70,24 @@ class ShardWork:
         print(f"stdout: {name} in pid {os.getpid()}", flush=True)
         print(f"stderr: {name}", file=sys.stderr, flush=True)
         os.write(1, f"fd1: {name}\n".encode())    # what C code writing to stdout would leave
-        if name in self.conf.get("fail_once", []) and self._claim(f"failed-{name}"):
-            raise OSError(f"injected: network filesystem hiccup reading {name}")
+        kind = self.conf.get("fail_once", {}).get(name)
+        if kind and self._claim(f"failed-{name}"):
+            if kind == "oserror":
+                raise OSError(f"injected: network filesystem hiccup reading {name}")
+            # as iter_shard reports an I/O error met mid-read: the shard named, the OSError kept
+            raise ShardError(f"shard {in_shard}: OSError: injected EIO") from OSError(
+                errno.EIO, "Input/output error")
         if self.slow is None:
             self.slow = self.conf.get("slow_factor", 1) > 1 and self._claim("slow")
         if self.slow:
             (self.ctrl / f"slow-start-{name}").write_text(str(t0))
-        time.sleep(self.conf.get("sleep", 0) * (self.conf.get("slow_factor", 1) if self.slow else 1))
+        factor = self.conf.get("slow_factor", 1) if self.slow else 1
+        time.sleep(self.conf.get("sleep", 0) * factor)
         samples = [{"__key__": s["__key__"], "size.txt": str(len(s["jpg"])).encode()}
                    for s in iter_shard(in_shard)]
         write_shard(out_shard, samples)
-        return {"samples": len(samples), "failed": [], "seconds": time.time() - t0,
+        return {"shard": in_shard, "samples": len(samples), "failed": [],
+                "seconds": time.time() - t0,
                 "pid": os.getpid(), "t0": t0, "t1": time.time(), "slow": self.slow}
 
 
@@ -105,8 +116,8 @@ def keys_of(directory):
 
 
 def log_lines(out):
-    return [json.loads(x) for x in (Path(out) / "stages" / "work.shards.jsonl").read_text().splitlines()
-            if x.strip()]
+    text = (Path(out) / "stages" / "work.shards.jsonl").read_text()
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +206,15 @@ def test_driver_killed_and_rerun(setup, cluster):
 def test_transient_error_retried_and_actor_output_in_run_dir(setup, connected):
     base, cfg_path = setup
     out, ctrl = base / "transient", base / "ctrl-transient"
-    pool, tasks, counts = make_pool(cfg_path, out, ctrl, {"fail_once": ["train-000003.tar"]})
+    fail = {"train-000003.tar": "oserror", "train-000007.tar": "shard_eio"}
+    pool, tasks, counts = make_pool(cfg_path, out, ctrl, {"fail_once": fail})
     summary = pool.run(tasks, counts)
-    assert (ctrl / "failed-train-000003.tar").is_file()        # it did raise once
-    assert summary["retries"] == 1 and summary["failed_shards"] == []
+    assert all((ctrl / f"failed-{n}").is_file() for n in fail)     # each did raise once
+    assert summary["retries"] == 2 and summary["failed_shards"] == []
     assert summary["shards_done"] == 12 and summary["done"] == 24
     assert digests(out / "work") == digests(base / "ref" / "work")
-    assert sorted(x["attempts"] for x in log_lines(out)) == [1] * 11 + [2]
+    attempts = {Path(x["shard"]).name: x["attempts"] for x in log_lines(out)}
+    assert attempts == {Path(s).name: 2 if Path(s).name in fail else 1 for s, _ in tasks}
     # every actor's prints, stderr and raw fd writes are in the run directory, one file each
     logs = sorted((out / "stages" / "logs").glob("work-*.log"))
     pids = {x["pid"] for x in log_lines(out)}
@@ -230,7 +243,8 @@ def test_corrupt_shard_fails_fast(setup, connected):
 def test_in_process_retries_and_fails_fast_alike(setup):
     base, cfg_path = setup
     out, ctrl = base / "local", base / "ctrl-local"
-    pool, tasks, counts = make_pool(cfg_path, out, ctrl, {"fail_once": ["train-000001.tar"]},
+    pool, tasks, counts = make_pool(cfg_path, out, ctrl,
+                                    {"fail_once": {"train-000001.tar": "shard_eio"}},
                                     use_ray=False, **{"ray.max_failures": 0.2})
     bad = base / "bad" / "train-corrupt2.tar"
     bad.parent.mkdir(exist_ok=True)

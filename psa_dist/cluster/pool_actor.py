@@ -14,6 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+# The attribute a worker's exception carries to the driver: the pool's verdict on it (transient or
+# not), made here where its __cause__ is known (Ray pickles the exception without it).
+TRANSIENT_ATTR = "psa_transient"
+
 
 def redirect_output(log_dir, name: str) -> Path:
     """Point this process's fds 1 and 2 (and ``sys.stdout``/``sys.stderr``, which Ray's worker
@@ -47,17 +51,28 @@ def redirect_output(log_dir, name: str) -> Path:
 
 class PoolActor:
     """What a pool's Ray actor runs: its output redirected (when ``log_dir`` is set), then
-    ``worker_cls(*args, **kwargs)``, whose ``process`` it forwards."""
+    ``worker_cls(*args, **kwargs)``, whose ``process`` it forwards; an error it raises carries
+    ``transient(error)``."""
 
-    def __init__(self, worker_cls, args: tuple, kwargs: dict, log_dir, name: str):
+    def __init__(self, worker_cls, args: tuple, kwargs: dict, log_dir, name: str,
+                 transient=None):
         self.log_path = redirect_output(log_dir, name) if log_dir else None
+        self.transient = transient
         self.worker = worker_cls(*args, **kwargs)
 
     def pid(self) -> int:
         return os.getpid()
 
     def process(self, in_shard: str, out_shard: str) -> dict:
-        res = self.worker.process(in_shard, out_shard)
+        try:
+            res = self.worker.process(in_shard, out_shard)
+        except Exception as e:
+            if self.transient is not None:
+                try:
+                    setattr(e, TRANSIENT_ATTR, bool(self.transient(e)))
+                except Exception:  # noqa: BLE001 - no verdict: the driver judges by type
+                    pass
+            raise
         if self.log_path is not None:
             res.setdefault("actor_log", str(self.log_path))
         return res

@@ -28,7 +28,8 @@ class RayScheduler:
         self.waiting: list = []      # heap of (ready at, shard): transient errors backing off
         self.actors = [pool._new_actor()
                        for _ in range(min(pool.num_actors, max(len(self.todo), 1)))]
-        self.live = set(range(len(self.actors)))   # slots whose actor runs; replacements join once started
+        # slots whose actor runs; a replacement joins once started
+        self.live = set(range(len(self.actors)))
         self.starting: dict = {}     # readiness ref of a replacement actor -> its slot
         self.inflight: dict = {}     # task ref -> (slot, shard, actor, started, speculative)
         self.done: set = set()

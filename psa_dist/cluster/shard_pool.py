@@ -14,16 +14,18 @@ Reliability:
 - a task whose output exists is skipped, so a rerun resumes (temp files of a dead run are removed);
 - a task lost with its actor (process killed, node removed) puts the shard back in the queue and a
   new actor is started in the old one's place, on whatever nodes remain;
-- a task that raises a transient error (``retry_on``: OSError, CUDA out of memory, RuntimeError)
-  is retried up to ``shard_retries`` times after ``retry_backoff_s`` (doubling), preferably on
-  another actor; a deterministic one (``fail_fast``, or any other type: a corrupt shard, a bug) is
-  recorded at once. A recorded shard fails the run only when failed samples exceed
-  ``max_failures`` (a share of all samples);
+- a task that raises a transient error (``transient(exc)``; by default an OSError, CUDA out of
+  memory, a RuntimeError) is retried up to ``shard_retries`` times after ``retry_backoff_s``
+  (doubling), preferably on another actor; a deterministic one (a corrupt shard, a bug) is
+  recorded at once. The verdict is made where the exception was raised, with its ``__cause__``
+  (which Ray does not send to the driver), and travels with it. A recorded shard fails the run
+  only when failed samples exceed ``max_failures`` (a share of all samples);
 - a straggler: once no shard is waiting, an idle actor runs a copy of a shard that has run
   ``speculate_after`` times longer than the shards done so far (per sample, at least
   ``speculate_min_s``); the first copy to finish counts, the other is cancelled and ignored
   (outputs are renamed into place atomically and are byte-identical, so either may land).
-Every finished shard adds a line to ``log_path`` (JSON lines) in both modes, with its attempts.
+Every finished shard adds a line to ``log_path`` (JSON lines) in both modes, with its attempts;
+with ``log_dir`` each actor's stdout and stderr go to a file of its own there (``pool_actor``).
 """
 from __future__ import annotations
 
@@ -31,16 +33,21 @@ import os
 import time
 from pathlib import Path
 
-from .pool_actor import PoolActor
+from .pool_actor import TRANSIENT_ATTR, PoolActor
 from .ray_scheduler import RayScheduler
 from .tally import StageFailed, Tally as _Tally, why as _why
 
-__all__ = ["RETRY_ON", "ShardPool", "StageFailed", "ensure_ray"]
+__all__ = ["RETRY_ON", "ShardPool", "StageFailed", "default_transient", "ensure_ray"]
 
 # Errors worth another try: a network filesystem hiccup, CUDA out of memory (torch's
 # OutOfMemoryError is a RuntimeError), a driver or library glitch. Anything else (ValueError,
 # KeyError, ...) is a bug or bad data that would fail the same way again.
 RETRY_ON = (OSError, RuntimeError, MemoryError)
+
+
+def default_transient(exc: BaseException) -> bool:
+    """Worth another try: an error of a type in :data:`RETRY_ON`."""
+    return isinstance(exc, RETRY_ON)
 
 
 def ensure_ray(ray_cfg, num_cpus: int | None = None):
@@ -62,14 +69,15 @@ class ShardPool:
     """Runs ``worker_cls`` over shards, on Ray actors (``use_ray``) or in this process.
 
     ``log_dir``: where each Ray actor's stdout/stderr go (one file per actor; None: Ray's own
-    node-local logs). ``fail_fast``/``retry_on``: exception types recorded at once / retried."""
+    node-local logs). ``transient``: a picklable function telling an error worth another try
+    (module level: it runs in the actors too)."""
 
     def __init__(self, name: str, worker_cls, worker_args: tuple, *, use_ray: bool = True,
                  num_actors: int = 0, use_gpus: bool = True, max_failures: float = 0.001,
                  log_path=None, local_device: str = "cpu", local_threads: int = 1,
                  max_retries: int = 3, start_timeout: float = 600.0, log_dir=None,
                  shard_retries: int = 2, retry_backoff_s: float = 2.0,
-                 fail_fast: tuple = (), retry_on: tuple = RETRY_ON,
+                 transient=default_transient,
                  speculate_after: float = 3.0, speculate_min_s: float = 30.0):
         self.name, self.worker_cls, self.worker_args = name, worker_cls, tuple(worker_args)
         self.use_ray, self.max_failures, self.max_retries = use_ray, max_failures, max_retries
@@ -78,7 +86,7 @@ class ShardPool:
         self.log_path = Path(log_path) if log_path else Path(f"{name}.shards.jsonl")
         self.log_dir = str(log_dir) if log_dir else None
         self.shard_retries, self.retry_backoff_s = shard_retries, retry_backoff_s
-        self.fail_fast, self.retry_on = tuple(fail_fast), tuple(retry_on)
+        self.transient = transient
         self.speculate_after, self.speculate_min_s = speculate_after, speculate_min_s
         if not use_ray:
             return
@@ -114,7 +122,9 @@ class ShardPool:
         """After ``shard``'s ``attempt``-th try raised ``exc``: the seconds to wait before the
         next try, or None once it is recorded as failed (a deterministic error, or out of tries)."""
         why = _why(exc)
-        transient = isinstance(exc, self.retry_on) and not isinstance(exc, self.fail_fast)
+        transient = getattr(exc, TRANSIENT_ATTR, None)     # judged by the actor that raised it
+        if transient is None:
+            transient = self.transient(exc)
         if not transient:
             tally.shard_failed(shard, f"{why} (not retried: a {type(exc).__name__} does not go "
                                       f"away on another try)", attempt)
@@ -156,7 +166,7 @@ class ShardPool:
     def _new_actor(self):
         kwargs = {"device": "cuda" if self.gpus else "cpu", "threads": 1}
         return self.actor_cls.remote(self.worker_cls, self.worker_args, kwargs, self.log_dir,
-                                     self.name)
+                                     self.name, self.transient)
 
     def _raise_if_init_failed(self, e: Exception) -> None:
         # A worker whose constructor raised (bad checkpoint, missing file) fails the same way on

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from ..cluster.ray_job import submit_ray_job
-from ..cluster.shard_pool import ShardPool, ensure_ray
+from ..cluster.shard_pool import ShardPool, default_transient, ensure_ray
 from ..config import Config
 from ..data.shards import SampleError, ShardError, output_path
 from ..util.precision import amp_dtype
@@ -77,6 +77,20 @@ class LabelWorker:
         return res
 
 
+def transient_error(exc: BaseException) -> bool:
+    """Whether a shard's error is worth another try. A corrupt shard or an undecodable sample
+    fails the same way every time; a ShardError raised from an I/O error while reading (EIO, a
+    stale NFS handle: the data layer names the shard and keeps the OSError as the cause) may not,
+    nor may OSError, CUDA out of memory or another RuntimeError."""
+    if isinstance(exc, SampleError):
+        return False
+    if isinstance(exc, ShardError):
+        cause = exc.__cause__
+        return isinstance(cause, OSError) and not isinstance(
+            cause, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+    return default_transient(exc)
+
+
 def run_pool(run: Run, name: str, worker_cls, worker_args: tuple, *, uses_model: bool,
              log_path, use_ray: bool | None = None, num_actors: int = 0) -> ShardPool:
     """A :class:`ShardPool` of ``worker_cls`` for this run: Ray actors with ``ray.enabled`` (or
@@ -92,14 +106,13 @@ def run_pool(run: Run, name: str, worker_cls, worker_args: tuple, *, uses_model:
             raise RuntimeError(f"device={cfg.device}, but the Ray cluster has no GPU for {name}: "
                                f"set device=auto or cpu, or start Ray with GPUs")
     rc = cfg.ray
-    # A corrupt shard or an undecodable sample fails the same way on every try: not retried.
     return ShardPool(name, worker_cls, worker_args, use_ray=use_ray,
                      num_actors=num_actors or rc.num_actors,
                      use_gpus=uses_model and not cfg.device.startswith("cpu"),
                      max_failures=rc.max_failures, log_path=log_path,
                      local_device=str(run.device), local_threads=torch.get_num_threads(),
                      log_dir=run.out / "stages" / "logs", shard_retries=rc.shard_retries,
-                     retry_backoff_s=rc.retry_backoff_s, fail_fast=(ShardError, SampleError),
+                     retry_backoff_s=rc.retry_backoff_s, transient=transient_error,
                      speculate_after=rc.speculate_after, speculate_min_s=rc.speculate_min_s)
 
 
