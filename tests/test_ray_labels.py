@@ -249,6 +249,11 @@ def test_pipeline_uses_ray_by_default(trained):
         assert marker["shards_done"] == 6 and marker["actors"] == 2   # ran on two Ray actors
         keys = [r["__key__"] for p in sorted((out / d).glob("*.tar")) for r in iter_shard(p)]
         assert len(set(keys)) == 18
+        # each actor's output is in the run directory, one file per actor, named in the shard log
+        logs = sorted((out / "stages" / "logs").glob(f"{stage}-*.log"))
+        assert len(logs) == 2 and all("started" in p.read_text() for p in logs)
+        lines = (out / "stages" / f"{stage}.shards.jsonl").read_text().splitlines()
+        assert {json.loads(x)["actor_log"] for x in lines} == {str(p) for p in logs}
 
 
 def test_worker_that_cannot_start_fails_the_stage(trained, ray_local):
