@@ -20,6 +20,8 @@ from .tally import StageFailed, why
 
 
 class RayScheduler:
+    """One run of ``pool`` over ``tasks`` on Ray; ``run()`` returns the actors restarted."""
+
     def __init__(self, pool, tasks: list, tally):
         self.pool, self.tally, self.ray = pool, tally, pool.ray
         self.name = pool.name
