@@ -202,8 +202,10 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
             with tarfile.open(url) as tf:
                 for _ in tf:
                     pass
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError) as e:
             raise ShardError(f"shard {url} is truncated or not a tar file: {e}") from e
+        except OSError as e:    # an I/O error (EIO, a stale NFS handle): may pass, is retried
+            raise ShardError(f"shard {url} could not be read: {type(e).__name__}: {e}") from e
     # One named shard, read whole wherever this runs: no node or worker splitting of its own (the
     # callers split shard lists; inside a loader worker the default splitter would hand this
     # single shard to worker 0 only and leave the others reading nothing).
