@@ -11,6 +11,7 @@ from .bench.labels import bench_cams, bench_scaling
 from .bench.loader import bench_loader
 from .bench.quality import VARIANTS, bench_quality
 from .bench.random_walk import SIZES, bench_random_walk
+from .bench.scale import add_parser as add_bench_scale
 from .cluster.launch import LAUNCHERS
 from .cluster.shard_pool import StageFailed
 from .cluster.slurm_chain import ChainError
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=8, help="shards the images are split into")
     p.add_argument("--tiny-shards", type=int, nargs="+", default=[250, 1000, 2000])
     p.set_defaults(func=cmd_bench_scaling)
+    add_bench_scale(bsub)
 
     p = bsub.add_parser("cost", help="per-image seconds, peak memory and output bytes of every "
                         "stage at real size, and VOC / COCO extrapolated to 8, 32, 128 GPUs",
