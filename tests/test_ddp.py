@@ -91,6 +91,30 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path):
     assert moved > 0    # the steps did change the weights
 
 
+def _failing_rank(rank, port, left):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from psa_dist.util.dist import cleanup
+    init_distributed("cpu")
+    if rank == 0:
+        cleanup(failed=True)        # rank 0 failed: it must leave without waiting for rank 1
+        left.touch()
+        return
+    # rank 1 is busy elsewhere (a collective of the step, a long batch) until rank 0 has left:
+    # with a barrier in rank 0's way, neither would move until the process group timed out
+    deadline = time.monotonic() + 60
+    while not left.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left.exists(), "the failed rank 0 did not leave the process group while rank 1 was busy"
+    cleanup(failed=True)
+
+
+def test_a_failed_rank_leaves_the_process_group_without_waiting_for_the_others(tmp_path):
+    # a rank that raises (a bad file, out of memory) must end its task, so that the job fails now
+    # and not after the process group's 30-minute timeout (a whole chain of jobs waits on it)
+    mp.spawn(_failing_rank, args=(free_port(), tmp_path / "rank0-left"), nprocs=2, join=True)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddpdata")

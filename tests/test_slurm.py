@@ -260,6 +260,18 @@ def sacct_rows(ids):
     return [rows.get(i, ["?"] * 5) for i in ids]
 
 
+def log_tails(out: Path, lines: int = 15) -> str:
+    """The end of every task log of the chain recorded under ``out``: what a failed assertion on
+    a job's state shows, so that a job stuck or failing on another machine says where."""
+    rec = json.loads((out / "stages" / "submitted.json").read_text())
+    tails = []
+    for j in rec["jobs"]:
+        for log in sorted(Path(j["folder"]).glob("*_log.*")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {j['step']} {log.name}\n" + "\n".join(text))
+    return "\n".join(tails) or "no job logs"
+
+
 @pytest.fixture
 def own_ray_token(monkeypatch):
     # submit_chain puts the chain's Ray token in this process's environment: not for later tests
@@ -313,7 +325,8 @@ def test_failing_step_leaves_the_later_ones_never_run(slurm, cfg_path, tmp_path,
         if rows[0][0] == "FAILED" and all(r[0] == "CANCELLED" for r in rows[1:]):
             break
         time.sleep(1)
-    assert rows[0][0] == "FAILED" and all(r[0] == "CANCELLED" for r in rows[1:]), rows
+    assert rows[0][0] == "FAILED" and all(r[0] == "CANCELLED" for r in rows[1:]), \
+        (rows, log_tails(tmp_path / "cancelled"))
     # never started: no node, no run time (sacct's Start is no proof: depending on how slurmctld
     # came to cancel a pending job, it reads "None" or the moment of cancelling)
     assert all(r[3] == "0" and r[4] == "None assigned" for r in rows[1:]), rows

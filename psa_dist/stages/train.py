@@ -106,6 +106,7 @@ def run_trainer(cfg: Config, model: str) -> dict:
     summary."""
     tcfg = table.train_config(cfg, model)
     info = init_distributed(cfg.device)
+    failed = True
     threads_before = torch.get_num_threads()
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(f"[{model}] rank {info.rank}/{info.world_size} on node {node}, device {info.device}",
@@ -137,12 +138,14 @@ def run_trainer(cfg: Config, model: str) -> dict:
         held = heldout_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size)
         prior = (Classifier.prior_losses(label_frequency(run, model, tcfg))
                  if tcfg.fit_target is not None else None)   # every rank reads the same labels
-        return train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
-                     freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
-                     config_dict=config_to_dict(cfg), tensorboard=tb, heldout=held,
-                     label_prior=prior, settings=table.settings(cfg, table.MODELS[model].stage))
+        summary = train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
+                        freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
+                        config_dict=config_to_dict(cfg), tensorboard=tb, heldout=held,
+                        label_prior=prior, settings=table.settings(cfg, table.MODELS[model].stage))
+        failed = False
+        return summary
     finally:
-        cleanup()
+        cleanup(failed)
         # an inline trainer runs in the pipeline's own process: later stages get its threads back
         torch.set_num_threads(threads_before)
 

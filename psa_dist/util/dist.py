@@ -104,12 +104,17 @@ def cpu_threads(loader_workers: int, threads: int | None = None) -> int:
     return max(1, cpus - loader_workers)
 
 
-def cleanup() -> None:
+def cleanup(failed: bool = False) -> None:
     """Leave the process group. Garbage-collecting first avoids gloo's abort at interpreter exit
-    ("terminate called without an active exception") seen with torchrun on this kind of machine."""
+    ("terminate called without an active exception") seen with torchrun on this kind of machine.
+    A rank that ``failed`` leaves without the barrier: its peers may never reach it (they wait in
+    a collective of the step, or failed elsewhere), and a barrier would hold the failed rank, and
+    with it the job and every later step of a chain, for the process group's whole timeout
+    (30 minutes) instead of ending it."""
     gc.collect()
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 
