@@ -58,9 +58,20 @@ def test_stage_figures_and_projection():
     assert f["startup_s"] == 0.5       # first line at 11.5, stage from 10.0, its shard 1 s
     # actor 1 finished its last at 12.7, actor 0 at 13.5: 0.8 actor-seconds idle at the tail
     assert f["tail_idle_actor_s"] == 0.8
-    rows = project([{**f, "stage": "cams"}], images=82_783, shard_sizes=(500,))
+    rows = project([{**f, "stage": "cams"}], images=82_783, shard_sizes=(500,),
+                   s_per_image={"cams": 0.2}, speculate_after=3.0, speculate_min_s=30.0)
     by_g = {r["gpus"]: r for r in rows}
     assert {r["shards"] for r in rows} == {166}
     assert by_g[8]["waves"] == 21 and by_g[32]["waves"] == 6 and by_g[128]["waves"] == 2
-    assert all(0 < r["efficiency"] <= 1 for r in rows)
-    assert by_g[128]["efficiency"] < by_g[8]["efficiency"]
+    # by hand: u 0.5 s, o = steady overhead (clipped at 0), d = 2.0 - 1.0 s, w = 500 x 0.2 = 100 s
+    o = max(0.0, f["overhead_steady_ms_per_shard"] / 1000)
+    for g, r in by_g.items():
+        t = 0.5 + math.ceil(166 / g) * (100 + o) + 1.0
+        assert r["minutes"] == round(t / 60, 2)
+        assert r["efficiency"] == round(166 * 100 / g / t, 3)
+        assert r["straggler_minutes"] == round((t + 300) / 60, 2)    # 3 x w > 30 s
+    assert by_g[128]["efficiency"] < by_g[32]["efficiency"] < by_g[8]["efficiency"] <= 1
+    # short shards: a straggler costs speculate_min_s, not 3 x w
+    short = project([{**f, "stage": "cams"}], shard_sizes=(10,), gpus=(8,),
+                    s_per_image={"cams": 0.2}, speculate_after=3.0, speculate_min_s=30.0)[0]
+    assert abs(short["straggler_minutes"] * 60 - short["minutes"] * 60 - 30) < 1.2

@@ -114,7 +114,8 @@ def _dataset(root, counts):
     return root
 
 
-COCO_SHARDS = [500] * 165 + [283]      # COCO 2014 train at the guide's --shard-size 500
+COCO_SHARDS = [500] * 165 + [283]      # COCO 2014 train (82,081 images) at --shard-size 500
+COCO_SHARDS_100 = [100] * 820 + [81]   # the same at the guide's --shard-size 100
 
 
 @pytest.mark.parametrize("nodes,warned", [(2, False), (8, False), (32, True)])
@@ -132,6 +133,14 @@ def test_coco_shares_at_8_32_and_128_gpus(tmp_path, nodes, warned):
     assert [line.split(":", 1)[0] for line in lines] == ["train_cls", "train_aff", "train_seg"]
     assert all("768 loader streams on 166 shards" in line and "up to 5 streams" in line and
                "shards of at most 107 samples (--shard-size)" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("nodes", [2, 8, 32])
+def test_coco_at_the_guides_shard_size_is_not_warned_up_to_128_gpus(tmp_path, nodes):
+    root = _dataset(tmp_path / "coco", COCO_SHARDS_100)
+    over = [f"data.root={root}"] + [f"{s}.nodes={nodes}" for s in ("train_cls", "train_aff",
+                                                                    "train_seg")]
+    assert shape_warnings(_config("coco_resnet50", over), STAGES, submit=True) == []
 
 
 def test_a_step_larger_than_the_set_and_a_large_left_over_are_named(tmp_path):

@@ -4,8 +4,8 @@ several nodes on this machine, and what the measured scheduling gives at 8 / 32 
 What it does, each step a `psa-dist` command of its own (the driver a user would run), echoed:
 
 1. The synthetic dataset with COCO's numbers (``--images`` 82,783 train images, ``--classes`` 80)
-   at a tiny ``--image-size`` in shards of ``--shard-size`` (500, as docs/coco.md converts COCO:
-   166 shards), written by the multiprocess writer, or reused where it is already there.
+   at a tiny ``--image-size`` in shards of ``--shard-size`` (100, as docs/coco.md converts COCO:
+   828 shards), written by the multiprocess writer, or reused where it is already there.
 2. The classifier and AffinityNet trained briefly on its first ``--train-images`` images (the
    generator is a function of (seed, split, index): a dataset of that count holds exactly them),
    one epoch each (``--train-images / batch`` steps), in this machine's process; that run's own
@@ -52,7 +52,7 @@ from ..stages.run_dir import Run, ensure_dataset
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 
 COCO_TRAIN = 82_783
-COCO_SHARD_SIZE = 500           # docs/coco.md: --shard-size 500 (166 train shards)
+COCO_SHARD_SIZE = 100           # docs/coco.md: --shard-size 100 (828 train shards)
 LABEL_STAGES = ("cams", "aff_labels", "random_walk")
 # Seconds per COCO image (640x480, ResNet-50) of one actor, from docs/performance.md's COCO rows
 # ("Extrapolated to the whole training sets"): the GPU times are machine A's float32 CPU time / 89
@@ -79,7 +79,7 @@ SCALE_OVERRIDES = [
     "aff_labels.crf_bi_sxy={sxy}",
     # The per-image work cut to what the count needs on a shared 2-core CPU: CAMs at one scale, no
     # flip, no dense CRF (with the demo's 4 scales + flip and the CRF, 82,783 images take hours
-    # here). What is measured is the scheduling of 166 shards; the work of a real COCO image is
+    # here). What is measured is the scheduling of 828 shards; the work of a real COCO image is
     # `bench cost`'s, and the projection takes it from there.
     "cams.scales=[1.0]", "cams.flip=false", "aff_labels.crf=false", "random_walk.crf=false",
 ]
@@ -390,7 +390,8 @@ def bench_scale(out, config=None, overrides=(), images: int = COCO_TRAIN, classe
                      "driver_peak_mb": r["driver_peak_mb"],
                      **check_export(exp, Path(cfg.data.root))}
     res["seconds"] = round(time.monotonic() - t0, 1)
-    res["projection"] = project(res["stages"])
+    res["projection"] = project(res["stages"], speculate_after=cfg.ray.speculate_after,
+                                speculate_min_s=cfg.ray.speculate_min_s)
     atomic_write_json(out / "scale.json", res)
     md = format_table(res)
     atomic_write_bytes(out / "scale.md", md.encode())
@@ -399,34 +400,41 @@ def bench_scale(out, config=None, overrides=(), images: int = COCO_TRAIN, classe
 
 
 def project(stages: list, images: int = COCO_TRAIN, gpus=GPUS, s_per_image: dict | None = None,
-            shard_sizes=(COCO_SHARD_SIZE, 100)) -> list:
-    """The label stages of COCO's ``images`` in shards of ``shard_sizes`` on G GPUs, from the measured
+            shard_sizes=(100, 500), speculate_after: float = 3.0,
+            speculate_min_s: float = 30.0) -> list:
+    """The label stages of ``images`` in shards of ``shard_sizes`` on G GPUs, from the measured
     scheduling: A actors (G, or 8 G CPU actors for aff_labels), a shard's work w = shard size x
     seconds per image (:data:`COCO_S_PER_IMAGE`), the steady overhead o per shard, the start-up u
-    and the longest / median shard r measured here:
+    and the spread d = longest - median shard, in seconds, measured here:
 
-        T = u + ceil(S / A) x (w + o) + (r - 1) x w        ideal: S x w / A
+        T = u + ceil(S / A) x (w + o) + d        ideal: S x w / A
 
     (S = ceil(images / shard size) shards in waves of A; the last wave ends with its slowest
-    shard)."""
+    shard). d is taken in seconds, not as a ratio: the shards here are alike and a fraction of a
+    second long, so their spread is the machine's jitter, which does not grow with the work. A
+    straggler (one slow actor or node) adds at most max(speculate_after x w, speculate_min_s):
+    then an idle actor has started a copy of its shard, which takes w, as the shard would have
+    (``ray.speculate_after``, ``ray.speculate_min_s``); ``straggler_minutes`` is T with it."""
     s_per_image = s_per_image or COCO_S_PER_IMAGE
     rows = []
     for fig in stages:
         name = fig["stage"]
         o = max(0.0, (fig.get("overhead_steady_ms_per_shard") or fig["overhead_ms_per_shard"]) / 1000)
         u = fig.get("startup_s") or 0.0
-        r = fig.get("longest_over_median") or 1.0
+        d = max(0.0, fig["shard_s_max"] - fig["shard_s_median"])
         for size in shard_sizes:
             n = math.ceil(images / size)
             w = size * s_per_image[name]
             for g in gpus:
                 a = g * ACTORS_PER_GPU[name]
-                t = u + math.ceil(n / a) * (w + o) + (r - 1) * w
+                t = u + math.ceil(n / a) * (w + o) + d
+                late = max(speculate_after * w, speculate_min_s) if speculate_after > 0 else w
                 ideal = n * w / a
                 rows.append({"stage": name, "shard_size": size, "shards": n, "gpus": g,
                              "actors": a, "waves": math.ceil(n / a), "shard_work_s": round(w, 1),
                              "minutes": round(t / 60, 2), "ideal_minutes": round(ideal / 60, 2),
-                             "efficiency": round(ideal / t, 3)})
+                             "efficiency": round(ideal / t, 3),
+                             "straggler_minutes": round((t + late) / 60, 2)})
     return rows
 
 
@@ -457,17 +465,18 @@ def format_table(res: dict) -> str:
              f"GCS server RSS: {res['gcs_rss_mb_start']} MB at the start, {res['gcs_rss_mb_max']} "
              f"MB at most, {res['gcs_rss_mb_end']} MB at the end (peak {res['gcs_peak_mb']})\n")
     proj = ("\n| stage | shard size | shards | GPUs | actors | waves | shard work s | minutes | "
-            "ideal minutes | efficiency |\n|" + "---|" * 10 + "\n" + "".join(
-                f"| {p['stage']} | {p['shard_size']} | {p['shards']} | {p['gpus']} | {p['actors']} "
-                f"| {p['waves']} | {p['shard_work_s']} | {p['minutes']} | {p['ideal_minutes']} | "
-                f"{p['efficiency']} |\n" for p in res["projection"]))
+            "ideal minutes | efficiency | with a straggler, minutes |\n|" + "---|" * 11 + "\n" +
+            "".join(f"| {p['stage']} | {p['shard_size']} | {p['shards']} | {p['gpus']} | "
+                    f"{p['actors']} | {p['waves']} | {p['shard_work_s']} | {p['minutes']} | "
+                    f"{p['ideal_minutes']} | {p['efficiency']} | {p['straggler_minutes']} |\n"
+                    for p in res["projection"]))
     return head + rows + extra + proj
 
 
 def add_parser(bsub) -> None:
     """``psa-dist bench scale``: its arguments (kept here, so the CLI only registers it)."""
     p = bsub.add_parser(
-        "scale", help="COCO's count (82,783 images, 80 classes, 166 shards) through the label "
+        "scale", help="COCO's count (82,783 images, 80 classes, 828 shards) through the label "
         "stages and export on a Ray cluster of several nodes on this machine; projected to "
         "8 / 32 / 128 GPUs", description=__doc__.split("\n\n")[0] + " Writes OUT/scale.json and "
         "OUT/scale.md; the dataset and the trained models are reused by a rerun.")
