@@ -151,8 +151,9 @@ class TrainConfig(JobConfig):
     # classifier has not learned cannot hide behind easy ones (docs/benchmark.md, round 12).
     fit_each_class: bool = False
     holdout_shards: int = 1
-    amp: str = "bf16"               # bf16 | fp16 | none: autocast on CUDA, and bf16 on CPUs with
-                                    # native bf16 (AMX / AVX512-BF16; else float32 there)
+    amp: str = "bf16"               # bf16 | bf16! | fp16 | none: autocast on CUDA; on a CPU bf16
+                                    # where timing the model says it is faster (util/precision.py),
+                                    # bf16! forced
     # Segmenter on pseudo labels only: where a class of the image label covers less than this
     # fraction of an image's pseudo label, that image's background is left out of the loss
     # (cam.distrust_background). None: the paper's plain training on every pseudo-label pixel.
@@ -169,7 +170,7 @@ class CamConfig:
     flip: bool = True
     eval_bg_score: float = 0.2      # constant background score when CAMs are scored as labels
     batch_size: int = 8
-    amp: str = "bf16"               # the classifier's forward under autocast, as train.amp
+    amp: str = "bf16"               # the classifier's forward under autocast, as train_*.amp
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _cpu_tag() -> str:
+def cpu_tag() -> str:
     """This CPU's model and feature flags (what -march=native compiles for)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -92,7 +92,7 @@ def _private_dir(path: Path) -> None:
 def library_path() -> Path:
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, platform.machine(),
-                                    _cpu_tag()]).encode()).hexdigest()[:16]
+                                    cpu_tag()]).encode()).hexdigest()[:16]
     return cache_dir() / f"pair_l1-{key}.so"
 
 

@@ -1,7 +1,8 @@
 """The one training loop shared by the classifier, AffinityNet and segmenter trainers.
 
 SGD with the authors' parameter groups and a poly schedule, DDP across ranks (``util/dist.py``),
-AMP (bf16/fp16 on CUDA; bf16 on CPUs with native bf16 matrix units, see ``util/precision.py``);
+AMP (bf16/fp16 on CUDA; on a CPU bf16 where timing the model's step says it is faster,
+``util/precision.py``);
 one JSON line of metrics every ``log_every`` steps and per epoch, from rank 0 only; a checkpoint
 written atomically by rank 0 every ``checkpoint_every`` steps and at every epoch end. A checkpoint
 is a plain dict (model, optimizer, scheduler, grad scaler, epoch, step, step in epoch, RNG states,
@@ -30,8 +31,8 @@ from ..core.affinity import affinity_loss
 from ..nets.checkpoint import load_checkpoint, save_checkpoint
 from ..nets.models import Classifier, set_bn_eval
 from ..nets.optim import LearnedSchedule, build_optimizer, build_poly_scheduler
-from ..util.dist import DistInfo, all_reduce_sum, barrier, wrap_ddp
-from ..util.precision import amp_dtype, autocast
+from ..util.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_ddp
+from ..util.precision import Precision, autocast, choose_for_model
 from . import table
 from .stopping import FitRule, StopRule
 
@@ -143,6 +144,30 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _precision(model: nn.Module, kind: str, train_cfg, info: DistInfo, field: str,
+               ck: dict | None) -> Precision:
+    """The step's precision: a resumed run keeps its checkpoint's (so that it ends with the
+    weights of an uninterrupted run, whatever a new timing would say); else rank 0 decides (on a
+    CPU by timing the model's own step, ``util/precision.py``) and every rank takes its decision:
+    one precision across the job, whatever each node would time."""
+    kept = (ck or {}).get("precision")
+    if kept is not None and info.device.type == "cpu" and train_cfg.amp == "bf16":
+        precision = Precision(torch.bfloat16 if kept["dtype"] == "bfloat16" else None,
+                              f"{field}={train_cfg.amp}: as the checkpoint was trained "
+                              f"({kept['reason']})", kept.get("float32_s"), kept.get("bf16_s"),
+                              kept.get("cached", False))
+    elif info.is_main:
+        crop = train_cfg.crop_size or 256
+        precision = choose_for_model(train_cfg.amp, info.device, field, model,
+                                     (train_cfg.batch_size, 3, crop, crop), train=True, key=kind)
+    else:
+        precision = None
+    precision = broadcast_object(precision)
+    if info.is_main:
+        print(f"[{kind}] precision: {precision.describe()} on {info.device.type}", flush=True)
+    return precision
+
+
 def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: DistInfo,
           new_modules: list[nn.Module], freeze_bn: bool = False, radius: int = 5,
           config_dict: dict | None = None, tensorboard=None, heldout=None,
@@ -168,14 +193,12 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
     max_steps = train_cfg.epochs * steps_per_epoch
     section = table.MODELS[kind].section
     field = section + ".amp"
-    dtype = amp_dtype(train_cfg.amp, info.device, field)
-    if info.is_main:
-        print(f"[{kind}] precision: {'autocast ' + str(dtype).split('.')[-1] if dtype else 'float32'}"
-              f" on {info.device.type} ({field}={train_cfg.amp})", flush=True)
+    ck = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    precision = _precision(model, kind, train_cfg, info, field, ck)
+    dtype = precision.dtype
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum, new_modules)
     step, epoch0, skip, stop_state, partial_loss = 0, 0, 0, None, None
-    ck = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
     if ck is not None:
         stop_state = ck.get("stop")
     fitting = train_cfg.fit_target is not None
@@ -232,6 +255,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
                 **({"epoch_loss": epoch_loss.cpu()} if epoch_loss is not None else {}),
                 "config": config_dict or {}, "world_size": info.world_size,
+                "precision": precision.record(),
                 **({"settings": settings} if settings is not None else {}),
                 **({"stop": {"rule": stopper.state if stopper else None,
                              "fit": fit.state if fit else None, "lr": learned.state}}
@@ -347,7 +371,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
               (f"; the weights of epoch {stopper.state['best_epoch'] + 1}, the best on held-out labels"
                if stopper is not None else ""), flush=True)
     summary = {"steps": step, "seconds": round(seconds, 2), "images": images_seen,
-               "world_size": info.world_size}
+               "world_size": info.world_size, "precision": precision.record()}
     if stopper is not None:
         curve = stopper.state["curve"]
         summary.update({"epochs_run": curve[-1][0] + 1 if curve else 0,

@@ -20,7 +20,7 @@ from ..cluster.ray_job import submit_ray_job
 from ..cluster.shard_pool import ShardPool, default_transient, ensure_ray
 from ..config import Config
 from ..data.shards import SampleError, ShardError, output_path
-from ..util.precision import amp_dtype
+from ..util.precision import choose_for_model
 from . import table
 from .labelgen import aff_label_shard, cam_shard, rw_shard
 from .run_dir import Run, worker_device
@@ -48,6 +48,15 @@ class LabelWorker:
         self.device = worker_device(device)
         models = table.stage(stage).uses_models
         self.model = load_trained(self.run, models[0], self.device) if models else None
+        self.precision = None
+        if stage == "cams":
+            # on a CPU, bf16 only where timing the classifier's forward says it is faster
+            # (util/precision.py; cached per machine, so the actors of a node time it once)
+            c, size = cfg.cams, cfg.train_cls.crop_size or 320
+            self.precision = choose_for_model(c.amp, self.device, "cams.amp", self.model,
+                                              (1, 3, size, size), train=False, key="cams")
+            print(f"[cams] precision: {self.precision.describe()} on {self.device.type}",
+                  flush=True)
 
     def pid(self) -> int:
         return os.getpid()
@@ -59,7 +68,7 @@ class LabelWorker:
             c = cfg.cams
             res = cam_shard(self.model, in_shard, out_shard, self.run.num_classes, tuple(c.scales),
                             c.flip, self.device, c.batch_size,
-                            amp_dtype(c.amp, self.device, "cams.amp"))
+                            self.precision.dtype)
         elif stage == "aff_labels":
             res = aff_label_shard(in_shard, cams_in, out_shard, cfg.aff_labels.alpha_lo,
                                   cfg.aff_labels.alpha_hi, crf_settings(cfg, cfg.aff_labels.crf),
