@@ -97,7 +97,7 @@ def test_the_trainer_on_cuda_under_amp(tmp_path, capfd, amp):
     run_pipeline(load_config(p, [f"out_dir={tmp_path / 'run'}"]), stages=["train_cls"])
     out = capfd.readouterr().out
     name = {"fp16": "float16", "bf16": "bfloat16"}[amp]
-    assert f"[cls] precision: autocast {name} on cuda (train_cls.amp={amp})" in out, out
+    assert f"[cls] precision: autocast {name} (train_cls.amp={amp}) on cuda" in out, out
     assert "device cuda" in out
     log = [json.loads(x) for x in (tmp_path / "run" / "cls" / "log.jsonl").read_text().splitlines()]
     assert len([r for r in log if "epoch_seconds" not in r]) == 8       # 16 / 4 x 2 epochs

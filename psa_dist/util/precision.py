@@ -129,7 +129,7 @@ def choose_precision(amp: str, device, field: str, timed: Callable[[Optional[tor
     device = torch.device(device)
     dtype = amp_dtype(amp, device, field)
     if device.type == "cuda":
-        return Precision(dtype, f"{field}={amp} on cuda")
+        return Precision(dtype, f"{field}={amp}")
     if amp == "bf16!":
         return Precision(dtype, f"{field}={amp}: forced, not measured")
     if dtype is None:
