@@ -151,3 +151,17 @@ def test_cycle_finder_on_a_known_graph():
     g = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}, "e": {}}
     assert [sorted(c[:-1]) for c in cycles(g)] == [["a", "b", "c"]]
     assert cycles({"a": {"b": 1}, "b": {}}) == []
+
+
+def test_only_util_dist_touches_torch_distributed():
+    """``util/dist.py`` owns the process group; the rest, ``core`` above all, takes its reductions
+    from there (a ``core`` function stays a pure tensor function that tests call without DDP)."""
+    touching = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
+                touching.append(str(path.relative_to(PACKAGE)))
+    assert sorted(set(touching)) == ["util/dist.py"], touching

@@ -1,8 +1,8 @@
-"""Confusion matrix, per-class IoU and mIoU; reducible across processes with one all_reduce."""
+"""Confusion matrix, per-class IoU and mIoU. Across processes a matrix is summed with one
+all_reduce by the caller (``util.dist.all_reduce_sum(cm.mat)``): ``core`` touches no process group."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -18,7 +18,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 class ConfusionMatrix:
-    """Accumulates a confusion matrix; ``reduce()`` sums it over all processes in one all_reduce."""
+    """Accumulates a confusion matrix (``mat``, int64: summed over processes in one all_reduce by
+    ``util.dist.all_reduce_sum``)."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -27,11 +28,6 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         self.mat += confusion_matrix(pred.to(self.mat.device), target.to(self.mat.device),
                                      self.num_classes, self.ignore_index)
-
-    def reduce(self) -> "ConfusionMatrix":
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.mat)
-        return self
 
     def iou(self) -> torch.Tensor:
         return iou_from_confusion(self.mat)
