@@ -471,27 +471,3 @@ def format_table(res: dict) -> str:
                     f"{p['ideal_minutes']} | {p['efficiency']} | {p['straggler_minutes']} |\n"
                     for p in res["projection"]))
     return head + rows + extra + proj
-
-
-def add_parser(bsub) -> None:
-    """``psa-dist bench scale``: its arguments (kept here, so the CLI only registers it)."""
-    p = bsub.add_parser(
-        "scale", help="COCO's count (82,783 images, 80 classes, 828 shards) through the label "
-        "stages and export on a Ray cluster of several nodes on this machine; projected to "
-        "8 / 32 / 128 GPUs", description=__doc__.split("\n\n")[0] + " Writes OUT/scale.json and "
-        "OUT/scale.md; the dataset and the trained models are reused by a rerun.")
-    p.add_argument("config", nargs="?", help="YAML config (default configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, after the bench's own")
-    p.add_argument("--out", default="runs/bench/scale")
-    p.add_argument("--images", type=int, default=COCO_TRAIN, help="train images (COCO: 82,783)")
-    p.add_argument("--classes", type=int, default=80)
-    p.add_argument("--image-size", type=int, default=32, help="long side in pixels (tiny)")
-    p.add_argument("--shard-size", type=int, default=COCO_SHARD_SIZE)
-    p.add_argument("--nodes", type=int, default=2, help="Ray nodes besides the head (0 CPUs)")
-    p.add_argument("--cpus-per-node", type=int, default=1)
-    p.add_argument("--train-images", type=int, default=2000,
-                   help="the first N images train the classifier and AffinityNet, one epoch each")
-    p.add_argument("--export-workers", type=int, default=2)
-    p.set_defaults(func=lambda a: bench_scale(
-        a.out, a.config, a.overrides, a.images, a.classes, a.image_size, a.shard_size, a.nodes,
-        a.cpus_per_node, a.train_images, export_workers=a.export_workers) and 0)
