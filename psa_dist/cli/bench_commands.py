@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..bench.cost import GPU_TFLOPS, STAGES as COST_STAGES, bench_cost
 from ..bench.labels import bench_cams, bench_scaling
 from ..bench.loader import bench_loader
+from ..bench.precision import bench_precision
 from ..bench.quality import VARIANTS, bench_quality
 from ..bench.random_walk import SIZES, bench_random_walk
 from ..bench.scale import COCO_SHARD_SIZE, COCO_TRAIN, bench_scale
@@ -52,6 +53,13 @@ def cmd_bench_scale(args) -> int:
     return 0
 
 
+def cmd_bench_precision(args) -> int:
+    cfg = load(args)
+    bench_precision(cfg, args.classes or cfg.synth.num_classes, args.threads, args.fresh,
+                    args.out)
+    return 0
+
+
 def cmd_bench_cost(args) -> int:
     amps = {"none": ["float32"], "bf16": ["bf16"], "both": ["float32", "bf16"]}[args.amp]
     datasets = ["voc", "coco"] if args.dataset == "both" else [args.dataset]
@@ -70,6 +78,7 @@ def add_commands(sub) -> None:
     _add_stage_benches(bsub)
     _add_scale(bsub)
     _add_cost(bsub)
+    _add_precision(bsub)
 
 
 def _add_part_benches(bsub) -> None:
@@ -184,3 +193,19 @@ def _add_cost(bsub) -> None:
     p.add_argument("--size-scale", type=float, default=1.0,
                    help="images and crops times this (for tests; 1 = real size)")
     p.set_defaults(func=cmd_bench_cost)
+
+
+def _add_precision(bsub) -> None:
+    p = bsub.add_parser("precision", help="float32 or bf16: which precision this CPU gives each "
+                        "network of a config, from timing both as the stages do",
+                        description="Each trainer's step (at its batch and crop) and the CAM "
+                        "stage's forward of CONFIG, random weights, timed in float32 and under bf16 "
+                        "autocast on the threads the stage would take, and the precision each gets "
+                        "(bf16 where it takes at most 0.95 of float32's time). Uses and fills the "
+                        "cache the stages read ($PSA_DIST_CACHE/precision.json).")
+    config_args(p, required=True)
+    p.add_argument("--classes", type=int, help="classes of the networks (default synth.num_classes)")
+    p.add_argument("--threads", type=int, help="threads for every case (default: each stage's own)")
+    p.add_argument("--fresh", action="store_true", help="time again, replacing cached timings")
+    p.add_argument("--out", default="runs/bench/precision.json", help="JSON of the rows")
+    p.set_defaults(func=cmd_bench_precision)

@@ -121,11 +121,12 @@ def decide(amp: str, field: str, float32_s: float, bf16_s: float, cached: bool) 
 
 
 def choose_precision(amp: str, device, field: str, timed: Callable[[Optional[torch.dtype]], None],
-                     key: str, reps: int = 3) -> Precision:
+                     key: str, reps: int = 3, refresh: bool = False) -> Precision:
     """The precision for ``amp`` on ``device`` (``field`` names the setting in errors and the log).
     On a CPU with native bf16 and ``amp: bf16``, ``timed(dtype)`` (the model's own step at its own
     shapes, under ``autocast(device, dtype)``) is timed in both precisions unless the cache holds
-    ``key`` for this CPU, torch version and thread count; :func:`decide` decides."""
+    ``key`` for this CPU, torch version and thread count (``refresh``: time again all the same,
+    and replace it); :func:`decide` decides."""
     device = torch.device(device)
     dtype = amp_dtype(amp, device, field)
     if device.type == "cuda":
@@ -139,7 +140,7 @@ def choose_precision(amp: str, device, field: str, timed: Callable[[Optional[tor
     full_key = (f"{cpu_tag_line()} | torch {torch.__version__} | {torch.get_num_threads()} "
                 f"threads | {key}")
     path = cache_path()
-    entry = _read_cache(path).get(full_key)
+    entry = None if refresh else _read_cache(path).get(full_key)
     if entry is not None:
         return decide(amp, field, entry["float32_s"], entry["bf16_s"], cached=True)
     f32, b16 = measure(timed, reps)
@@ -187,7 +188,7 @@ def _untouched(model: torch.nn.Module):
 
 
 def choose_for_model(amp: str, device, field: str, model: torch.nn.Module, shape: tuple,
-                     train: bool, key: str, reps: int = 3) -> Precision:
+                     train: bool, key: str, reps: int = 3, refresh: bool = False) -> Precision:
     """:func:`choose_precision` timing ``model`` itself on a batch of ``shape``: a forward and a
     backward pass (``train``) or a forward pass without gradients (inference), the model left as
     it was. The cache's key names the model's class, size, pass and shape, after ``key``."""
@@ -206,7 +207,7 @@ def choose_for_model(amp: str, device, field: str, model: torch.nn.Module, shape
     what = (f"{key}: {type(model).__name__} {n} params, {'train step' if train else 'forward'} "
             f"{tuple(shape)}")
     with _untouched(model):
-        return choose_precision(amp, device, field, timed, what, reps)
+        return choose_precision(amp, device, field, timed, what, reps, refresh)
 
 
 def autocast(device, dtype):
