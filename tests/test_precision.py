@@ -39,7 +39,7 @@ def test_bf16_is_kept_only_where_the_timing_says_it_is_faster():
     slow = decide("bf16", "train_cls.amp", 0.146, 0.193, cached=False)
     assert slow.dtype is None and "float32 kept" in slow.reason and "bf16!" in slow.reason
     assert slow.record() == {"dtype": "float32", "reason": slow.reason, "float32_s": 0.146,
-                             "bf16_s": 0.193, "cached": False}
+                             "bf16_s": 0.193, "cached": False, "resumed": False}
     fast = decide("bf16", "cams.amp", 0.687, 0.344, cached=True)
     assert fast.dtype is torch.bfloat16 and "2.00x" in fast.reason and "cached" in fast.reason
     # a tie keeps float32: bf16 must be clearly faster
@@ -210,10 +210,59 @@ def test_a_resumed_trainer_keeps_its_checkpoints_precision(tmp_path, monkeypatch
     cfg = TrainConfig(amp="bf16", batch_size=2, crop_size=48)
     for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
         ck = {"precision": {"dtype": name, "reason": "timed before", "float32_s": 1.0,
-                            "bf16_s": 0.5, "cached": False}}
+                            "bf16_s": 0.5, "cached": False, "device": "cpu"}}
         p = _precision(model, "cls", cfg, DistInfo(), "train_cls.amp", ck)
-        assert p.dtype is dtype and "as the checkpoint was trained" in p.reason
+        assert p.dtype is dtype and p.resumed and p.reason == "timed before"   # not re-wrapped
+        assert "as the checkpoint was trained: timed before" in p.describe()
+        again = _precision(model, "cls", cfg, DistInfo(), "train_cls.amp",
+                           {"precision": {**p.record(), "device": "cpu"}})
+        assert again.reason == "timed before" and again.dtype is dtype     # a second resume
     assert not cache_path().exists()            # nothing timed: the checkpoint decided
+    # a checkpoint trained on CUDA decides nothing on a CPU (bf16 there may be emulated)
+    cuda_ck = {"precision": {"dtype": "bfloat16", "reason": "train_cls.amp=bf16",
+                             "device": "cuda"}}
+    assert not _precision(model, "cls", cfg, DistInfo(), "train_cls.amp", cuda_ck).resumed
+    with pytest.raises(ValueError, match="train_cls.amp"):       # checked on every rank
+        _precision(model, "cls", TrainConfig(amp="bf17"), DistInfo(rank=1, world_size=1),
+                   "train_cls.amp", None)
+    cache_path().unlink(missing_ok=True)
     fresh = _precision(model, "cls", cfg, DistInfo(), "train_cls.amp", None)
     assert cache_path().exists() == cpu_has_native_bf16()
     assert fresh.record()["dtype"] in ("float32", "bfloat16")
+
+
+def _choose_in_process(cache_dir, calls_file, results, i):
+    import os
+    os.environ["PSA_DIST_CACHE"] = cache_dir
+
+    def timed(dtype):
+        with open(calls_file, "a") as f:
+            f.write(f"{i}\n")
+        import time
+        time.sleep(0.05)
+    p = choose_precision("bf16", CPU, "cams.amp", timed, "two actors at once")
+    results[i] = (p.cached, p.name)
+
+
+def test_processes_starting_together_time_once_and_decide_alike(tmp_path):
+    import multiprocessing as mp
+    if not cpu_has_native_bf16():
+        # nothing is timed where bf16 is emulated: both take float32 at once
+        calls = []
+        assert choose_precision("bf16", CPU, "f", calls.append, "k").dtype is None and not calls
+        return
+    ctx = mp.get_context("fork")
+    results = ctx.Manager().dict()
+    calls = tmp_path / "calls.txt"
+    procs = [ctx.Process(target=_choose_in_process, args=(str(tmp_path), str(calls), results, i))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(results.keys()) == [0, 1]
+    # one process timed (2 warm-ups + 3 of each), the other waited at the lock and read its timing
+    timers = set(calls.read_text().split())
+    assert len(timers) == 1 and len(calls.read_text().split()) == 8
+    assert sorted(r[0] for r in results.values()) == [False, True]
+    assert len({r[1] for r in results.values()}) == 1

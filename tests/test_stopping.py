@@ -15,7 +15,7 @@ from psa_dist.stages.stopping import StopRule
 from psa_dist.stages.run_dir import Run
 from psa_dist.stages.train import SettingsChanged, _shard_sets, heldout_loader
 from psa_dist.stages.trained import load_trained
-from psa_dist.util.precision import amp_dtype, autocast
+from psa_dist.util.precision import autocast
 
 TINY = """
 name: stoptest
@@ -110,7 +110,9 @@ def test_classifier_stops_and_keeps_its_best_epoch(tiny, tmp_path):
     total = n = 0.0
     loader = heldout_loader(run, "cls", cfg.train_cls)
     loader.set_epoch(0, 0)
-    with torch.no_grad(), autocast("cpu", amp_dtype(cfg.train_cls.amp, torch.device("cpu"))):
+    # in the precision the trainer chose (util/precision.py: timed on a CPU), kept in its checkpoint
+    dtype = torch.bfloat16 if final["precision"]["dtype"] == "bfloat16" else None
+    with torch.no_grad(), autocast("cpu", dtype):
         for x, y in loader:
             total += float(loss_for("cls", model, x, y)) * x.shape[0]
             n += x.shape[0]

@@ -386,8 +386,10 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
 
     def result(partial: bool) -> dict:
         return {"bench": "cost", "partial": partial, "devices": {d: device_name(d) for d in devices},
-                "project_default_precision": {d: str(amp_dtype("bf16", torch.device(d)) or "float32")
-                                              for d in devices},
+                # what amp=bf16 may give: on a CPU only a candidate, which the stages time
+                # (util/precision.py; psa-dist bench precision shows their choice)
+                "bf16_candidate": {d: str(amp_dtype("bf16", torch.device(d)) or "float32")
+                                   for d in devices},
                 "threads": torch.get_num_threads(), "size_scale": size_scale, "images": images,
                 "bf16_cut": bf16_cut, "rows": rows, "bounds": bound_rows, "plan": plan,
                 "extrapolation": extrapolation(),

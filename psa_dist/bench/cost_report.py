@@ -111,8 +111,9 @@ def tables(res: dict) -> str:
         cut = "" if r.get("cut", 1.0) == 1.0 else "@cut"
         by.setdefault((r["dataset"], r["stage"], r["device"]), {})[r["precision"] + cut] = r
     out = [f"Devices: {'; '.join(f'{k}: {v}' for k, v in res['devices'].items())}. "
-           "Precision the project picks for bf16 settings here: " + ", ".join(
-               f"{k} {v}" for k, v in res["project_default_precision"].items()) + ".", "",
+           "What a bf16 setting may give here (on a CPU a candidate that the stages time, "
+           "`psa-dist bench precision`): " + ", ".join(
+               f"{k} {v}" for k, v in res["bf16_candidate"].items()) + ".", "",
            "| dataset | stage | what | device | float32 s/img | bf16 s/img | bf16/float32 | "
            "peak MB float32 / bf16 | MB at config batch | output bytes |", "|" + "---|" * 10]
     for (ds, stage, dev), pr in by.items():

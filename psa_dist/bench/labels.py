@@ -34,9 +34,9 @@ from ..data.synth import write_synth
 from ..nets.checkpoint import save_checkpoint
 from ..nets.models import build_classifier
 from ..stages.labelgen import cam_shard
-from ..stages.labels import label_pool
+from ..stages.labels import cam_timing_shape, label_pool
 from ..stages.run_dir import Run
-from ..util.precision import amp_dtype, autocast
+from ..util.precision import autocast, choose_for_model
 
 
 def _rss_mb() -> float:
@@ -67,11 +67,13 @@ def _scratch_run(cfg: Config, root: Path, num_train: int, shard_size: int, image
 def bench_cams(cfg: Config, images: int = 48, out_dir: str | Path | None = None) -> dict:
     """Stage images/s against bare-forward images/s on one shard of ``images`` images."""
     c = cfg.cams
-    amp = amp_dtype(c.amp, torch.device("cpu"), "cams.amp")
     with tempfile.TemporaryDirectory() as tmp:
         shards, run_cfg = _scratch_run(cfg, Path(tmp), images, images, cfg.synth.image_size)
         num_classes = run_cfg.synth.num_classes
         model = build_classifier(cfg.model, num_classes).eval()
+        # the precision the CAM stage would choose on this CPU (timed as its workers time it)
+        amp = choose_for_model(c.amp, "cpu", "cams.amp", model, cam_timing_shape(cfg),
+                               train=False, key="cams").dtype
         samples = [decode_sample(s, ("image", "cls")) for s in iter_shard(shards[0])]
         batches = []
         for i in range(0, len(samples), c.batch_size):

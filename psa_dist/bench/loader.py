@@ -18,7 +18,7 @@ from ..stages.run_dir import Run
 from ..stages.train import train_loader
 from ..stages.trained import model_to_train
 from ..util.dist import DistInfo
-from ..util.precision import amp_dtype
+from ..util.precision import choose_for_model
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -44,7 +44,10 @@ def bench_loader(cfg: Config, kind: str = "cls", batches: int = 30, workers: int
     opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, model.new_modules())
     sched = build_poly_scheduler(opt, len(held) * 2)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    dtype = amp_dtype(tcfg.amp, info.device)
+    crop = tcfg.crop_size or 256       # the precision the trainer would choose (timed on a CPU)
+    dtype = choose_for_model(tcfg.amp, info.device, f"{table.MODELS[kind].section}.amp", model,
+                             (tcfg.batch_size, 3, crop, crop), train=True,
+                             key="seg" if kind == "seg_full" else kind).dtype
     x, y = held[0]
     train_step(model, kind, x.to(run.device), y.to(run.device), opt, sched, scaler, dtype)  # warm-up
     t0 = time.monotonic()

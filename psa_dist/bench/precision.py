@@ -15,15 +15,28 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
-from ..nets.models import set_bn_eval
+from ..config import Config, ConfigError
+from ..data.shards import read_dataset_json
+from ..nets.models import freeze_layers, set_bn_eval
 from ..stages import table
+from ..stages.labels import cam_timing_shape
 from ..stages.trained import architecture
 from ..util.atomic import atomic_write_json
 from ..util.dist import cpu_threads
 from ..util.precision import choose_for_model, cpu_has_native_bf16, cpu_tag_line
 
 TRAINED = ("cls", "aff", "seg")          # seg_full is the segmenter's architecture again
+
+
+def config_classes(cfg: Config) -> int:
+    """The classes a config's networks have: its dataset's (``dataset.json`` under data.root),
+    else the synthetic data's count; a real dataset not converted yet is named."""
+    if (Path(cfg.data.root) / "dataset.json").is_file():
+        return read_dataset_json(cfg.data.root)["num_classes"]
+    if cfg.data.source == "synth":
+        return cfg.synth.num_classes
+    raise ConfigError(f"data.root: no dataset.json in {cfg.data.root} to read the classes from; "
+                      f"convert the dataset first, or give --classes")
 
 
 def bench_precision(cfg: Config, num_classes: int, threads: int | None = None,
@@ -40,8 +53,7 @@ def bench_precision(cfg: Config, num_classes: int, threads: int | None = None,
         t = getattr(cfg, section)
         cases.append((model, f"{section}.amp", t.amp, (t.batch_size, 3, t.crop_size, t.crop_size),
                       True, threads or cpu_threads(t.num_workers, t.threads)))
-    crop = cfg.train_cls.crop_size
-    cases.append(("cams", "cams.amp", cfg.cams.amp, (1, 3, crop, crop), False,
+    cases.append(("cams", "cams.amp", cfg.cams.amp, cam_timing_shape(cfg), False,
                   threads or (1 if cfg.ray.enabled else torch.get_num_threads())))
     rows, threads_before = [], torch.get_num_threads()
     try:
@@ -63,8 +75,11 @@ def _case(cfg: Config, num_classes: int, fresh: bool, name: str, field: str, amp
     torch.set_num_threads(n_threads)
     net = architecture(cfg, "cls" if name == "cams" else name, num_classes)
     net = net.train() if train else net.eval()
-    if train and cfg.model.freeze_bn:
-        set_bn_eval(net)
+    if train:       # as model_to_train leaves it: the config's frozen layers, its BN mode
+        if name in ("cls", "aff"):
+            freeze_layers(net.backbone, cfg.model.frozen_layers)
+        if cfg.model.freeze_bn:
+            set_bn_eval(net)
     t0 = time.monotonic()
     p = choose_for_model(amp, "cpu", field, net, shape, train=train, key=name, refresh=fresh)
     speedup = round(p.float32_s / p.bf16_s, 2) if p.float32_s and p.bf16_s else None

@@ -419,7 +419,8 @@ def project(stages: list, images: int = COCO_TRAIN, gpus=GPUS, s_per_image: dict
     rows = []
     for fig in stages:
         name = fig["stage"]
-        o = max(0.0, (fig.get("overhead_steady_ms_per_shard") or fig["overhead_ms_per_shard"]) / 1000)
+        steady = fig.get("overhead_steady_ms_per_shard")
+        o = max(0.0, (fig["overhead_ms_per_shard"] if steady is None else steady) / 1000)
         u = fig.get("startup_s") or 0.0
         d = max(0.0, fig["shard_s_max"] - fig["shard_s_median"])
         for size in shard_sizes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..bench.cost import GPU_TFLOPS, STAGES as COST_STAGES, bench_cost
 from ..bench.labels import bench_cams, bench_scaling
 from ..bench.loader import bench_loader
-from ..bench.precision import bench_precision
+from ..bench.precision import bench_precision, config_classes
 from ..bench.quality import VARIANTS, bench_quality
 from ..bench.random_walk import SIZES, bench_random_walk
 from ..bench.scale import COCO_SHARD_SIZE, COCO_TRAIN, bench_scale
@@ -55,8 +55,7 @@ def cmd_bench_scale(args) -> int:
 
 def cmd_bench_precision(args) -> int:
     cfg = load(args)
-    bench_precision(cfg, args.classes or cfg.synth.num_classes, args.threads, args.fresh,
-                    args.out)
+    bench_precision(cfg, args.classes or config_classes(cfg), args.threads, args.fresh, args.out)
     return 0
 
 
@@ -204,7 +203,8 @@ def _add_precision(bsub) -> None:
                         "(bf16 where it takes at most 0.95 of float32's time). Uses and fills the "
                         "cache the stages read ($PSA_DIST_CACHE/precision.json).")
     config_args(p, required=True)
-    p.add_argument("--classes", type=int, help="classes of the networks (default synth.num_classes)")
+    p.add_argument("--classes", type=int, help="classes of the networks (default: the dataset's, "
+                   "from data.root's dataset.json, or synth.num_classes for synthetic data)")
     p.add_argument("--threads", type=int, help="threads for every case (default: each stage's own)")
     p.add_argument("--fresh", action="store_true", help="time again, replacing cached timings")
     p.add_argument("--out", default="runs/bench/precision.json", help="JSON of the rows")

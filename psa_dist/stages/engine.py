@@ -32,7 +32,7 @@ from ..nets.checkpoint import load_checkpoint, save_checkpoint
 from ..nets.models import Classifier, set_bn_eval
 from ..nets.optim import LearnedSchedule, build_optimizer, build_poly_scheduler
 from ..util.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_ddp
-from ..util.precision import Precision, autocast, choose_for_model
+from ..util.precision import Precision, amp_dtype, autocast, choose_for_model
 from . import table
 from .stopping import FitRule, StopRule
 
@@ -146,20 +146,23 @@ def _set_rng_state(st: dict) -> None:
 
 def _precision(model: nn.Module, kind: str, train_cfg, info: DistInfo, field: str,
                ck: dict | None) -> Precision:
-    """The step's precision: a resumed run keeps its checkpoint's (so that it ends with the
-    weights of an uninterrupted run, whatever a new timing would say); else rank 0 decides (on a
-    CPU by timing the model's own step, ``util/precision.py``) and every rank takes its decision:
-    one precision across the job, whatever each node would time."""
+    """The step's precision: a resumed run on the same kind of device keeps its checkpoint's (so
+    that it ends with the weights of an uninterrupted run, whatever a new timing would say); else
+    rank 0 decides (on a CPU by timing the model's own step, ``util/precision.py``) and every rank
+    takes its decision: one precision across the job, whatever each node would time."""
+    amp_dtype(train_cfg.amp, info.device, field)   # a bad setting fails every rank, not rank 0
     kept = (ck or {}).get("precision")
-    if kept is not None and info.device.type == "cpu" and train_cfg.amp == "bf16":
+    if (kept is not None and info.device.type == "cpu" == kept.get("device")
+            and train_cfg.amp == "bf16"):
         precision = Precision(torch.bfloat16 if kept["dtype"] == "bfloat16" else None,
-                              f"{field}={train_cfg.amp}: as the checkpoint was trained "
-                              f"({kept['reason']})", kept.get("float32_s"), kept.get("bf16_s"),
-                              kept.get("cached", False))
+                              kept["reason"], kept.get("float32_s"), kept.get("bf16_s"),
+                              kept.get("cached", False), resumed=True)
     elif info.is_main:
         crop = train_cfg.crop_size or 256
+        # both segmenters are one architecture: one timing (and one cache entry) serves both
         precision = choose_for_model(train_cfg.amp, info.device, field, model,
-                                     (train_cfg.batch_size, 3, crop, crop), train=True, key=kind)
+                                     (train_cfg.batch_size, 3, crop, crop), train=True,
+                                     key="seg" if kind == "seg_full" else kind)
     else:
         precision = None
     precision = broadcast_object(precision)
@@ -255,7 +258,7 @@ def train(model: nn.Module, kind: str, loader, train_cfg, out_dir: Path, info: D
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": _rng_state(),
                 **({"epoch_loss": epoch_loss.cpu()} if epoch_loss is not None else {}),
                 "config": config_dict or {}, "world_size": info.world_size,
-                "precision": precision.record(),
+                "precision": {**precision.record(), "device": info.device.type},
                 **({"settings": settings} if settings is not None else {}),
                 **({"stop": {"rule": stopper.state if stopper else None,
                              "fit": fit.state if fit else None, "lr": learned.state}}

@@ -37,6 +37,12 @@ def crf_settings(cfg: Config, enabled: bool) -> dict | None:
             "bi_sxy": a.crf_bi_sxy, "bi_srgb": a.crf_bi_srgb, "bi_compat": a.crf_bi_compat}
 
 
+def cam_timing_shape(cfg: Config) -> tuple:
+    """The batch the CAM stage's precision is timed on (``bench precision`` times the same)."""
+    size = cfg.train_cls.crop_size or 320
+    return (cfg.cams.batch_size, 3, size, size)
+
+
 class LabelWorker:
     """One label-stage worker: loads its stage's model once (on ``device``), then turns input
     shards into output shards (decode, the core's functions, encode)."""
@@ -51,10 +57,10 @@ class LabelWorker:
         self.precision = None
         if stage == "cams":
             # on a CPU, bf16 only where timing the classifier's forward says it is faster
-            # (util/precision.py; cached per machine, so the actors of a node time it once)
-            c, size = cfg.cams, cfg.train_cls.crop_size or 320
-            self.precision = choose_for_model(c.amp, self.device, "cams.amp", self.model,
-                                              (1, 3, size, size), train=False, key="cams")
+            # (util/precision.py: one process of a machine times, under a lock, the others read
+            # its cached timing); a batch of cams.batch_size images at the training crop
+            self.precision = choose_for_model(cfg.cams.amp, self.device, "cams.amp", self.model,
+                                              cam_timing_shape(cfg), train=False, key="cams")
             print(f"[cams] precision: {self.precision.describe()} on {self.device.type}",
                   flush=True)
 

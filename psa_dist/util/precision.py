@@ -1,5 +1,6 @@
 """Precision: which autocast dtype a device gets for a ``*.amp`` setting, and the autocast context.
-The trainers, the CAM stage and their benchmarks all take it from here.
+The trainers and the CAM stage take theirs from here (:func:`choose_for_model`); the benchmarks
+that compare precisions name theirs (:func:`amp_dtype`), and ``bench precision`` shows the choice.
 
 On CUDA ``bf16`` and ``fp16`` are what they say. On a CPU, ``bf16`` is a request that a measurement
 decides (:func:`choose_precision`): where the CPU says it multiplies bf16 in hardware (AMX tiles or
@@ -13,6 +14,7 @@ machine measures once. ``bf16!`` forces bf16 autocast on any CPU, unmeasured; ``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import statistics
@@ -28,6 +30,10 @@ from .atomic import atomic_write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bf16!": torch.bfloat16, "fp16": torch.float16,
               "none": None}
+# A call slower than this (a real-size network's step on a CPU: ResNet-38 at batch 4, crop 448
+# takes about 40 s in float32 here) is timed once in each precision after its warm-up, so that
+# rank 0's timing keeps well inside the other ranks' wait for its decision
+SLOW_CALL_S = 5.0
 # bf16 is kept on a CPU only when its step takes at most this share of float32's: a tie keeps
 # float32's precision (and the measurement's noise, a few percent, does not flip the choice)
 BF16_KEEP_BELOW = 0.95
@@ -63,6 +69,7 @@ class Precision:
     float32_s: Optional[float] = None      # the timed call's median seconds in float32
     bf16_s: Optional[float] = None         # ... and under bf16 autocast
     cached: bool = False                   # the timing came from the cache
+    resumed: bool = False                  # kept from a checkpoint (reason: the original one's)
 
     @property
     def name(self) -> str:
@@ -71,7 +78,7 @@ class Precision:
     def describe(self) -> str:
         """One line for the log: the choice and, where one was made, the timing."""
         head = "float32" if self.dtype is None else f"autocast {self.name}"
-        return f"{head} ({self.reason})"
+        return f"{head} ({'as the checkpoint was trained: ' if self.resumed else ''}{self.reason})"
 
     def record(self) -> dict:
         """What a run's summary keeps of it."""
@@ -96,7 +103,10 @@ def measure(timed: Callable[[Optional[torch.dtype]], None], reps: int = 3) -> tu
     """Median seconds of ``timed(None)`` (float32) and ``timed(torch.bfloat16)``: one warm-up call
     each (oneDNN builds its primitives on the first), then ``reps`` calls each, alternating, so that
     a machine whose speed drifts slows both alike."""
+    t0 = time.perf_counter()
     timed(None)
+    if time.perf_counter() - t0 > SLOW_CALL_S:
+        reps = 1        # a real-size network on a CPU: one call each is what a few minutes allow
     timed(torch.bfloat16)
     f32, b16 = [], []
     for _ in range(reps):
@@ -140,19 +150,39 @@ def choose_precision(amp: str, device, field: str, timed: Callable[[Optional[tor
     full_key = (f"{cpu_tag_line()} | torch {torch.__version__} | {torch.get_num_threads()} "
                 f"threads | {key}")
     path = cache_path()
-    entry = None if refresh else _read_cache(path).get(full_key)
-    if entry is not None:
-        return decide(amp, field, entry["float32_s"], entry["bf16_s"], cached=True)
-    f32, b16 = measure(timed, reps)
-    cache = _read_cache(path)       # again: another process may have added its own meanwhile
-    cache[full_key] = {"float32_s": f32, "bf16_s": b16,
-                       "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    # One process of a machine times at a time, the others wait and read its timing: the actors
+    # of a node starting together decide alike, and no two timings share the cores
+    with _machine_lock(path):
+        entry = None if refresh else _read_cache(path).get(full_key)
+        if entry is not None:
+            return decide(amp, field, entry["float32_s"], entry["bf16_s"], cached=True)
+        f32, b16 = measure(timed, reps)
+        cache = _read_cache(path)
+        cache[full_key] = {"float32_s": f32, "bf16_s": b16,
+                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            atomic_write_json(path, cache)
+        except OSError as e:            # a read-only cache costs a timing next time, no more
+            print(f"[precision] could not cache the timing in {path}: {e}", flush=True)
+    return decide(amp, field, f32, b16, cached=False)
+
+
+@contextlib.contextmanager
+def _machine_lock(path: Path):
+    """An exclusive lock beside the cache (``flock``: released when the process dies), or none
+    where the cache's directory cannot be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, cache)
-    except OSError as e:            # a read-only cache costs a timing next time, no more
-        print(f"[precision] could not cache the timing in {path}: {e}", flush=True)
-    return decide(amp, field, f32, b16, cached=False)
+        f = open(path.with_suffix(".lock"), "a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cpu_tag_line() -> str:
@@ -204,8 +234,9 @@ def choose_for_model(amp: str, device, field: str, model: torch.nn.Module, shape
                 model.zero_grad(set_to_none=True)
 
     n = sum(p.numel() for p in model.parameters())
-    what = (f"{key}: {type(model).__name__} {n} params, {'train step' if train else 'forward'} "
-            f"{tuple(shape)}")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = (f"{key}: {type(model).__name__} {n} params ({trained} trained), "
+            f"{'train step' if train else 'forward'} {tuple(shape)}")
     with _untouched(model):
         return choose_precision(amp, device, field, timed, what, reps, refresh)
 
