@@ -112,7 +112,9 @@ def _failing_rank(rank, port, left):
 def test_a_failed_rank_leaves_the_process_group_without_waiting_for_the_others(tmp_path):
     # a rank that raises (a bad file, out of memory) must end its task, so that the job fails now
     # and not after the process group's 30-minute timeout (a whole chain of jobs waits on it)
+    # rank 1 asserts, while it is still busy, that rank 0 has left: spawn raises if it has not
     mp.spawn(_failing_rank, args=(free_port(), tmp_path / "rank0-left"), nprocs=2, join=True)
+    assert (tmp_path / "rank0-left").exists()
 
 
 @pytest.fixture(scope="module")
