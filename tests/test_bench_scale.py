@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from psa_dist.bench.scale import project, stage_figures
+from psa_dist.bench.scale_figures import project, stage_figures
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ start-up, the idle tail, dispatch) and with the start-up and the tail taken out 
 bookkeeping only); the driver's peak RSS; the GCS server's RSS over the stage; the bytes the
 object store created, and the bytes of the task arguments and returns (small: they travel inline,
 not through the plasma store). Then the projection of the label stages to COCO on 8 / 32 / 128
-GPUs from those figures (:func:`project`). Writes ``OUT/scale.json`` and ``OUT/scale.md``.
+GPUs from those figures (``scale_figures.project``). Writes ``OUT/scale.json`` and ``OUT/scale.md``.
 
 Timings on a shared 2-core machine are noisy; the figures that the projection needs (overhead per
 shard, longest / median shard) are ratios and differences within one run.
@@ -33,11 +33,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
-import pickle
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -50,18 +47,10 @@ from ..config import Config, config_to_dict, load_config
 from ..data.shards import iter_shard, read_dataset_json, split_shards
 from ..stages.run_dir import Run, ensure_dataset
 from ..util.atomic import atomic_write_bytes, atomic_write_json
+from .scale_figures import COCO_TRAIN, format_table, inline_bytes, project, stage_figures
 
-COCO_TRAIN = 82_783
 COCO_SHARD_SIZE = 100           # docs/coco.md: --shard-size 100 (828 train shards)
 LABEL_STAGES = ("cams", "aff_labels", "random_walk")
-# Seconds per COCO image (640x480, ResNet-50) of one actor, from docs/performance.md's COCO rows
-# ("Extrapolated to the whole training sets"): the GPU times are machine A's float32 CPU time / 89
-# (25 TFLOP/s assumed); aff_labels is CPU work (the dense CRF), one image per CPU actor, 8 CPU
-# actors per GPU.
-COCO_S_PER_IMAGE = {"cams": 16.10 / 89, "aff_labels": 0.89, "random_walk": 0.89 / 89}
-ACTORS_PER_GPU = {"cams": 1, "aff_labels": 8, "random_walk": 1}
-GPUS = (8, 32, 128)
-
 # The bench's settings over the config (the demo's by default): COCO's count and classes at a tiny
 # size, one epoch of each trainer in this process, no curves. {placeholders} are filled in.
 SCALE_OVERRIDES = [
@@ -208,46 +197,6 @@ def _object_store(cluster) -> dict | None:
         return None
 
 
-def stage_figures(name: str, lines: list, arrivals: list, wall: float, actors: int,
-                  stage_start: float | None) -> dict:
-    """One label stage's figures from its shard log (``lines``), the times its lines were seen
-    (``arrivals``: (time, line)), its wall time and its actors."""
-    secs = [float(r["seconds"]) for r in lines]
-    samples = sum(int(r["samples"]) for r in lines)
-    n, work = len(lines), sum(secs)
-    med = statistics.median(secs) if secs else float("nan")
-    fig = {"stage": name, "shards": n, "images": samples, "actors": actors,
-           "nodes": len({r.get("node") for r in lines if r.get("node")}),
-           "wall_s": round(wall, 2), "work_s": round(work, 2),
-           "shards_per_s": round(n / wall, 3), "images_per_s": round(samples / wall, 1),
-           "shard_s_median": round(med, 3), "shard_s_max": round(max(secs, default=0.0), 3),
-           "shard_s_min": round(min(secs, default=0.0), 3),
-           "longest_over_median": round(max(secs) / med, 3) if secs and med > 0 else None,
-           # the stage against the sum of its shards' work spread over the actors (1 = no loss)
-           "wall_over_work_per_actor": round(wall / (work / actors), 3) if work else None,
-           "overhead_ms_per_shard": round(1000 * (wall * actors - work) / n, 1) if n else None}
-    # start-up: from the stage's start to its first shard's line, less that shard's own time;
-    # tail: each actor's idle time after its last shard until the stage's last shard
-    if arrivals and stage_start is not None:
-        t_first, first = arrivals[0]
-        startup = max(0.0, t_first - stage_start - float(first["seconds"]))
-        t_last = arrivals[-1][0]
-        last_of: dict = {}
-        for t, r in arrivals:
-            last_of[r.get("pid")] = t
-        tail = sum(t_last - t for t in last_of.values()) + (actors - len(last_of)) * (t_last - t_first)
-        fig.update({"startup_s": round(startup, 2), "tail_idle_actor_s": round(tail, 2),
-                    "overhead_steady_ms_per_shard":
-                        round(1000 * (wall * actors - work - actors * startup - tail) / n, 1)})
-    return fig
-
-
-def _inline_bytes(lines: list) -> int:
-    """The pickled size of every task's arguments (two paths) and of its result, from the log
-    (results below Ray's 100 KiB inline limit travel in the task's messages, not the store)."""
-    return sum(len(pickle.dumps((r["shard"], r["out"]))) + len(pickle.dumps(r)) for r in lines)
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -302,6 +251,42 @@ def check_export(export_dir: Path, dataset_root: Path, split: str = "train") -> 
             "every_key_once": sorted(listed) == sorted(keys) == labels}
 
 
+def _measure_stage(stage: str, cfg: Config, path: Path, out: Path, cluster, gcs: int,
+                   gcs_all: list) -> dict:
+    """One label stage from scratch on ``cluster`` as its own ``psa-dist`` command, sampled;
+    its figures (``gcs_all`` gets the GCS server's RSS samples)."""
+    shard_log = Path(cfg.out_dir) / "stages" / f"{stage}.shards.jsonl"
+    store0 = _object_store(cluster)
+    r = _psa([stage.replace("_", "-"), path, "--force", "--ray-address", cluster.address],
+             out / "logs" / f"{stage}.log", gcs_pid=gcs, shard_log=shard_log)
+    store1 = _object_store(cluster)
+    marker = json.loads((Path(cfg.out_dir) / "stages" / f"{stage}.json").read_text())
+    lines = [json.loads(x) for x in shard_log.read_text().splitlines() if x.strip()]
+    s = r["sampler"]
+    fig = stage_figures(stage, lines, s.arrivals, marker["seconds"],
+                        int(marker.get("actors") or len({x.get("pid") for x in lines})),
+                        r["stage_start"])
+    gcs_all += s.gcs_kb
+    fig.update({
+        "command_wall_s": round(r["wall"], 2), "driver_peak_mb": r["driver_peak_mb"],
+        "gcs_rss_mb": [round(min(s.gcs_kb) / 1024, 1), round(max(s.gcs_kb) / 1024, 1)]
+        if s.gcs_kb else None,
+        "gcs_rss_mb_end": round(s.gcs_kb[-1] / 1024, 1) if s.gcs_kb else None,
+        "inline_bytes": inline_bytes(lines),
+        "store_created_bytes": (store1["created_bytes"] - store0["created_bytes"])
+        if store0 and store1 else None,
+        "store_created_objects": (store1["created_objects"] - store0["created_objects"])
+        if store0 and store1 else None,
+        "restarts": marker.get("restarts"), "failed_samples": len(marker.get("failed", [])),
+        "failed_shards": len(marker.get("failed_shards", []))})
+    print(f"[bench scale] {stage}: {fig['shards']} shards, {fig['images']} images in "
+          f"{fig['wall_s']} s: {fig['shards_per_s']} shards/s, {fig['images_per_s']} img/s "
+          f"on {fig['actors']} actors; overhead {fig['overhead_ms_per_shard']} ms/shard "
+          f"({fig.get('overhead_steady_ms_per_shard')} without start-up and tail); "
+          f"longest shard {fig['longest_over_median']}x the median", flush=True)
+    return fig
+
+
 def bench_scale(out, config=None, overrides=(), images: int = COCO_TRAIN, classes: int = 80,
                 image_size: int = 32, shard_size: int = COCO_SHARD_SIZE, nodes: int = 2,
                 cpus_per_node: int = 1, train_images: int = 2000,
@@ -343,38 +328,8 @@ def bench_scale(out, config=None, overrides=(), images: int = COCO_TRAIN, classe
         gcs = cluster.head_node.all_processes["gcs_server"][0].process.pid
         res["gcs_rss_mb_start"] = round((_rss_kb(gcs) or 0) / 1024, 1)
         gcs_all = []
-        res["stages"] = []
-        for stage in LABEL_STAGES:
-            shard_log = Path(cfg.out_dir) / "stages" / f"{stage}.shards.jsonl"
-            store0 = _object_store(cluster)
-            r = _psa([stage.replace("_", "-"), path, "--force", "--ray-address", cluster.address],
-                     out / "logs" / f"{stage}.log", gcs_pid=gcs, shard_log=shard_log)
-            store1 = _object_store(cluster)
-            marker = json.loads((Path(cfg.out_dir) / "stages" / f"{stage}.json").read_text())
-            lines = [json.loads(x) for x in shard_log.read_text().splitlines() if x.strip()]
-            s = r["sampler"]
-            fig = stage_figures(stage, lines, s.arrivals, marker["seconds"],
-                                int(marker.get("actors") or len({x.get("pid") for x in lines})),
-                                r["stage_start"])
-            gcs_all += s.gcs_kb
-            fig.update({
-                "command_wall_s": round(r["wall"], 2), "driver_peak_mb": r["driver_peak_mb"],
-                "gcs_rss_mb": [round(min(s.gcs_kb) / 1024, 1), round(max(s.gcs_kb) / 1024, 1)]
-                if s.gcs_kb else None,
-                "gcs_rss_mb_end": round(s.gcs_kb[-1] / 1024, 1) if s.gcs_kb else None,
-                "inline_bytes": _inline_bytes(lines),
-                "store_created_bytes": (store1["created_bytes"] - store0["created_bytes"])
-                if store0 and store1 else None,
-                "store_created_objects": (store1["created_objects"] - store0["created_objects"])
-                if store0 and store1 else None,
-                "restarts": marker.get("restarts"), "failed_samples": len(marker.get("failed", [])),
-                "failed_shards": len(marker.get("failed_shards", []))})
-            res["stages"].append(fig)
-            print(f"[bench scale] {stage}: {fig['shards']} shards, {fig['images']} images in "
-                  f"{fig['wall_s']} s: {fig['shards_per_s']} shards/s, {fig['images_per_s']} img/s "
-                  f"on {fig['actors']} actors; overhead {fig['overhead_ms_per_shard']} ms/shard "
-                  f"({fig.get('overhead_steady_ms_per_shard')} without start-up and tail); "
-                  f"longest shard {fig['longest_over_median']}x the median", flush=True)
+        res["stages"] = [_measure_stage(stage, cfg, path, out, cluster, gcs, gcs_all)
+                         for stage in LABEL_STAGES]
         res["gcs_rss_mb_max"] = round(max(gcs_all) / 1024, 1) if gcs_all else None
         res["gcs_rss_mb_end"] = round((_rss_kb(gcs) or 0) / 1024, 1)
         res["gcs_peak_mb"] = round((_rss_kb(gcs, "VmHWM") or 0) / 1024, 1)
@@ -397,78 +352,3 @@ def bench_scale(out, config=None, overrides=(), images: int = COCO_TRAIN, classe
     atomic_write_bytes(out / "scale.md", md.encode())
     print(md, flush=True)
     return res
-
-
-def project(stages: list, images: int = COCO_TRAIN, gpus=GPUS, s_per_image: dict | None = None,
-            shard_sizes=(100, 500), speculate_after: float = 3.0,
-            speculate_min_s: float = 30.0) -> list:
-    """The label stages of ``images`` in shards of ``shard_sizes`` on G GPUs, from the measured
-    scheduling: A actors (G, or 8 G CPU actors for aff_labels), a shard's work w = shard size x
-    seconds per image (:data:`COCO_S_PER_IMAGE`), the steady overhead o per shard, the start-up u
-    and the spread d = longest - median shard, in seconds, measured here:
-
-        T = u + ceil(S / A) x (w + o) + d        ideal: S x w / A
-
-    (S = ceil(images / shard size) shards in waves of A; the last wave ends with its slowest
-    shard). d is taken in seconds, not as a ratio: the shards here are alike and a fraction of a
-    second long, so their spread is the machine's jitter, which does not grow with the work. A
-    straggler (one slow actor or node) adds at most max(speculate_after x w, speculate_min_s):
-    then an idle actor has started a copy of its shard, which takes w, as the shard would have
-    (``ray.speculate_after``, ``ray.speculate_min_s``); ``straggler_minutes`` is T with it."""
-    s_per_image = s_per_image or COCO_S_PER_IMAGE
-    rows = []
-    for fig in stages:
-        name = fig["stage"]
-        steady = fig.get("overhead_steady_ms_per_shard")
-        o = max(0.0, (fig["overhead_ms_per_shard"] if steady is None else steady) / 1000)
-        u = fig.get("startup_s") or 0.0
-        d = max(0.0, fig["shard_s_max"] - fig["shard_s_median"])
-        for size in shard_sizes:
-            n = math.ceil(images / size)
-            w = size * s_per_image[name]
-            for g in gpus:
-                a = g * ACTORS_PER_GPU[name]
-                t = u + math.ceil(n / a) * (w + o) + d
-                late = max(speculate_after * w, speculate_min_s) if speculate_after > 0 else w
-                ideal = n * w / a
-                rows.append({"stage": name, "shard_size": size, "shards": n, "gpus": g,
-                             "actors": a, "waves": math.ceil(n / a), "shard_work_s": round(w, 1),
-                             "minutes": round(t / 60, 2), "ideal_minutes": round(ideal / 60, 2),
-                             "efficiency": round(ideal / t, 3),
-                             "straggler_minutes": round((t + late) / 60, 2)})
-    return rows
-
-
-def format_table(res: dict) -> str:
-    """The figures as markdown tables (``OUT/scale.md``)."""
-    st = res["stages"]
-    head = ("| stage | shards | images | actors | wall s | shards/s | img/s | work s | wall / "
-            "(work / actors) | overhead ms/shard (all / steady) | start-up s | tail idle actor-s | "
-            "shard s median / max (x) | driver peak MB | GCS MB (min-max) | store bytes | inline "
-            "bytes |\n|" + "---|" * 17 + "\n")
-    rows = "".join(
-        f"| {f['stage']} | {f['shards']} | {f['images']} | {f['actors']} | {f['wall_s']} | "
-        f"{f['shards_per_s']} | {f['images_per_s']} | {f['work_s']} | "
-        f"{f['wall_over_work_per_actor']} | {f['overhead_ms_per_shard']} / "
-        f"{f.get('overhead_steady_ms_per_shard')} | {f.get('startup_s')} | "
-        f"{f.get('tail_idle_actor_s')} | {f['shard_s_median']} / {f['shard_s_max']} "
-        f"({f['longest_over_median']}) | {f['driver_peak_mb']} | "
-        f"{'-'.join(map(str, f['gcs_rss_mb'] or []))} | {f['store_created_bytes']} | "
-        f"{f['inline_bytes']} |\n" for f in st)
-    e = res["export"]
-    tr = res["training"]["steps"]
-    extra = (f"\nexport --what pseudo: {e['images']} images in {e['seconds']} s "
-             f"({e['images_per_s']} img/s), driver peak {e['driver_peak_mb']} MB; every key once: "
-             f"{e['every_key_once']}\n"
-             f"training on {res['training']['images']} images: classifier "
-             f"{tr['train_cls'].get('steps')} steps in {tr['train_cls']['wall_s']} s, AffinityNet "
-             f"{tr['train_aff'].get('steps')} steps in {tr['train_aff']['wall_s']} s\n"
-             f"GCS server RSS: {res['gcs_rss_mb_start']} MB at the start, {res['gcs_rss_mb_max']} "
-             f"MB at most, {res['gcs_rss_mb_end']} MB at the end (peak {res['gcs_peak_mb']})\n")
-    proj = ("\n| stage | shard size | shards | GPUs | actors | waves | shard work s | minutes | "
-            "ideal minutes | efficiency | with a straggler, minutes |\n|" + "---|" * 11 + "\n" +
-            "".join(f"| {p['stage']} | {p['shard_size']} | {p['shards']} | {p['gpus']} | "
-                    f"{p['actors']} | {p['waves']} | {p['shard_work_s']} | {p['minutes']} | "
-                    f"{p['ideal_minutes']} | {p['efficiency']} | {p['straggler_minutes']} |\n"
-                    for p in res["projection"]))
-    return head + rows + extra + proj

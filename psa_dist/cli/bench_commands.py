@@ -8,7 +8,8 @@ from ..bench.loader import bench_loader
 from ..bench.precision import bench_precision, config_classes
 from ..bench.quality import VARIANTS, bench_quality
 from ..bench.random_walk import SIZES, bench_random_walk
-from ..bench.scale import COCO_SHARD_SIZE, COCO_TRAIN, bench_scale
+from ..bench.scale import COCO_SHARD_SIZE, bench_scale
+from ..bench.scale_figures import COCO_TRAIN
 from ..bench import scale as scale_bench
 from ..stages import table
 from .arguments import config_args, from_arg, load
