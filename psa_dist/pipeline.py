@@ -20,10 +20,10 @@ from pathlib import Path
 from .config import Config, ConfigError
 from .stages import table
 from .stages.evaluate import eval_label_shards, run_eval
-from .stages.labels import run_label_stage
+from .stages.label_pool import run_label_stage
 from .stages.report import write_report
 from .stages.run_dir import Run, is_main_process
-from .stages.shape import warn_shape
+from .stages.job_shape import warn_shape
 from .stages.train import run_train_stage
 from .util.atomic import atomic_path
 from .util.runinfo import write_run_info

@@ -38,7 +38,7 @@ from .config import Config
 from .pipeline import check_chain, run_pipeline
 from .stages import table
 from .stages.run_dir import Run, ensure_dataset
-from .stages.shape import warn_shape
+from .stages.job_shape import warn_shape
 from .util.dist import submitit_env
 
 

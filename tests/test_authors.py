@@ -21,7 +21,8 @@ from psa_dist.data.shards import (
     write_shard,
 )
 from psa_dist.data.train_data import Augment, ToTraining
-from psa_dist.stages.labelgen import aff_label_shard
+from psa_dist.stages.label_stages.aff_labels import aff_label_shard
+from psa_dist.stages import table
 
 
 def smooth_cams(g, k, h, w):
@@ -85,7 +86,7 @@ def test_trainer_labels_equal_the_authors_crop_pool_argmax(tmp_path):
                     4.0, 32.0, crf=None, stride=8)
     crop = 64
     aug = Augment(crop, None, jitter=None, label_stride=8)
-    to_training = ToTraining("aff", 6, aug)
+    to_training = ToTraining(table.kind("aff").target, 6, aug)
     compared = differ_nearest = cells = 0
     for raw, (lab,) in iter_joined(tmp_path / "train-000000.tar", tmp_path / "aff.tar"):
         s = decode_sample(raw, ["image", "cls"])
@@ -136,7 +137,7 @@ def test_a_label_of_another_stride_is_refused_naming_the_sample():
     s = {"key": "k1", "image": np.zeros((40, 40, 3), np.uint8), "aff": np.zeros((40, 40), np.uint8),
          "cls": [1]}
     try:
-        ToTraining("aff", 3, aug)(s, random.Random(0))
+        ToTraining(table.kind("aff").target, 3, aug)(s, random.Random(0))
     except ValueError as e:
         assert "k1" in str(e) and "cell grid (5, 5)" in str(e)
     else:

@@ -128,7 +128,7 @@ def test_walk_with_crf_snaps_the_label_to_the_colour_edge():
     # walked maps' argmax follows the CAM; with random_walk.crf the dense CRF moves the boundary to
     # the colour edge (the paper's CAM + RW + dCRF labels).
     from psa_dist.config import ModelConfig
-    from psa_dist.stages.labelgen import walk_images
+    from psa_dist.stages.label_stages.random_walk import walk_images
     from psa_dist.nets.models import AffinityNet, build_classifier
     torch.manual_seed(0)
     aff = AffinityNet.from_classifier(build_classifier(ModelConfig(backbone="small"), 1),

@@ -17,7 +17,10 @@ from psa_dist.nets.backbones import build_backbone
 from psa_dist.config import SynthConfig, TrainConfig
 from psa_dist.util.dist import init_distributed
 from psa_dist.nets.checkpoint import load_checkpoint
-from psa_dist.stages.engine import train_step
+from psa_dist.engine.loop import train_step
+from psa_dist.stages import table
+
+CLS_LOSS = table.kind("cls").losses(None, None)(False)   # the classifier's loss (no settings)
 from psa_dist.nets.models import Classifier, set_bn_eval
 from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
 from psa_dist.data.shards import split_shards
@@ -54,7 +57,7 @@ def _one_step(model, x, y, net=None):
     sched = build_poly_scheduler(opt, 10)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     for _ in range(2):
-        train_step(net or model, "cls", x, y, opt, sched, scaler, None)
+        train_step(net or model, CLS_LOSS, x, y, opt, sched, scaler, None)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -127,7 +130,7 @@ def data(tmp_path_factory):
 
 def _batches(data, rank=0, world=1, workers=0, epoch=0, skip=0):
     tcfg = TrainConfig(batch_size=4, crop_size=40, resize_long=[36, 44], num_workers=workers)
-    loader = make_train_loader("cls", split_shards(data, "train"), None, 6, tcfg, [6] * 8,
+    loader = make_train_loader(table.kind("cls").target, split_shards(data, "train"), None, 6, tcfg, [6] * 8,
                                rank=rank, world_size=world, seed=3)
     loader.set_epoch(epoch, skip)
     return list(loader)

@@ -21,7 +21,7 @@ from psa_dist.data.shards import decode_sample, iter_joined, output_path, split_
 from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.evaluate import parts_dir, run_eval
 from psa_dist.stages.run_dir import Run
-from psa_dist.stages.trained import load_trained
+from psa_dist.stages.model_factory import load_trained
 
 pytestmark = [pytest.mark.slow]
 

@@ -21,7 +21,10 @@ from psa_dist.nets.checkpoint import load_checkpoint
 from psa_dist.nets.models import Classifier
 from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
 from psa_dist.pipeline import run_pipeline
-from psa_dist.stages.engine import train_step
+from psa_dist.engine.loop import train_step
+from psa_dist.stages import table
+
+CLS_LOSS = table.kind("cls").losses(None, None)(False)   # the classifier's loss (no settings)
 from psa_dist.util.dist import DistInfo, all_reduce_sum, cleanup, init_distributed, wrap_ddp
 
 
@@ -40,7 +43,7 @@ def _steps(device: str, dtype, n: int = 4, fp16_scaler: bool = False):
     # the dtype the classifier's last conv computed in: what autocast really did
     model.fc.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
     for _ in range(n):
-        losses.append(float(train_step(model, "cls", x, y, opt, sched, scaler, dtype)))
+        losses.append(float(train_step(model, CLS_LOSS, x, y, opt, sched, scaler, dtype)))
         scales.append(float(scaler.get_scale()) if fp16_scaler else None)
     delta = torch.cat([(p.detach() - s).flatten().cpu() for p, s in zip(model.parameters(), start)])
     model.conv_dtypes = sorted(set(map(str, conv_dtypes)))

@@ -281,7 +281,13 @@ def test_initial_weights_name_the_key_that_sets_them():
     # the trainer's first log line: where a model's weights start, or which key would give them
     from pathlib import Path
     from psa_dist.config import load_config
-    from psa_dist.stages.trained import initial_weights, random_init_key
+    from psa_dist.stages import table
+
+    def initial_weights(cfg, model):
+        return table.kind(model).initial_weights(cfg)
+
+    def random_init_key(cfg, model):
+        return table.kind(model).random_init_key(cfg)
     configs = Path(__file__).resolve().parent.parent / "configs"
     voc = load_config(configs / "voc_resnet38.yaml", ["model.pretrained=w38.pth",
                                                        "model.seg_pretrained=null"])

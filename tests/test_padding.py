@@ -41,8 +41,14 @@ from psa_dist.data.synth import render
 from psa_dist.data.train_data import IGNORE, Augment, make_train_loader
 from psa_dist.nets.backbones import build_backbone
 from psa_dist.nets.models import AffinityNet, Classifier, LightSegmenter
-from psa_dist.stages.engine import loss_for
-from psa_dist.stages.labelgen import cam_shard, rw_shard
+from psa_dist.stages import table
+
+
+def loss_for(model_name, model, x, y):
+    """A model's training loss on one batch (the kinds' losses ignore the config for these)."""
+    return table.kind(model_name).losses(None, None)(False)(model, x, y)
+from psa_dist.stages.label_stages.cams import cam_shard
+from psa_dist.stages.label_stages.random_walk import rw_shard
 
 NUM_CLASSES = 5
 # (H, W): none a multiple of 8 but one, portrait and landscape, 45x61 three times back to back
@@ -258,7 +264,7 @@ def test_seg_batches_from_the_loader_pad_with_ignore_only(samples, models, shard
     # 0 in all channels (a real pixel never is: 0.485 * 255 is not an integer).
     _, _, seg = models
     tcfg = TrainConfig(crop_size=64, resize_long=(40, 72), batch_size=4, num_workers=0)
-    loader = make_train_loader("seg_full", [shard], None, NUM_CLASSES, tcfg, [len(samples)])
+    loader = make_train_loader(table.kind("seg_full").target, [shard], None, NUM_CLASSES, tcfg, [len(samples)])
     loader.set_epoch(0)
     batches = list(loader)
     assert len(batches) == 2

@@ -54,7 +54,7 @@ def test_inspect_and_preview_read_through_the_url(tmp_path):
     # dataset.json from the local root, shards through pipe:cat from another directory (as from
     # S3): the same report as reading them locally; a URL that reaches nothing is a listed problem.
     import shutil
-    from psa_dist.data.inspect import inspect_dataset, preview_dataset
+    from psa_dist.data.dataset_view import inspect_dataset, preview_dataset
     root, remote = tmp_path / "data", tmp_path / "remote"
     write_synth(SynthConfig(image_size=32, num_train=6, num_val=3), root, shard_size=4, workers=1)
     remote.mkdir()

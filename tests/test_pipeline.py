@@ -168,7 +168,7 @@ def test_synth_data_follows_its_settings_and_stale_runs_are_refused(tiny_cfg, tm
 def test_segmenter_can_start_from_the_trained_classifier(tiny_cfg, tmp_path):
     import torch
     from psa_dist.nets.models import build_classifier
-    from psa_dist.stages.trained import model_to_train as build_model
+    from psa_dist.stages.model_factory import model_to_train as build_model
     out = tmp_path / "run"
     run = Run(load_config(tiny_cfg, [f"out_dir={out}", "model.seg_from_classifier=true"]))
     with pytest.raises(FileNotFoundError, match="cls/checkpoint.pth not found: run `psa-dist "

@@ -23,7 +23,7 @@ import pytest
 from psa_dist.cluster.shard_pool import StageFailed
 from psa_dist.config import load_config
 from psa_dist.data.shards import ShardError, iter_shard, write_shard
-from psa_dist.stages.labels import run_pool
+from psa_dist.stages.label_pool import run_pool
 from psa_dist.stages.run_dir import Run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -12,7 +12,10 @@ from psa_dist.nets.backbones import build_backbone
 from psa_dist.util.dist import cpu_threads
 from psa_dist.util.precision import (BF16_KEEP_BELOW, amp_dtype, cache_path, choose_for_model,
                                      choose_precision, cpu_has_native_bf16, decide)
-from psa_dist.stages.engine import train_step
+from psa_dist.engine.loop import train_step
+from psa_dist.stages import table
+
+CLS_LOSS = table.kind("cls").losses(None, None)(False)   # the classifier's loss (no settings)
 from psa_dist.nets.models import Classifier
 from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
 from psa_dist.data.train_data import Augment
@@ -103,7 +106,7 @@ def _steps(dtype, n=3):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 48, 48, generator=g)
     y = (torch.rand(4, 6, generator=g) > 0.5).float()
-    losses = [float(train_step(model, "cls", x, y, opt, sched, scaler, dtype)) for _ in range(n)]
+    losses = [float(train_step(model, CLS_LOSS, x, y, opt, sched, scaler, dtype)) for _ in range(n)]
     return losses, model
 
 
@@ -203,7 +206,7 @@ def test_colour_jitter_draws_from_rng_and_matches_pil():
 
 def test_a_resumed_trainer_keeps_its_checkpoints_precision(tmp_path, monkeypatch):
     from psa_dist.config import TrainConfig
-    from psa_dist.stages.engine import _precision
+    from psa_dist.stages.train import choose_precision as _chosen
     from psa_dist.util.dist import DistInfo
     monkeypatch.setenv("PSA_DIST_CACHE", str(tmp_path))
     model = Classifier(build_backbone("small"), 6)
@@ -211,22 +214,21 @@ def test_a_resumed_trainer_keeps_its_checkpoints_precision(tmp_path, monkeypatch
     for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
         ck = {"precision": {"dtype": name, "reason": "timed before", "float32_s": 1.0,
                             "bf16_s": 0.5, "cached": False, "device": "cpu"}}
-        p = _precision(model, "cls", cfg, DistInfo(), "train_cls.amp", ck)
+        p = _chosen(model, "cls", cfg, DistInfo(), ck)
         assert p.dtype is dtype and p.resumed and p.reason == "timed before"   # not re-wrapped
         assert "as the checkpoint was trained: timed before" in p.describe()
-        again = _precision(model, "cls", cfg, DistInfo(), "train_cls.amp",
-                           {"precision": {**p.record(), "device": "cpu"}})
+        again = _chosen(model, "cls", cfg, DistInfo(),
+                        {"precision": {**p.record(), "device": "cpu"}})
         assert again.reason == "timed before" and again.dtype is dtype     # a second resume
     assert not cache_path().exists()            # nothing timed: the checkpoint decided
     # a checkpoint trained on CUDA decides nothing on a CPU (bf16 there may be emulated)
     cuda_ck = {"precision": {"dtype": "bfloat16", "reason": "train_cls.amp=bf16",
                              "device": "cuda"}}
-    assert not _precision(model, "cls", cfg, DistInfo(), "train_cls.amp", cuda_ck).resumed
+    assert not _chosen(model, "cls", cfg, DistInfo(), cuda_ck).resumed
     with pytest.raises(ValueError, match="train_cls.amp"):       # checked on every rank
-        _precision(model, "cls", TrainConfig(amp="bf17"), DistInfo(rank=1, world_size=1),
-                   "train_cls.amp", None)
+        _chosen(model, "cls", TrainConfig(amp="bf17"), DistInfo(rank=1, world_size=1), None)
     cache_path().unlink(missing_ok=True)
-    fresh = _precision(model, "cls", cfg, DistInfo(), "train_cls.amp", None)
+    fresh = _chosen(model, "cls", cfg, DistInfo(), None)
     assert cache_path().exists() == cpu_has_native_bf16()
     assert fresh.record()["dtype"] in ("float32", "bfloat16")
 

@@ -106,7 +106,7 @@ def test_shape_mismatch_is_an_error():
 def test_walk_images_batch_equals_one_by_one(stride, tol):
     # The label stage walks several images together; sizes not multiples of 8 exercise the padding.
     from psa_dist.config import ModelConfig
-    from psa_dist.stages.labelgen import walk_images
+    from psa_dist.stages.label_stages.random_walk import walk_images
     from psa_dist.nets.models import AffinityNet, build_classifier
     torch.manual_seed(0)
     aff = AffinityNet.from_classifier(build_classifier(ModelConfig(backbone="small"), 3),

@@ -16,7 +16,7 @@ import pytest
 from psa_dist.config import load_config
 from psa_dist.cluster.shard_pool import StageFailed
 from psa_dist.pipeline import run_pipeline
-from psa_dist.stages.labels import label_pool
+from psa_dist.stages.label_pool import label_pool
 from psa_dist.stages.run_dir import Run
 from psa_dist.data.shards import iter_shard, write_shard
 

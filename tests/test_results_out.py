@@ -19,7 +19,7 @@ from psa_dist.data.shards import decode_sample, iter_shard, read_dataset_json
 from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.export import ExportError, export
 from psa_dist.stages.run_dir import Run
-from psa_dist.stages.trained import load_trained
+from psa_dist.stages.model_factory import load_trained
 
 pytestmark = pytest.mark.slow
 

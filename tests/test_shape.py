@@ -9,7 +9,7 @@ import pytest
 from psa_dist.cli import main
 from psa_dist.config import load_config
 from psa_dist.pipeline import STAGES, ChainUnmet, run_pipeline
-from psa_dist.stages.shape import shape_warnings
+from psa_dist.stages.job_shape import shape_warnings
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = ["voc_resnet38", "voc_resnet50", "coco_resnet50"]

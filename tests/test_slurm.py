@@ -24,7 +24,7 @@ from psa_dist.config import SynthConfig, load_config
 from psa_dist.data.synth import write_synth
 from psa_dist.nets.checkpoint import load_checkpoint
 from psa_dist.pipeline import STAGES, run_pipeline
-from psa_dist.stages.labels import LabelStageOnCluster
+from psa_dist.stages.label_pool import LabelStageOnCluster
 from psa_dist.stages.train import TrainJob
 from psa_dist.submit import submit_chain
 

@@ -10,11 +10,16 @@ from psa_dist.bench.quality import bench_quality, table
 from psa_dist.config import ConfigError, load_config
 from psa_dist.nets.checkpoint import load_checkpoint
 from psa_dist.pipeline import run_pipeline
-from psa_dist.stages.engine import loss_for
-from psa_dist.stages.stopping import StopRule
+from psa_dist.stages import table as stage_table
+
+
+def loss_for(model_name, model, x, y):
+    """A model's training loss on one batch (the kinds' losses ignore the config for these)."""
+    return stage_table.kind(model_name).losses(None, None)(False)(model, x, y)
+from psa_dist.engine.stopping import StopRule
 from psa_dist.stages.run_dir import Run
 from psa_dist.stages.train import SettingsChanged, _shard_sets, heldout_loader
-from psa_dist.stages.trained import load_trained
+from psa_dist.stages.model_factory import load_trained
 from psa_dist.util.precision import autocast
 
 TINY = """
@@ -212,7 +217,7 @@ def test_objects_lost_and_dropped_against_a_count_by_hand():
 def test_a_diverging_trainer_stops_naming_the_keys_and_keeps_no_nan_checkpoint(tiny, tmp_path):
     # a learning rate of 1e6 blows the classifier up within its first steps: the trainer must stop
     # with an error that names the step and the keys to change, and leave no non-finite weights
-    from psa_dist.stages.engine import TrainingDiverged
+    from psa_dist.engine.loop import TrainingDiverged
     out = tmp_path / "run"
     cfg = load_config(tiny, [f"out_dir={out}", "train_cls.lr=1e6", "train_cls.log_every=1",
                              "train_cls.checkpoint_every=1", "train_cls.epochs=3"])
@@ -228,7 +233,7 @@ def test_a_diverging_trainer_stops_naming_the_keys_and_keeps_no_nan_checkpoint(t
 
 
 def test_fit_rule_on_a_known_curve():
-    from psa_dist.stages.stopping import FitRule
+    from psa_dist.engine.stopping import FitRule
     rule = FitRule(target=0.5, window=2, prior=1.0)
     fired = [rule.update(e, v) for e, v in enumerate([0.9, 0.6, 0.5, 0.45, 0.3, 0.2])]
     # the mean of the last two epochs: 0.75, 0.55, 0.475 <= 0.5 at epoch 3; fires once only
@@ -239,7 +244,7 @@ def test_fit_rule_on_a_known_curve():
 
 
 def test_fit_rule_class_by_class_waits_for_the_hardest_class():
-    from psa_dist.stages.stopping import FitRule
+    from psa_dist.engine.stopping import FitRule
     # three classes: the third is always present (prior 0: nothing to learn, left out); the
     # second is learned late. The mean rule fires at epoch 2 (the 2-epoch mean of the mean loss,
     # 0.317, is at most 0.5 x the mean prior 2/3); the class rule waits for class 1 (from 0)

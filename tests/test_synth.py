@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from psa_dist.config import ConfigError, SynthConfig, load_config
-from psa_dist.data.inspect import inspect_dataset, preview_dataset
+from psa_dist.data.dataset_view import inspect_dataset, preview_dataset
 from psa_dist.data.shards import decode_sample, iter_split, read_dataset_json, split_shards
 from psa_dist.data.synth import class_names, image_shape, palette, render, write_synth
 

@@ -10,6 +10,7 @@ from psa_dist.core.image import MEAN, STD, normalize
 from psa_dist.data.shards import decode_sample, iter_split, split_shards
 from psa_dist.data.synth import write_synth
 from psa_dist.data.train_data import Augment, make_train_loader
+from psa_dist.stages import table
 
 
 def test_loader_pairs_images_with_their_labels(tmp_path):
@@ -22,7 +23,7 @@ def test_loader_pairs_images_with_their_labels(tmp_path):
     tcfg = TrainConfig(batch_size=4, crop_size=32, resize_long=[], color_jitter=[0, 0, 0, 0],
                        num_workers=0)
     for kind in ("cls", "seg_full"):
-        loader = make_train_loader(kind, split_shards(tmp_path, "train"), None, 6, tcfg, [5] * 4 + [4])
+        loader = make_train_loader(table.kind(kind).target, split_shards(tmp_path, "train"), None, 6, tcfg, [5] * 4 + [4])
         assert len(loader) == 6
         seen = []
         batches = []
@@ -98,7 +99,7 @@ def test_seg_loader_leaves_out_the_background_of_labels_missing_a_class(tmp_path
     tcfg = TrainConfig(batch_size=4, crop_size=32, resize_long=[], color_jitter=[0, 0, 0, 0],
                        num_workers=0, missing_class_frac=0.01)
     shards = split_shards(data, "train")
-    loader = make_train_loader("seg", shards, [labels / s.name for s in shards], 6, tcfg, [6, 6])
+    loader = make_train_loader(table.kind("seg").target, shards, [labels / s.name for s in shards], 6, tcfg, [6, 6])
     checked = set()
     for x, y in loader:
         for xi, yi in zip(x, y):
@@ -175,7 +176,7 @@ def test_every_sample_once_per_epoch_at_any_shape(tmp_path, world, workers, shar
     for epoch in range(2):
         seen = []
         for rank in range(world):
-            loader = make_train_loader("cls", paths, None, 6, tcfg, [per_shard] * shards,
+            loader = make_train_loader(table.kind("cls").target, paths, None, 6, tcfg, [per_shard] * shards,
                                        rank=rank, world_size=world, seed=1)
             assert len(loader) == steps
             per_worker = _epoch(loader, epoch, workers)
@@ -227,7 +228,7 @@ def test_label_shards_stay_in_lockstep_when_shards_are_split(tmp_path):
     tcfg = TrainConfig(batch_size=2, num_workers=2, **TINY)
     seen = []
     for rank in range(4):
-        loader = make_train_loader("seg", paths, label_paths, 6, tcfg, [20, 20], rank=rank,
+        loader = make_train_loader(table.kind("seg").target, paths, label_paths, 6, tcfg, [20, 20], rank=rank,
                                    world_size=4, seed=0)
         loader.set_epoch(0)
         for w in range(2):
@@ -249,7 +250,7 @@ def test_a_split_shard_resumes_mid_epoch_exactly(tmp_path):
     tcfg = TrainConfig(batch_size=4, num_workers=2, **TINY)
     ranks = []
     for rank in range(3):
-        loader = make_train_loader("cls", paths, None, 6, tcfg, [60], rank=rank, world_size=3)
+        loader = make_train_loader(table.kind("cls").target, paths, None, 6, tcfg, [60], rank=rank, world_size=3)
         loader.set_epoch(1)
         full = [[_index_of(x) for x in xs] for xs, _ in loader]
         loader.set_epoch(1, skip=2)
@@ -266,7 +267,7 @@ def test_held_out_set_is_read_once_over_many_ranks(tmp_path):
     tcfg = TrainConfig(batch_size=4, num_workers=0, **TINY)
     seen = []
     for rank in range(64):
-        loader = make_train_loader("cls", paths, None, 6, tcfg, [150], rank=rank, world_size=64,
+        loader = make_train_loader(table.kind("cls").target, paths, None, 6, tcfg, [150], rank=rank, world_size=64,
                                    finite=True)
         loader.set_epoch(0)
         batches = [[_index_of(x) for x in xs] for xs, _ in loader]

@@ -37,18 +37,14 @@ import torch.nn.functional as F
 import yaml
 
 from ..config import SynthConfig, load_config
-from ..core.affinity import cell_grid
 from ..core.crf import crf_available
 from ..core.image import normalize
 from ..data.shards import encode_image, encode_json, encode_mask, encode_npy, iter_shard, write_shard
 from ..data.synth import render
-from ..nets.backbones import build_backbone
-from ..nets.models import (AffinityNet, build_classifier, build_segmenter, freeze_layers,
-                           set_bn_eval)
+from ..engine.loop import train_step
 from ..nets.optim import build_optimizer, build_poly_scheduler
-from ..stages.engine import train_step
-from ..stages.labelgen import aff_label_shard, cam_shard, rw_shard
-from ..stages.labels import crf_settings
+from ..stages import table
+from ..stages.label_stages.base import ShardContext
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from ..util.precision import AMP_DTYPES, amp_dtype
 from ..util.runinfo import write_run_info
@@ -134,46 +130,31 @@ def _sample_bytes(shard: Path) -> tuple[int, int]:
 
 
 def _trainer(cfg, ds, stage, device, dtype, batch):
-    kind = TRAIN[stage]
+    model_name = TRAIN[stage]
+    kind = table.kind(model_name)
     tcfg = getattr(cfg, stage)
     batch = batch or tcfg.batch_size      # 0: the config's batch per rank (the GPU default)
-    if kind == "cls":
-        model = build_classifier(cfg.model, ds["classes"])
-    elif kind == "aff":
-        model = AffinityNet(build_backbone(cfg.model.backbone), cfg.model.aff_dims,
-                            cfg.model.aff_stride)
-    else:
-        model = build_segmenter(cfg.model, ds["classes"] + 1)
-    if kind in ("cls", "aff"):
-        freeze_layers(model.backbone, cfg.model.frozen_layers)
-    model.to(device).train()
-    if cfg.model.freeze_bn:
-        set_bn_eval(model)
-    elif kind == "seg":
-        batch = max(batch, 2)          # ASPP's pooled branch has BN on 1x1 maps: batch 1 fails
+    model = kind.timed_network(cfg, ds["classes"]).to(device)
+    if not cfg.model.freeze_bn:
+        batch = max(batch, kind.min_train_batch)
     opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, model.new_modules())
     sched = build_poly_scheduler(opt, 10**6)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss = kind.losses(cfg, tcfg)(False)
     weights, trainable = _weights_mb(model)
 
     def once(image, mask, scale, tmp):
         crop = max(32, round(tcfg.crop_size * scale))
-        grid = cell_grid(crop, crop, cfg.model.aff_stride) if kind == "aff" else (crop, crop)
         x = F.interpolate(normalize(torch.from_numpy(image)[None]), size=(crop, crop),
                           mode="bilinear", align_corners=False).repeat(batch, 1, 1, 1)
-        lab = F.interpolate(_labels(mask, ds["present"])[None, None].float(), size=grid,
-                            mode="nearest")[0, 0].long()       # AffinityNet's: on its cells
-        if kind == "cls":
-            y = torch.zeros(batch, ds["classes"])
-            y[:, torch.tensor(ds["present"]) - 1] = 1
-        else:
-            if kind == "aff":          # a neutral band where the label changes, as affinity labels
-                lab[:, 1:][lab[:, 1:] != lab[:, :-1]] = 255
-            y = lab[None].repeat(batch, 1, 1)
+
+        def label_at(size):
+            return F.interpolate(_labels(mask, ds["present"])[None, None].float(), size=size,
+                                 mode="nearest")[0, 0].long()
+        y = kind.example_target(label_at, ds["present"], ds["classes"], crop, batch, cfg)
         x, y = x.to(device), y.to(device)
         t0 = _sync(device)
-        train_step(model, kind, x, y, opt, sched, scaler, dtype, cfg.random_walk.radius,
-                   border=tcfg.pair_border)
+        train_step(model, loss, x, y, opt, sched, scaler, dtype)
         return (_sync(device) - t0) / batch
 
     def output(tmp):
@@ -186,13 +167,11 @@ def _trainer(cfg, ds, stage, device, dtype, batch):
 
 
 def _label_stage(cfg, ds, stage, device, dtype, batch):
-    crf = crf_settings(cfg, cfg.aff_labels.crf and crf_available())
-    model = None
-    if stage == "cams":
-        model = build_classifier(cfg.model, ds["classes"]).to(device).eval()
-    elif stage == "random_walk":
-        model = AffinityNet(build_backbone(cfg.model.backbone), cfg.model.aff_dims,
-                            cfg.model.aff_stride).to(device).eval()
+    label_stage = table.label_stage(stage)
+    uses = table.stage(stage).uses_models
+    model = (table.kind(uses[0]).architecture(cfg, ds["classes"]).to(device).eval() if uses
+             else None)
+    ctx = ShardContext(cfg, ds["classes"], device, model, dtype, crf=crf_available())
     weights = _weights_mb(model)[0] if model is not None else 0.0
     last = {}
 
@@ -203,19 +182,9 @@ def _label_stage(cfg, ds, stage, device, dtype, batch):
         write_shard(tmp / "cams.tar", [{"__key__": key, "cls.json": encode_json(ds["present"]),
                                         "cam.npy": encode_npy(_cams(mask, ds["present"]))}])
         out = tmp / f"{stage}{len(last)}.tar"
+        inputs = [tmp / f"{name}.tar" for name in label_stage.reads]   # what it reads: the CAMs
         t0 = _sync(device)
-        if stage == "cams":
-            c = cfg.cams
-            cam_shard(model, tmp / "in.tar", out, ds["classes"], tuple(c.scales), c.flip, device,
-                      1, dtype)
-        elif stage == "aff_labels":
-            a = cfg.aff_labels
-            aff_label_shard(tmp / "in.tar", tmp / "cams.tar", out, a.alpha_lo, a.alpha_hi, crf,
-                            cfg.model.aff_stride)
-        else:
-            r = cfg.random_walk
-            rw_shard(model, tmp / "in.tar", tmp / "cams.tar", out, r.beta, r.t, r.radius, r.bg_alpha,
-                     device, 1, r.tol, crf_settings(cfg, r.crf and crf_available()))
+        label_stage.process(ctx, tmp / "in.tar", inputs, out, batch_size=1)
         seconds = _sync(device) - t0
         last["out"] = out
         return seconds
@@ -223,10 +192,9 @@ def _label_stage(cfg, ds, stage, device, dtype, batch):
     def output(tmp):
         return _sample_bytes(last["out"])
 
-    batch = {"cams": cfg.cams.batch_size, "random_walk": cfg.random_walk.batch_size}.get(stage, 1)
-    notes = {"aff_labels": "dense CRF" if crf else "no CRF (pydensecrf not installed)"}
-    return once, output, {"batch": 1, "config_batch": batch, "weights_mb": weights,
-                          "fixed_mb": weights, "per": "image", "note": notes.get(stage, "")}
+    return once, output, {"batch": 1, "config_batch": label_stage.config_batch(cfg),
+                          "weights_mb": weights, "fixed_mb": weights, "per": "image",
+                          "note": label_stage.cost_note(ctx)}
 
 
 def run_case(spec: dict) -> dict:
@@ -288,18 +256,10 @@ def device_name(device: str) -> str:
 
 
 def _what(cfg, stage: str, size, scale: float = 1.0) -> str:
-    m = cfg.model
     if stage in TRAIN:
-        net = {"train_cls": m.backbone, "train_aff": f"{m.backbone} AffinityNet",
-               "train_seg": m.segmenter}[stage]
+        net = table.kind(TRAIN[stage]).describe(cfg)
         return f"{net}, train step, crop {max(32, round(getattr(cfg, stage).crop_size * scale))}"
-    if stage == "cams":
-        return (f"{m.backbone}, {size[1]}x{size[0]}, scales {list(cfg.cams.scales)}"
-                f"{' + flip' if cfg.cams.flip else ''}")
-    if stage == "aff_labels":
-        return f"CAM thresholds + dense CRF ({cfg.aff_labels.crf_iters} it.) at {size[1]}x{size[0]}"
-    return (f"{m.backbone} AffinityNet stride {m.aff_stride} + walk t {cfg.random_walk.t}, "
-            f"{size[1]}x{size[0]}")
+    return table.label_stage(stage).describe(cfg, size)
 
 
 def cpu_conv_gflops(repeats: int = 3) -> float:

@@ -33,8 +33,8 @@ from ..data.shards import decode_sample, iter_shard, output_path, split_shards
 from ..data.synth import write_synth
 from ..nets.checkpoint import save_checkpoint
 from ..nets.models import build_classifier
-from ..stages.labelgen import cam_shard
-from ..stages.labels import cam_timing_shape, label_pool
+from ..stages.label_pool import label_pool
+from ..stages.label_stages.cams import cam_shard, timing_shape
 from ..stages.run_dir import Run
 from ..util.precision import autocast, choose_for_model
 
@@ -72,7 +72,7 @@ def bench_cams(cfg: Config, images: int = 48, out_dir: str | Path | None = None)
         num_classes = run_cfg.synth.num_classes
         model = build_classifier(cfg.model, num_classes).eval()
         # the precision the CAM stage would choose on this CPU (timed as its workers time it)
-        amp = choose_for_model(c.amp, "cpu", "cams.amp", model, cam_timing_shape(cfg),
+        amp = choose_for_model(c.amp, "cpu", "cams.amp", model, timing_shape(cfg),
                                train=False, key="cams").dtype
         samples = [decode_sample(s, ("image", "cls")) for s in iter_shard(shards[0])]
         batches = []

@@ -13,10 +13,10 @@ import torch
 from ..config import Config
 from ..nets.optim import build_optimizer, build_poly_scheduler
 from ..stages import table
-from ..stages.engine import train_step
+from ..engine.loop import train_step
+from ..stages.model_factory import model_to_train
 from ..stages.run_dir import Run
 from ..stages.train import train_loader
-from ..stages.trained import model_to_train
 from ..util.dist import DistInfo
 from ..util.precision import choose_for_model
 
@@ -47,12 +47,13 @@ def bench_loader(cfg: Config, kind: str = "cls", batches: int = 30, workers: int
     crop = tcfg.crop_size or 256       # the precision the trainer would choose (timed on a CPU)
     dtype = choose_for_model(tcfg.amp, info.device, f"{table.MODELS[kind].section}.amp", model,
                              (tcfg.batch_size, 3, crop, crop), train=True,
-                             key="seg" if kind == "seg_full" else kind).dtype
+                             key=table.kind(kind).timing_key).dtype
+    loss = table.kind(kind).losses(cfg, tcfg)(False)
     x, y = held[0]
-    train_step(model, kind, x.to(run.device), y.to(run.device), opt, sched, scaler, dtype)  # warm-up
+    train_step(model, loss, x.to(run.device), y.to(run.device), opt, sched, scaler, dtype)  # warm-up
     t0 = time.monotonic()
     for x, y in held[1:]:
-        train_step(model, kind, x.to(run.device), y.to(run.device), opt, sched, scaler, dtype)
+        train_step(model, loss, x.to(run.device), y.to(run.device), opt, sched, scaler, dtype)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.monotonic() - t0

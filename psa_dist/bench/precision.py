@@ -17,15 +17,17 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.shards import read_dataset_json
-from ..nets.models import freeze_layers, set_bn_eval
 from ..stages import table
-from ..stages.labels import cam_timing_shape
-from ..stages.trained import architecture
+from ..stages.label_stages.cams import timing_shape
 from ..util.atomic import atomic_write_json
 from ..util.dist import cpu_threads
 from ..util.precision import choose_for_model, cpu_has_native_bf16, cpu_tag_line
 
-TRAINED = ("cls", "aff", "seg")          # seg_full is the segmenter's architecture again
+
+
+def timed_models() -> list[str]:
+    """One model per architecture (the segmenters share one: one timing, one cache entry)."""
+    return list({table.kind(m).timing_key: m for m in reversed(table.MODELS)}.values())[::-1]
 
 
 def config_classes(cfg: Config) -> int:
@@ -48,12 +50,12 @@ def bench_precision(cfg: Config, num_classes: int, threads: int | None = None,
     print(f"[bench precision] {cpu_tag_line()}, native bf16 flag: {cpu_has_native_bf16()}, "
           f"torch {torch.__version__}", flush=True)
     cases = []
-    for model in TRAINED:
+    for model in timed_models():
         section = table.MODELS[model].section
         t = getattr(cfg, section)
         cases.append((model, f"{section}.amp", t.amp, (t.batch_size, 3, t.crop_size, t.crop_size),
                       True, threads or cpu_threads(t.num_workers, t.threads)))
-    cases.append(("cams", "cams.amp", cfg.cams.amp, cam_timing_shape(cfg), False,
+    cases.append(("cams", "cams.amp", cfg.cams.amp, timing_shape(cfg), False,
                   threads or (1 if cfg.ray.enabled else torch.get_num_threads())))
     rows, threads_before = [], torch.get_num_threads()
     try:
@@ -73,15 +75,14 @@ def _case(cfg: Config, num_classes: int, fresh: bool, name: str, field: str, amp
           shape: tuple, train: bool, n_threads: int) -> dict:
     """One network's pass timed (or read from the cache) on ``n_threads`` threads."""
     torch.set_num_threads(n_threads)
-    net = architecture(cfg, "cls" if name == "cams" else name, num_classes)
-    net = net.train() if train else net.eval()
     if train:       # as model_to_train leaves it: the config's frozen layers, its BN mode
-        if name in ("cls", "aff"):
-            freeze_layers(net.backbone, cfg.model.frozen_layers)
-        if cfg.model.freeze_bn:
-            set_bn_eval(net)
+        kind = table.kind(name)
+        net, key = kind.timed_network(cfg, num_classes), kind.timing_key
+    else:           # a label stage's forward, of the model it loads
+        model = table.stage(name).uses_models[0]
+        net, key = table.kind(model).architecture(cfg, num_classes).eval(), name
     t0 = time.monotonic()
-    p = choose_for_model(amp, "cpu", field, net, shape, train=train, key=name, refresh=fresh)
+    p = choose_for_model(amp, "cpu", field, net, shape, train=train, key=key, refresh=fresh)
     speedup = round(p.float32_s / p.bf16_s, 2) if p.float32_s and p.bf16_s else None
     row = {"network": name, "pass": "train step" if train else "forward", "shape": list(shape),
            "threads": n_threads, "setting": f"{field}={amp}", "float32_s": p.float32_s,

@@ -32,10 +32,8 @@ from ..core.random_walk import (
     transition_matrix_authors,
     transition_weights,
 )
+from .cases import SIZES
 
-# (name, feature grid h × w): a 500×375 VOC image and a 640×480 COCO image at stride 8, and the
-# COCO image at stride 4 (dense would need three 19,200² float32 matrices: 4.4 GB, and ~10^14 flops).
-SIZES = {"voc-s8": (47, 63), "coco-s8": (60, 80), "coco-s4": (120, 160)}
 DENSE_MAX_N = 6000          # above this the dense method is not run: its memory is reported instead
 REPEATS = 3                 # timed runs per case, after one warm-up; the median is reported
 

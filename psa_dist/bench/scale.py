@@ -47,9 +47,9 @@ from ..config import Config, config_to_dict, load_config
 from ..data.shards import iter_shard, read_dataset_json, split_shards
 from ..stages.run_dir import Run, ensure_dataset
 from ..util.atomic import atomic_write_bytes, atomic_write_json
+from .cases import COCO_SHARD_SIZE
 from .scale_figures import COCO_TRAIN, format_table, inline_bytes, project, stage_figures
 
-COCO_SHARD_SIZE = 100           # docs/coco.md: --shard-size 100 (828 train shards)
 LABEL_STAGES = ("cams", "aff_labels", "random_walk")
 # The bench's settings over the config (the demo's by default): COCO's count and classes at a tiny
 # size, one epoch of each trainer in this process, no curves. {placeholders} are filled in.

@@ -4,7 +4,12 @@ The subcommands are grouped by what they act on, each group one module with its 
 each command runs: the pipeline and its results (``pipeline_commands``), the benchmarks
 (``bench_commands``), the datasets (``data_commands``); ``arguments`` holds what several share.
 
-Layer 6, the top: may import everything below.
+Building the parser imports no torch (``psa-dist --help`` answers at once): these modules import
+only torch-free modules at the top, and each subcommand's function imports what it runs. That is
+the one place where project imports stand inside functions (``tests/test_layers.py`` allows it
+here only).
+
+Layer 7, the top: may import everything below.
 """
 from __future__ import annotations
 
@@ -14,9 +19,6 @@ import sys
 from ..cluster.shard_pool import StageFailed
 from ..cluster.slurm_chain import ChainError
 from ..config import ConfigError
-from ..data.dataset_writer import BuildError
-from ..data.shards import ShardError
-from ..stages.export import ExportError
 from . import bench_commands, data_commands, pipeline_commands
 
 
@@ -31,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple:
+    """What a user's input or data causes, said in one line (no traceback)."""
+    from ..data.dataset_writer import BuildError
+    from ..data.shards import ShardError
+    from ..stages.export import ExportError
+    return (ConfigError, ShardError, BuildError, ChainError, ExportError, FileNotFoundError,
+            ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -42,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardError, BuildError, ChainError, ExportError, FileNotFoundError,
-            ImportError) as e:
+    except _user_errors() as e:        # evaluated only when something was raised
         print(f"psa-dist: error: {e}", file=sys.stderr)
         return 2
     except StageFailed as e:        # the work ran; too much of its input was bad

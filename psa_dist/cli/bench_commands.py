@@ -2,25 +2,26 @@
 ``psa_dist/bench/``)."""
 from __future__ import annotations
 
-from ..bench.cost import GPU_TFLOPS, STAGES as COST_STAGES, bench_cost
-from ..bench.labels import bench_cams, bench_scaling
-from ..bench.loader import bench_loader
-from ..bench.precision import bench_precision, config_classes
-from ..bench.quality import VARIANTS, bench_quality
-from ..bench.random_walk import SIZES, bench_random_walk
-from ..bench.scale import COCO_SHARD_SIZE, bench_scale
+from ..bench.cases import COCO_SHARD_SIZE, SIZES
+from ..bench.cost_report import GPU_TFLOPS, STAGES as COST_STAGES
+from ..bench.quality import VARIANTS
 from ..bench.scale_figures import COCO_TRAIN
-from ..bench import scale as scale_bench
 from ..stages import table
 from .arguments import config_args, from_arg, load
 
+SCALE_DESCRIPTION = ("`psa-dist bench scale`: COCO's count end to end through the label stages on a "
+                     "Ray cluster of several nodes on this machine, and what the measured "
+                     "scheduling gives at 8 / 32 / 128 GPUs.")
+
 
 def cmd_bench_loader(args) -> int:
+    from ..bench.loader import bench_loader
     bench_loader(load(args), args.kind, args.batches, args.workers)
     return 0
 
 
 def cmd_bench_random_walk(args) -> int:
+    from ..bench.random_walk import bench_random_walk
     bench_random_walk(args.out, args.beta, args.t, args.radius, tuple(args.channels), args.batch,
                       tuple(args.sizes or SIZES), args.tol)
     return 0
@@ -31,23 +32,27 @@ def cmd_bench_quality(args) -> int:
         for name, over in VARIANTS.items():
             print(f"{name:26} {' '.join(over) or '(the config as it is)'}")
         return 0
+    from ..bench.quality import bench_quality
     rows = bench_quality(args.config, args.variants, args.out, args.overrides,
                          redo_from=args.redo_from)
     return 0 if all(r["goals_met"] for r in rows) else 1
 
 
 def cmd_bench_cams(args) -> int:
+    from ..bench.labels import bench_cams
     bench_cams(load(args), args.images)
     return 0
 
 
 def cmd_bench_scaling(args) -> int:
+    from ..bench.labels import bench_scaling
     bench_scaling(load(args), tuple(args.actors), args.images, args.shards,
                   tuple(args.tiny_shards))
     return 0
 
 
 def cmd_bench_scale(args) -> int:
+    from ..bench.scale import bench_scale
     bench_scale(args.out, args.config, args.overrides, args.images, args.classes, args.image_size,
                 args.shard_size, args.nodes, args.cpus_per_node, args.train_images,
                 export_workers=args.export_workers)
@@ -55,12 +60,14 @@ def cmd_bench_scale(args) -> int:
 
 
 def cmd_bench_precision(args) -> int:
+    from ..bench.precision import bench_precision, config_classes
     cfg = load(args)
     bench_precision(cfg, args.classes or config_classes(cfg), args.threads, args.fresh, args.out)
     return 0
 
 
 def cmd_bench_cost(args) -> int:
+    from ..bench.cost import bench_cost
     amps = {"none": ["float32"], "bf16": ["bf16"], "both": ["float32", "bf16"]}[args.amp]
     datasets = ["voc", "coco"] if args.dataset == "both" else [args.dataset]
     res = bench_cost(args.out, datasets, tuple(args.stages or COST_STAGES), amps, args.images,
@@ -138,7 +145,7 @@ def _add_scale(bsub) -> None:
     p = bsub.add_parser(
         "scale", help="COCO's count (82,783 images, 80 classes, 828 shards) through the label "
         "stages and export on a Ray cluster of several nodes on this machine; projected to "
-        "8 / 32 / 128 GPUs", description=scale_bench.__doc__.split("\n\n")[0] + " Writes OUT/scale.json and "
+        "8 / 32 / 128 GPUs", description=SCALE_DESCRIPTION + " Writes OUT/scale.json and "
         "OUT/scale.md; the dataset and the trained models are reused by a rerun.")
     p.add_argument("config", nargs="?", help="YAML config (default configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, after the bench's own")

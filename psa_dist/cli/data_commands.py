@@ -4,16 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.convert_coco import convert_coco
-from ..data.convert_voc import convert_voc
-from ..data.inspect import format_report, inspect_dataset, preview_dataset
-from ..data.synth import write_synth
-from ..nets.mxnet_params import convert_params
-from ..util.runinfo import write_run_info
 from .arguments import config_args, load
 
 
 def cmd_data_synth(args) -> int:
+    from ..data.synth import write_synth
+    from ..util.runinfo import write_run_info
     cfg = load(args)
     out = Path(args.out or cfg.data.root)
     write_synth(cfg.synth, out, shard_size=cfg.data.shard_size, workers=cfg.data.workers, config=cfg)
@@ -22,18 +18,21 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_convert_voc(args) -> int:
+    from ..data.convert_voc import convert_voc
     convert_voc(args.voc_root, args.out, splits=args.splits, sbd_root=args.sbd_root,
                        shard_size=args.shard_size, workers=args.workers, strict=args.strict)
     return 0
 
 
 def cmd_data_convert_coco(args) -> int:
+    from ..data.convert_coco import convert_coco
     convert_coco(args.coco_root, args.out, splits=args.splits, shard_size=args.shard_size,
                         workers=args.workers, strict=args.strict)
     return 0
 
 
 def cmd_data_convert_weights(args) -> int:
+    from ..nets.mxnet_params import convert_params
     n = convert_params(args.params, args.out)
     print(f"[data] wrote {args.out}: {n} tensors of {args.params} in the authors' torch names "
           f"(model.pretrained reads it, or the .params file itself)", flush=True)
@@ -41,12 +40,14 @@ def cmd_data_convert_weights(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
+    from ..data.dataset_view import format_report, inspect_dataset
     report = inspect_dataset(args.root, verify=not args.quick, shard_url=args.shard_url)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["problems"] else 0
 
 
 def cmd_data_preview(args) -> int:
+    from ..data.dataset_view import preview_dataset
     out = preview_dataset(args.root, args.out, split=args.split, count=args.count,
                           shard_url=args.shard_url)
     print(f"wrote {out}")

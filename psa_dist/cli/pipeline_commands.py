@@ -2,15 +2,13 @@
 `label`: their arguments and what each runs."""
 from __future__ import annotations
 
-from ..pipeline import label_dataset, run_pipeline
 from ..stages import table
-from ..stages.export import LAYOUTS, WHAT, export
-from ..stages.predict import predict
-from ..submit import submit_chain
+from ..stages.export_layouts import LAYOUTS
 from .arguments import config_args, from_arg, launcher_arg, load, test_time_args
 
 
 def cmd_run(args) -> int:
+    from ..pipeline import run_pipeline
     _launcher_overrides(args)
     return run_pipeline(load(args), force=args.force, redo_from=args.redo_from)
 
@@ -22,6 +20,7 @@ def _launcher_overrides(args) -> None:
 
 
 def cmd_stage(args) -> int:
+    from ..pipeline import run_pipeline
     if getattr(args, "ray_address", None):
         args.overrides = list(args.overrides) + [f"ray.address={args.ray_address}"]
     _launcher_overrides(args)
@@ -29,12 +28,14 @@ def cmd_stage(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    from ..submit import submit_chain
     submit_chain(load(args), args.config, dry_run=args.dry_run, force=args.force,
                  keep_blocked=args.keep_blocked)
     return 0
 
 
 def cmd_export(args) -> int:
+    from ..stages.export import export
     export(load(args), args.what, args.out, layout=args.layout, split=args.split,
            workers=args.workers, overwrite=args.overwrite, scales=tuple(args.scales),
            flip=args.flip)
@@ -42,12 +43,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from ..stages.predict import predict
     summary = predict(load(args), args.input, args.out, scales=tuple(args.scales), flip=args.flip,
                       crf=args.crf, split=args.split, use_ray=False if args.no_ray else None)
     return 1 if summary["failed"] or summary["failed_shards"] else 0
 
 
 def cmd_label(args) -> int:
+    from ..pipeline import label_dataset
     label_dataset(load(args), args.input, args.out, split=args.split)
     return 0
 
@@ -107,7 +110,7 @@ def _add_result_commands(sub) -> None:
                        "with an image list; CAMs as float16 .npy. Resumes; refuses a directory "
                        "holding other files unless --overwrite.")
     config_args(p, required=True)
-    p.add_argument("--what", required=True, choices=list(WHAT),
+    p.add_argument("--what", required=True, choices=list(table.exports()),
                    help="pseudo: random-walk pseudo labels; aff_labels; cams; pred: the segmenter")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--layout", default="voc", choices=list(LAYOUTS),

@@ -110,8 +110,15 @@ def image_field(sample: dict) -> str:
                       f"(have {sorted(k for k in sample if not k.startswith('__'))})")
 
 
+# label maps a sample may lack (the loaders say so where they need one)
+OPTIONAL_MAPS = ("mask", "aff", "pseudo")
+
+
 def decode_sample(sample: dict, fields: Iterable[str] = ("image", "cls", "mask", "meta")) -> dict:
-    """Decode the named fields of a raw sample; a failure raises SampleError naming key and field."""
+    """Decode the named fields of a raw sample: ``image`` (any image extension), ``cls`` (class
+    ids), else ``<name>.png`` as a label map, ``<name>.npy`` as an array, ``<name>.json``; a
+    missing field (other than an optional label map) or a failure raises SampleError naming key
+    and field."""
     out = {"key": sample["__key__"]}
     where = f"sample {sample['__key__']!r} in {sample.get('__url__', '?')}"
     for name in fields:
@@ -122,12 +129,13 @@ def decode_sample(sample: dict, fields: Iterable[str] = ("image", "cls", "mask",
                 out["cls"] = [int(c) for c in decode_json(sample["cls.json"])]
             elif name == "meta":
                 out["meta"] = decode_json(sample["meta.json"])
-            elif name in ("mask", "aff", "pseudo"):
-                if f"{name}.png" in sample:
-                    out[name] = decode_mask(sample[f"{name}.png"])
-            elif name == "cam":
-                out["cam"] = decode_npy(sample["cam.npy"])
-            else:
+            elif f"{name}.png" in sample:      # a label map: mask, aff, pseudo, a new stage's
+                out[name] = decode_mask(sample[f"{name}.png"])
+            elif f"{name}.npy" in sample:      # an array: cam
+                out[name] = decode_npy(sample[f"{name}.npy"])
+            elif f"{name}.json" in sample:
+                out[name] = decode_json(sample[f"{name}.json"])
+            elif name not in OPTIONAL_MAPS:
                 raise KeyError(name)
         except SampleError:
             raise

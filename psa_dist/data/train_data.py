@@ -13,13 +13,14 @@ never waits on a rank that ran out. And an epoch's batches are a pure function o
 rank, worker): shuffles and augmentations draw from generators seeded by those, never from global
 state. A run resumed from a checkpoint taken after step k of an epoch skips the first k batches
 without decoding them and then sees exactly what an uninterrupted run sees (see
-``stages/engine.py``).
+``engine/trainer.py``).
 """
 from __future__ import annotations
 
 import bisect
 import itertools
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -38,8 +39,22 @@ from ..core.image import normalize
 from .shards import SampleError, decode_sample, iter_joined
 
 IGNORE = 255
-FIELDS = {"cls": ("image", "cls"), "aff": ("image", "aff"), "seg": ("image", "cls", "pseudo"),
-          "seg_full": ("image", "mask")}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a trainer learns from (each model kind has one, ``stages/kinds/``): the fields decoded
+    from the dataset shard (``fields``) and from the label stage's shard joined to it by key
+    (``joined``), and what becomes the target: the image's classes as a multi-hot vector
+    (``label`` None) or the label map ``label``, on the image's cell grid of the loader's
+    ``label_stride`` (``on_cells``), its background distrusted where a class is missing
+    (``distrust_background``: ``missing_class_frac``, the segmenter on pseudo labels)."""
+    name: str                       # the model's name, in errors
+    fields: tuple = ("image", "cls")
+    joined: tuple = ()
+    label: str | None = None
+    on_cells: bool = False
+    distrust_background: bool = False
 
 
 class Augment:
@@ -149,22 +164,23 @@ class Augment:
 
 
 class ToTraining:
-    """Decoded sample -> (image tensor, target) for one of the three trainers."""
+    """Decoded sample -> (image tensor, target) as ``target`` says."""
 
-    def __init__(self, kind: str, num_classes: int, augment: Augment,
+    def __init__(self, target: Target, num_classes: int, augment: Augment,
                  missing_class_frac: float | None = None):
-        self.kind, self.num_classes, self.augment = kind, num_classes, augment
-        self.missing_class_frac = missing_class_frac if kind == "seg" else None
+        self.target, self.num_classes, self.augment = target, num_classes, augment
+        self.missing_class_frac = missing_class_frac if target.distrust_background else None
 
     def __call__(self, s: dict, rng: random.Random | None = None):
-        if self.kind == "cls":
+        field = self.target.label
+        if field is None:
             x, _ = self.augment(s["image"], None, rng)
             y = torch.zeros(self.num_classes)
             y[torch.tensor(s["cls"], dtype=torch.long) - 1] = 1.0
             return x, y
-        field = {"aff": "aff", "seg": "pseudo", "seg_full": "mask"}[self.kind]
         if field not in s:
-            raise SampleError(f"sample {s['key']!r} has no {field!r} field for {self.kind} training")
+            raise SampleError(f"sample {s['key']!r} has no {field!r} field for "
+                              f"{self.target.name} training")
         label = s[field]
         if self.missing_class_frac is not None:
             label = distrust_background(torch.from_numpy(label.astype(np.int64)), s["cls"],
@@ -248,10 +264,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     of up to ``batch_size`` (the last one short), whatever ``steps`` says.
     """
 
-    def __init__(self, groups: list[dict], kind: str, to_training: ToTraining, batch_size: int,
+    def __init__(self, groups: list[dict], to_training: ToTraining, batch_size: int,
                  steps: int, rank: int, world: int, seed: int, shuffle_buffer: int,
                  finite: bool = False):
-        self.groups, self.fields, self.to_training = groups, FIELDS[kind], to_training
+        self.groups, self.target, self.to_training = groups, to_training.target, to_training
         self.batch_size, self.steps, self.rank, self.world = batch_size, steps, rank, world
         self.seed, self.shuffle_buffer, self.finite = seed, shuffle_buffer, finite
         self.epoch, self.skip = 0, 0
@@ -303,11 +319,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         return iter(passes())
 
     def _decode(self, raw: dict, labs: list[dict]) -> dict:
-        own = [f for f in self.fields if f in ("image", "cls", "mask")]
-        extra = [f for f in self.fields if f in ("aff", "pseudo")]
-        s = decode_sample(raw, own)
+        s = decode_sample(raw, list(self.target.fields))
         for lab in labs:
-            s.update({k: v for k, v in decode_sample(lab, extra).items() if k != "key"})
+            s.update({k: v for k, v in decode_sample(lab, list(self.target.joined)).items()
+                      if k != "key"})
         return s
 
     def _batches(self, raw, tag: str, n: int, count: int | None):
@@ -374,7 +389,7 @@ class EpochLoader:
                                   pin_memory=self.pin_memory))
 
 
-def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, num_classes: int,
+def make_train_loader(target: Target, urls: Sequence, label_urls: Sequence | None, num_classes: int,
                       train_cfg, counts: Sequence[int], rank: int = 0, world_size: int = 1,
                       seed: int = 0, pin_memory: bool = False, label_stride: int = 8,
                       num_samples: int | None = None, finite: bool = False) -> EpochLoader:
@@ -382,18 +397,17 @@ def make_train_loader(kind: str, urls: Sequence, label_urls: Sequence | None, nu
     gets ``num_samples // (batch_size * world_size)`` steps (``num_samples``: the samples of an
     epoch, by default all of them; more reads shares again). ``finite``: every sample once, in
     batches whose last one may be short (a held-out set). ``label_stride``: the cell grid of
-    AffinityNet's labels (``model.aff_stride``)."""
-    if kind not in FIELDS:
-        raise ValueError(f"unknown trainer kind {kind!r} (have {sorted(FIELDS)})")
+    AffinityNet's labels (``model.aff_stride``), for a target ``on_cells``."""
     aug = Augment(train_cfg.crop_size, tuple(train_cfg.resize_long) if train_cfg.resize_long else None,
-                  tuple(train_cfg.color_jitter), label_stride=label_stride if kind == "aff" else 1)
+                  tuple(train_cfg.color_jitter), label_stride=label_stride if target.on_cells else 1)
     groups = _groups(urls, label_urls, counts)
     num_samples = sum(g["count"] for g in groups) if num_samples is None else num_samples
     steps = max(1, num_samples // (train_cfg.batch_size * world_size))
     # The buffer holds only this rank's share (see ShardStream), so it can span all of it; 1000
     # raw samples at most (COCO's: about 160 MB) are held, split between the workers.
     buf = max(1, min(1000, num_samples // world_size))
-    to_training = ToTraining(kind, num_classes, aug, getattr(train_cfg, "missing_class_frac", None))
-    stream = ShardStream(groups, kind, to_training, train_cfg.batch_size, steps, rank, world_size,
+    to_training = ToTraining(target, num_classes, aug,
+                             getattr(train_cfg, "missing_class_frac", None))
+    stream = ShardStream(groups, to_training, train_cfg.batch_size, steps, rank, world_size,
                          seed, buf, finite=finite)
     return EpochLoader(stream, train_cfg.num_workers, pin_memory)

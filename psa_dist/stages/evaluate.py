@@ -37,9 +37,9 @@ from ..util.atomic import atomic_write_json
 from .evaluate_shard import (LABEL_FIGURES, REGION_FIGURES, eval_label_shards,  # noqa: F401
                              label_result, perfect_walk_label, print_results, score_label_shard,
                              score_segmenter_shard, segmenter_result)
-from .labels import run_pool
+from .label_pool import run_pool
 from .run_dir import Run, worker_device
-from .trained import load_trained
+from .model_factory import load_trained
 
 SEGMENTERS = ("seg", "seg_full")
 

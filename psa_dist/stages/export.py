@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 
 from ..config import Config
-from ..core.affinity import cells_to_pixels
 from ..core.image import normalize
 from ..core.segment import segment_probs
 from ..data.shards import (SampleError, decode_sample, image_field, iter_joined, output_path,
@@ -41,12 +40,10 @@ from ..util.atomic import atomic_write_bytes, atomic_write_json
 from ..util.progress import Progress
 from ..util.runinfo import write_run_info
 from .run_dir import Run
-from .trained import load_trained
+from . import table
+from .export_layouts import LAYOUTS, layout_paths
+from .model_factory import load_trained
 
-# what -> (the stage whose output shards hold it, the field); pred: the segmenter, no shards
-WHAT = {"pseudo": ("random_walk", "pseudo"), "aff_labels": ("aff_labels", "aff"),
-        "cams": ("cams", "cam"), "pred": ("train_seg", None)}
-LAYOUTS = ("voc", "mmseg")
 IGNORE_COLOUR = (224, 224, 192)     # VOC draws ignore / neutral (255) in this colour
 
 
@@ -68,13 +65,9 @@ def label_png(label: np.ndarray, palette) -> bytes:
 
 def paths(layout: str, split: str) -> dict:
     """Where a layout puts images, labels and the image list (relative to the output)."""
-    if layout == "voc":
-        return {"images": "JPEGImages", "labels": "SegmentationClassAug",
-                "list": f"ImageSets/Segmentation/{split}.txt"}
-    if layout == "mmseg":
-        return {"images": f"img_dir/{split}", "labels": f"ann_dir/{split}",
-                "list": f"splits/{split}.txt"}
-    raise ExportError(f"--layout: {layout!r} unknown (one of {', '.join(LAYOUTS)})")
+    if layout not in LAYOUTS:
+        raise ExportError(f"--layout: {layout!r} unknown (one of {', '.join(LAYOUTS)})")
+    return layout_paths(layout, split)
 
 
 def _safe_key(key: str, shard) -> str:
@@ -88,7 +81,7 @@ _SEG = {}       # the segmenter of this worker process (what=pred), loaded once
 
 def _worker_init(cfg: Config, what: str, threads: int) -> None:
     torch.set_num_threads(threads)
-    if what == "pred":
+    if what == table.PRED:
         run = Run(cfg, prepare=False)
         _SEG["model"], _SEG["device"] = load_trained(run, "seg"), run.device
 
@@ -96,32 +89,34 @@ def _worker_init(cfg: Config, what: str, threads: int) -> None:
 def export_shard(task: dict) -> dict:
     """Export one shard (a task of the pool); returns its keys, class ids and failures."""
     out, what, where, palette = Path(task["out"]), task["what"], task["paths"], task["palette"]
-    field = WHAT[what][1]
+    stage = table.resolve(task["module"]) if task["module"] else None      # None: pred
     streams = [task["labels"]] if task["labels"] else []
     keys, ids, failed = [], [], []
     for raw, labs in iter_joined(task["shard"], *streams):
         key = _safe_key(raw["__key__"], task["shard"])
         try:
-            s = decode_sample(raw, ["cls"] if what == "pseudo" else ["image", "cls"])
-            got = decode_sample(labs[0], [field]) if labs else {}
-            if what == "aff_labels":    # from AffinityNet's cell grid to the image's pixels
-                got["aff"] = cells_to_pixels(torch.from_numpy(got["aff"]), *s["image"].shape[:2],
-                                             task["stride"]).numpy()
+            s = decode_sample(raw, ["image", "cls"] if stage is None or stage.export_needs_image
+                              else ["cls"])
+            value = None
+            if stage is not None:
+                hw = s["image"].shape[:2] if "image" in s else None
+                value = stage.exported(decode_sample(labs[0], [stage.field])[stage.field], hw,
+                                       task["cfg"])
         except ValueError as e:     # a SampleError, or labels not on the cell grid
             failed.append({"key": key, "reason": str(e)})
             continue
-        if what == "cams":
+        if stage is not None and stage.export_array:
             buf = io.BytesIO()
-            np.save(buf, got["cam"].astype(np.float16))
-            atomic_write_bytes(out / "cams" / f"{key}.npy", buf.getvalue())
+            np.save(buf, value.astype(np.float16))
+            atomic_write_bytes(out / what / f"{key}.npy", buf.getvalue())
         else:
-            if what == "pred":
+            if stage is None:
                 with torch.inference_mode():
                     x = normalize(torch.from_numpy(s["image"])[None].to(_SEG["device"]))
                     probs = segment_probs(_SEG["model"], x, task["scales"], task["flip"])
                 label = probs.argmax(0).cpu().numpy()
             else:
-                label = got[field]
+                label = value
             ext = image_field(raw)
             atomic_write_bytes(out / where["images"] / f"{key}.{'jpg' if ext == 'jpeg' else ext}",
                                raw[ext])
@@ -152,16 +147,16 @@ def _check_target(out: Path, manifest: dict, overwrite: bool) -> None:
 def export(cfg: Config, what: str, out, layout: str = "voc", split: str | None = None,
            workers: int = 2, overwrite: bool = False, scales=(1.0,), flip: bool = False) -> dict:
     """Write ``what`` of the run ``cfg`` into ``out``; returns the summary (also in export.json)."""
-    if what not in WHAT:
-        raise ExportError(f"--what: {what!r} unknown (one of {', '.join(WHAT)})")
+    if what not in table.exports():
+        raise ExportError(f"--what: {what!r} unknown (one of {', '.join(table.exports())})")
     run = Run(cfg)
-    stage, _ = WHAT[what]
+    stage = table.exports()[what]
     if not run.done(stage):
         raise ExportError(f"export --what {what} needs the {stage} stage, which {run.out} does not "
                           f"have: run `psa-dist {stage.replace('_', '-')} CONFIG` first")
     label_split = cfg.data.train_split
-    split = split or (cfg.data.val_split if what == "pred" else label_split)
-    if what != "pred" and split != label_split:
+    split = split or (cfg.data.val_split if what == table.PRED else label_split)
+    if what != table.PRED and split != label_split:
         raise ExportError(f"--split {split}: the label stages cover data.train_split={label_split} "
                           f"only; `psa-dist label` makes them for other data")
     out = Path(out)
@@ -180,8 +175,8 @@ def export(cfg: Config, what: str, out, layout: str = "voc", split: str | None =
     counts = {s["name"]: s["count"] for s in run.info["splits"][split]["shards"]}
     tasks = [{"shard": str(s), "out": str(out), "what": what, "paths": where,
               "palette": run.info["palette"], "scales": list(scales), "flip": flip,
-              "stride": cfg.model.aff_stride,
-              "labels": str(output_path(run.stage_dir(stage), s)) if what != "pred" else None,
+              "cfg": cfg, "module": table.stage(stage).module,
+              "labels": str(output_path(run.stage_dir(stage), s)) if what != table.PRED else None,
               "marker": str(markers / f"{Path(s).name}.json")} for s in shards]
     todo = [t for t in tasks if not Path(t["marker"]).is_file()]
     bar = Progress(f"export {what}", total=sum(counts.get(Path(t["shard"]).name, 0) for t in todo))
@@ -197,9 +192,9 @@ def export(cfg: Config, what: str, out, layout: str = "voc", split: str | None =
                       flush=True)
     results = [json.loads(Path(t["marker"]).read_text()) for t in tasks]
     keys = [(k, ids) for r in results for k, ids in zip(r["keys"], r["class_ids"])]
-    if what == "cams":
+    if what != table.PRED and table.label_stage(stage).export_array:   # each key and its class ids
         listing = "".join(" ".join([k, *map(str, ids)]) + "\n" for k, ids in keys)
-        atomic_write_bytes(out / "cams" / f"{split}.txt", listing.encode())
+        atomic_write_bytes(out / what / f"{split}.txt", listing.encode())
     else:
         atomic_write_bytes(out / where["list"], "".join(f"{k}\n" for k, _ in keys).encode())
     failed = [f for r in results for f in r["failed"]]

@@ -28,16 +28,17 @@ from ..config import Config
 from ..core.crf import crf_refine
 from ..core.image import normalize
 from ..core.segment import segment_probs
-from ..data.inspect import overlay
+from ..data.dataset_view import overlay
 from ..data.shards import (SampleError, decode_sample, iter_shard, read_dataset_json,
                            shard_basename, split_shards)
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from ..util.runinfo import write_run_info
 from .evaluate import score_predictions
 from .export import label_png
-from .labels import crf_settings, run_pool
+from .label_pool import run_pool
+from .label_stages.base import crf_settings
+from .model_factory import load_trained
 from .run_dir import Run, worker_device
-from .trained import load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CHUNK = 64          # files per task when the input is a folder or a glob

@@ -11,11 +11,11 @@ from PIL import Image
 from ..core.affinity import cells_to_pixels
 from ..core.image import normalize, pad_to_multiple
 from ..core.metrics import LOST_BELOW
-from ..data.inspect import colorize
+from ..data.dataset_view import colorize
 from ..data.shards import decode_sample, iter_joined, output_path
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from . import table
-from .trained import load_trained
+from .model_factory import load_trained
 
 PANEL_SAMPLES = 4
 STAGE_NAMES = {"cam": "CAM (train)", "rw": "CAM + random walk (train)",

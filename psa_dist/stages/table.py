@@ -5,18 +5,23 @@ chained SLURM jobs, the output directories, the stale-marker rule and the check 
 A stage has one name everywhere (marker ``stages/<name>.json``, ``psa-dist <name with dashes>``,
 job ``psa-<run>-<step>``); a model has one name too (``cls``, ``aff``, ``seg``, ``seg_full``: the
 directory of its checkpoint and log, and its trainer's ``[name]`` in the logs).
+
+The rows hold facts; behaviour is in the modules they name (``"module:attribute"``): a label
+stage's in ``label_stages/<name>.py`` (:func:`label_stage`), a model's in ``kinds/`` (:func:`kind`).
+They are imported when first asked for, so that reading the table (``psa-dist --help`` builds its
+parser from it) imports no torch. A new stage is its module and one row (:func:`add_stage` adds a
+row from outside, as the toy stage of the tests does).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Callable
 
 from ..config import Config, JobConfig, TrainConfig
-from ..nets.backbones import BACKBONES, layer_names
-from ..nets.models import unknown_layers
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Model:
     section: str        # the config section of its trainer
     stage: str          # the stage that trains it
     labels_from: str | None   # the label stage whose shards it trains on (None: the dataset's)
+    kind: str           # its behaviour: "module:attribute" of a ModelKind (kinds/)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class Stage:
     extras: Callable[[Config], list] = lambda cfg: []   # [(python module, pip extra, setting)]
     step: str = ""                      # the chained SLURM job it runs in (default: its CLI name)
     reads_all: bool = False             # reads every earlier stage: stale when one is redone
+    module: str = ""                    # label stages: "module:attribute" of its LabelStage
+    export: str = ""                    # label stages: its name for `psa-dist export --what`
 
     @property
     def cli(self) -> str:
@@ -59,15 +67,18 @@ def _tensorboard(section: str):
                         if getattr(cfg, section).tensorboard else [])
 
 
-STAGES: tuple[Stage, ...] = (
+_LABELS, _KINDS = f"{__package__}.label_stages", f"{__package__}.kinds"
+STAGES: list[Stage] = [
     Stage("train_cls", "train", "train the classifier on image-level labels",
           section="train_cls", extras=_tensorboard("train_cls"), models=("cls",)),
     Stage("cams", "labels", "multi-scale CAMs of the train split (shards in out_dir/cams)",
-          section="cams", output="cams", uses_models=("cls",), needs=("train_cls",)),
+          section="cams", output="cams", uses_models=("cls",), needs=("train_cls",),
+          module=f"{_LABELS}.cams:STAGE", export="cams"),
     Stage("aff_labels", "labels",
           "confident-region affinity labels from the CAMs (out_dir/aff_labels)",
           section="aff_labels", output="aff_labels", needs=("cams",),
-          extras=_crf("aff_labels.crf", lambda c: c.aff_labels.crf)),
+          extras=_crf("aff_labels.crf", lambda c: c.aff_labels.crf),
+          module=f"{_LABELS}.aff_labels:STAGE", export="aff_labels"),
     Stage("train_aff", "train", "train AffinityNet on the affinity labels",
           section="train_aff", extras=_tensorboard("train_aff"), models=("aff",),
           uses_models=("cls",), needs=("train_cls", "aff_labels")),
@@ -75,7 +86,8 @@ STAGES: tuple[Stage, ...] = (
           "random-walk pseudo labels from CAMs and AffinityNet (out_dir/random_walk)",
           section="random_walk", output="random_walk", uses_models=("aff",),
           needs=("cams", "train_aff"),
-          extras=_crf("random_walk.crf", lambda c: c.random_walk.crf)),
+          extras=_crf("random_walk.crf", lambda c: c.random_walk.crf),
+          module=f"{_LABELS}.random_walk:STAGE", export="pseudo"),
     Stage("train_seg", "train",
           "train the segmenter on the pseudo labels (and on ground truth if seg_full)",
           section="train_seg", extras=_tensorboard("train_seg"), models=("seg", "seg_full"),
@@ -84,17 +96,72 @@ STAGES: tuple[Stage, ...] = (
           needs=("cams", "aff_labels", "random_walk"), step="eval-report", reads_all=True),
     Stage("report", "report", "write report.json, report.md and sample panels",
           needs=("eval",), step="eval-report", reads_all=True),
-)
-BY_NAME = {s.name: s for s in STAGES}
-ORDER = [s.name for s in STAGES]
-LABEL_STAGES = [s.name for s in STAGES if s.kind == "labels"]
+]
+BY_NAME: dict[str, Stage] = {}
+ORDER: list[str] = []
+LABEL_STAGES: list[str] = []
 
 MODELS = {m.name: m for m in (
-    Model("cls", "train_cls", "train_cls", None),
-    Model("aff", "train_aff", "train_aff", "aff_labels"),
-    Model("seg", "train_seg", "train_seg", "random_walk"),
-    Model("seg_full", "train_seg", "train_seg", None),   # the ground truth: the upper bound
+    Model("cls", "train_cls", "train_cls", None, f"{_KINDS}.classifier:KIND"),
+    Model("aff", "train_aff", "train_aff", "aff_labels", f"{_KINDS}.affinity_net:KIND"),
+    Model("seg", "train_seg", "train_seg", "random_walk", f"{_KINDS}.segmenter:SEG"),
+    # the ground truth: the upper bound
+    Model("seg_full", "train_seg", "train_seg", None, f"{_KINDS}.segmenter:SEG_FULL"),
 )}
+
+
+def _index() -> None:
+    """The views of STAGES, rebuilt in place (so that every reference to them sees a new row)."""
+    BY_NAME.clear()
+    BY_NAME.update((s.name, s) for s in STAGES)
+    ORDER[:] = [s.name for s in STAGES]
+    LABEL_STAGES[:] = [s.name for s in STAGES if s.kind == "labels"]
+
+
+_index()
+
+
+def add_stage(row: Stage, after: str) -> None:
+    """Add a stage's row after stage ``after`` (a stage from outside the package: its module and
+    this row are all it needs)."""
+    if row.name in BY_NAME:
+        raise ValueError(f"stage {row.name!r} is in the table already")
+    STAGES.insert(ORDER.index(stage(after).name) + 1, row)
+    _index()
+
+
+def remove_stage(name: str) -> None:
+    STAGES.remove(stage(name))
+    _index()
+
+
+PRED = "pred"   # export: the trained segmenter's prediction, the one export not of a label stage
+
+
+def exports() -> dict:
+    """``psa-dist export --what`` -> the stage whose outputs it writes."""
+    return {**{s.export: s.name for s in STAGES if s.export}, PRED: MODELS["seg"].stage}
+
+
+def resolve(ref: str):
+    """The object a row names (``"module:attribute"``), its module imported on first use."""
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def label_stage(name: str):
+    """The behaviour of label stage ``name`` (a ``label_stages.base.LabelStage``)."""
+    row = stage(name)
+    if not row.module:
+        raise ValueError(f"stage {name!r} is not a label stage")
+    return resolve(row.module)
+
+
+def kind(model: str):
+    """The behaviour of model ``model`` (a ``kinds.base.ModelKind``)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r} (have {', '.join(MODELS)})")
+    return resolve(MODELS[model].kind)
 
 
 def stage(name: str) -> Stage:
@@ -150,11 +217,8 @@ def unmet_needs(cfg: Config, to_run: list[str], done: Callable[[str], bool]) -> 
                                 f"installed: pip install 'psa-dist[{extra}]', or set "
                                 f"{setting.split('=')[0]}=false")
         scheduled.add(name)
-    frozen = cfg.model.frozen_layers
-    if frozen and {"train_cls", "train_aff"} & set(to_run) and cfg.model.backbone in BACKBONES:
-        problem = unknown_layers(frozen, layer_names(cfg.model.backbone), cfg.model.backbone)
-        if problem:
-            problems.append(problem)
+        for model in s.models:
+            problems += [p for p in kind(model).problems(cfg) if p not in problems]
     return problems
 
 

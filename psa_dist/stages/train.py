@@ -22,15 +22,15 @@ import torch
 from ..cluster.launch import LAUNCHERS, follow_job, make_executor
 from ..config import Config, ConfigError, config_to_dict
 from ..data.shards import decode_sample, iter_shard, split_shards
-from ..nets.checkpoint import load_checkpoint
-from ..nets.models import Classifier
 from ..data.train_data import make_train_loader
-from ..util.dist import cleanup, cpu_threads, init_distributed
+from ..engine.trainer import train
+from ..nets.checkpoint import load_checkpoint
+from ..nets.models import Classifier, set_bn_eval
+from ..util.dist import DistInfo, broadcast_object, cleanup, cpu_threads, init_distributed
+from ..util.precision import Precision, amp_dtype, choose_for_model
 from . import table
-from .engine import train
+from .model_factory import model_to_train
 from .run_dir import Run
-from .tensorboard import TensorBoardLog
-from .trained import initial_weights, model_to_train, random_init_key
 
 
 def _shard_sets(run: Run, model: str, tcfg):
@@ -44,7 +44,7 @@ def _shard_sets(run: Run, model: str, tcfg):
                      [None] * len(counts), counts))
     if tcfg.stop_patience is None:
         return train, []
-    if model == "cls":
+    if table.kind(model).heldout_split:       # the classifier: the val split's image labels
         val = run.cfg.data.val_split
         info = run.info["splits"][val]
         shards = split_shards(run.root, val, run.info, run.cfg.data.shard_url)
@@ -60,10 +60,11 @@ def _shard_sets(run: Run, model: str, tcfg):
 def _loader(model, shards, tcfg, run, rank, world_size, pin_memory, num_samples=None,
             finite=False):
     labels = [lab for _, lab, _ in shards]
-    return make_train_loader(model, [s for s, _, _ in shards], labels if labels[0] else None,
+    kind = table.kind(model)
+    return make_train_loader(kind.target, [s for s, _, _ in shards], labels if labels[0] else None,
                              run.num_classes, tcfg, [c for _, _, c in shards], rank=rank,
                              world_size=world_size, seed=run.cfg.seed, pin_memory=pin_memory,
-                             label_stride=run.cfg.model.aff_stride, num_samples=num_samples,
+                             label_stride=kind.label_stride(run.cfg), num_samples=num_samples,
                              finite=finite)
 
 
@@ -101,10 +102,50 @@ def label_frequency(run: Run, model: str, tcfg) -> torch.Tensor:
     return counts / n
 
 
+def choose_precision(model: torch.nn.Module, name: str, tcfg, info: DistInfo,
+                     ck: dict | None) -> Precision:
+    """The step's precision: a resumed run on the same kind of device keeps its checkpoint's (so
+    that it ends with the weights of an uninterrupted run, whatever a new timing would say); else
+    rank 0 decides (on a CPU by timing the model's own step, ``util/precision.py``) and every rank
+    takes its decision: one precision across the job, whatever each node would time."""
+    field = f"{table.MODELS[name].section}.amp"
+    amp_dtype(tcfg.amp, info.device, field)   # a bad setting fails every rank, not rank 0
+    kept = (ck or {}).get("precision")
+    if (kept is not None and info.device.type == "cpu" == kept.get("device")
+            and tcfg.amp == "bf16"):
+        precision = Precision(torch.bfloat16 if kept["dtype"] == "bfloat16" else None,
+                              kept["reason"], kept.get("float32_s"), kept.get("bf16_s"),
+                              kept.get("cached", False), resumed=True)
+    elif info.is_main:
+        crop = tcfg.crop_size or 256
+        precision = choose_for_model(tcfg.amp, info.device, field, model,
+                                     (tcfg.batch_size, 3, crop, crop), train=True,
+                                     key=table.kind(name).timing_key)
+    else:
+        precision = None
+    precision = broadcast_object(precision)
+    if info.is_main:
+        print(f"[{name}] precision: {precision.describe()} on {info.device.type}", flush=True)
+    return precision
+
+
+def _say_start(cfg: Config, model: str) -> None:
+    kind = table.kind(model)
+    source = kind.initial_weights(cfg)
+    print(f"[{model}] starting from {source}" if source else
+          f"[{model}] no pretrained weights ({kind.random_init_key(cfg)} unset): "
+          f"training from random initialisation", flush=True)
+    if cfg.model.freeze_bn and not kind.starts_pretrained(cfg):
+        print(f"[{model}] warning: model.freeze_bn with random weights keeps BN at its "
+              f"initial statistics (mean 0, variance 1), so nothing normalises the "
+              f"activations and training may diverge: set model.freeze_bn=false", flush=True)
+
+
 def run_trainer(cfg: Config, model: str) -> dict:
     """Train ``model`` on this rank (one of ``WORLD_SIZE``, or alone); returns the engine's
     summary."""
     tcfg = table.train_config(cfg, model)
+    kind = table.kind(model)
     info = init_distributed(cfg.device)
     failed = True
     threads_before = torch.get_num_threads()
@@ -120,28 +161,29 @@ def run_trainer(cfg: Config, model: str) -> dict:
                       f"{tcfg.num_workers} loader worker(s)", flush=True)
         torch.manual_seed(cfg.seed)      # the same initial weights on every rank
         if info.is_main:
-            source = initial_weights(cfg, model)
-            print(f"[{model}] starting from {source}" if source else
-                  f"[{model}] no pretrained weights ({random_init_key(cfg, model)} unset): "
-                  f"training from random initialisation", flush=True)
-            if cfg.model.freeze_bn and not (cfg.model.pretrained if model in ("cls", "aff")
-                                            else source):
-                print(f"[{model}] warning: model.freeze_bn with random weights keeps BN at its "
-                      f"initial statistics (mean 0, variance 1), so nothing normalises the "
-                      f"activations and training may diverge: set model.freeze_bn=false",
-                      flush=True)
+            _say_start(cfg, model)
         net = model_to_train(run, model).to(info.device)
         loader = train_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size,
                               pin_memory=info.device.type == "cuda")
-        tb = (TensorBoardLog(run.model_dir(model) / "tensorboard", model, run.info["palette"])
-              if tcfg.tensorboard and info.is_main else None)
         held = heldout_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size)
         prior = (Classifier.prior_losses(label_frequency(run, model, tcfg))
                  if tcfg.fit_target is not None else None)   # every rank reads the same labels
-        summary = train(net, model, loader, tcfg, run.model_dir(model), info, net.new_modules(),
-                        freeze_bn=cfg.model.freeze_bn, radius=cfg.random_walk.radius,
-                        config_dict=config_to_dict(cfg), tensorboard=tb, heldout=held,
-                        label_prior=prior, settings=table.settings(cfg, table.MODELS[model].stage))
+        out = run.model_dir(model)
+        ckpt = out / "checkpoint.pth"
+        ck = load_checkpoint(ckpt) if ckpt.is_file() else None
+        if cfg.model.freeze_bn:      # timed as it trains: frozen BN trains fewer parameters
+            set_bn_eval(net)
+        precision = choose_precision(net, model, tcfg, info, ck)
+        palette = run.info["palette"]
+        summary = train(
+            net, kind.losses(cfg, tcfg), loader, tcfg, out, info, name=model,
+            section=table.MODELS[model].section, precision=precision,
+            new_modules=net.new_modules(), checkpoint=ck, freeze_bn=cfg.model.freeze_bn,
+            static={"config": config_to_dict(cfg),
+                    "settings": table.settings(cfg, table.MODELS[model].stage)},
+            panels=((lambda m, x, y: kind.panels(m, x, y, palette)) if tcfg.tensorboard
+                    else None),
+            heldout=held, label_prior=prior)
         failed = False
         return summary
     finally:

@@ -27,22 +27,14 @@ from ..config import Config
 from ..data.shards import read_dataset_json
 from . import table
 
-GPU_BACKBONES = ("resnet38", "resnet50")
-GPU_SEGMENTERS = ("deeplabv3_resnet50",)
 
 
 def _gpu_network(cfg: Config, stage: table.Stage) -> str | None:
     """The GPU-sized network the stage trains or loads, in words, or None (none, or a small one)."""
-    backbone = cfg.model.backbone
     for model in (*stage.models, *stage.uses_models):
-        if model in ("seg", "seg_full"):
-            if cfg.model.segmenter in GPU_SEGMENTERS:
-                return f"model.segmenter={cfg.model.segmenter}"
-            if backbone in GPU_BACKBONES:     # the light segmenter is built on the backbone
-                return f"the {cfg.model.segmenter} segmenter on model.backbone={backbone}"
-        elif backbone in GPU_BACKBONES:
-            what = "classifier" if model == "cls" else "AffinityNet"
-            return f"the {what} on model.backbone={backbone}"
+        what = table.kind(model).gpu_network(cfg)
+        if what:
+            return what
     return None
 
 

@@ -1,4 +1,4 @@
-"""When a trainer has learned: the two stopping rules the training loop (``engine.py``) asks
+"""When a trainer has learned: the two stopping rules the training loop (``engine/hooks.StopWhenLearned``) asks
 after every epoch. :class:`StopRule` watches a held-out loss of weak labels (AffinityNet, the
 segmenters, or the classifier on the val split's image labels); :class:`FitRule` watches the
 classifier's own training loss against its labels' prior loss. Either one starts the learning

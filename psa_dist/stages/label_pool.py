@@ -20,69 +20,41 @@ from ..cluster.ray_job import submit_ray_job
 from ..cluster.shard_pool import ShardPool, default_transient, ensure_ray
 from ..config import Config
 from ..data.shards import SampleError, ShardError, output_path
-from ..util.precision import choose_for_model
 from . import table
-from .labelgen import aff_label_shard, cam_shard, rw_shard
+from .label_stages.base import ShardContext
+from .model_factory import load_trained
 from .run_dir import Run, worker_device
-from .trained import load_trained
-
-
-def crf_settings(cfg: Config, enabled: bool) -> dict | None:
-    """The dense CRF's settings (``aff_labels.crf_*``, shared by both stages that use it), or None
-    when that stage does not."""
-    a = cfg.aff_labels
-    if not enabled:
-        return None
-    return {"iters": a.crf_iters, "gauss_sxy": a.crf_gauss_sxy, "gauss_compat": a.crf_gauss_compat,
-            "bi_sxy": a.crf_bi_sxy, "bi_srgb": a.crf_bi_srgb, "bi_compat": a.crf_bi_compat}
-
-
-def cam_timing_shape(cfg: Config) -> tuple:
-    """The batch the CAM stage's precision is timed on (``bench precision`` times the same)."""
-    size = cfg.train_cls.crop_size or 320
-    return (cfg.cams.batch_size, 3, size, size)
 
 
 class LabelWorker:
     """One label-stage worker: loads its stage's model once (on ``device``), then turns input
-    shards into output shards (decode, the core's functions, encode)."""
+    shards into output shards by its stage's module (``label_stages/``)."""
 
-    def __init__(self, stage: str, cfg: Config, device: str = "cpu", threads: int = 1):
+    def __init__(self, stage: str | table.Stage, cfg: Config, device: str = "cpu",
+                 threads: int = 1):
         torch.set_num_threads(threads)
-        self.stage, self.cfg = stage, cfg
+        # the driver hands over the row itself: a stage added to the table at run time
+        # (table.add_stage) is known to the driver's table only, not to an actor's
+        row = stage if isinstance(stage, table.Stage) else table.stage(stage)
+        self.stage, self.cfg = table.resolve(row.module), cfg
         self.run = Run(cfg, prepare=False)   # the driver made the dataset; read it only
         self.device = worker_device(device)
-        models = table.stage(stage).uses_models
-        self.model = load_trained(self.run, models[0], self.device) if models else None
-        self.precision = None
-        if stage == "cams":
-            # on a CPU, bf16 only where timing the classifier's forward says it is faster
-            # (util/precision.py: one process of a machine times, under a lock, the others read
-            # its cached timing); a batch of cams.batch_size images at the training crop
-            self.precision = choose_for_model(cfg.cams.amp, self.device, "cams.amp", self.model,
-                                              cam_timing_shape(cfg), train=False, key="cams")
-            print(f"[cams] precision: {self.precision.describe()} on {self.device.type}",
+        models = row.uses_models
+        stage = row.name
+        model = load_trained(self.run, models[0], self.device) if models else None
+        self.ctx = ShardContext(cfg, self.run.num_classes, self.device, model)
+        self.precision = self.stage.choose_precision(self.ctx)
+        if self.precision is not None:
+            self.ctx.dtype = self.precision.dtype
+            print(f"[{stage}] precision: {self.precision.describe()} on {self.device.type}",
                   flush=True)
 
     def pid(self) -> int:
         return os.getpid()
 
     def process(self, in_shard: str, out_shard: str) -> dict:
-        cfg, stage = self.cfg, self.stage
-        cams_in = output_path(self.run.stage_dir("cams"), in_shard)
-        if stage == "cams":
-            c = cfg.cams
-            res = cam_shard(self.model, in_shard, out_shard, self.run.num_classes, tuple(c.scales),
-                            c.flip, self.device, c.batch_size,
-                            self.precision.dtype)
-        elif stage == "aff_labels":
-            res = aff_label_shard(in_shard, cams_in, out_shard, cfg.aff_labels.alpha_lo,
-                                  cfg.aff_labels.alpha_hi, crf_settings(cfg, cfg.aff_labels.crf),
-                                  cfg.model.aff_stride)
-        else:
-            r = cfg.random_walk
-            res = rw_shard(self.model, in_shard, cams_in, out_shard, r.beta, r.t, r.radius,
-                           r.bg_alpha, self.device, r.batch_size, r.tol, crf_settings(cfg, r.crf))
+        inputs = [output_path(self.run.stage_dir(name), in_shard) for name in self.stage.reads]
+        res = self.stage.process(self.ctx, in_shard, inputs, out_shard)
         res["pid"] = os.getpid()
         res["device"] = str(self.device)     # where the model ran: the GPU check reads it here
         ray = sys.modules.get("ray")     # imported only where the pool runs on Ray
@@ -134,7 +106,7 @@ def run_pool(run: Run, name: str, worker_cls, worker_args: tuple, *, uses_model:
 def label_pool(run: Run, stage: str, num_actors: int = 0, log_path=None) -> ShardPool:
     """The pool a label stage runs on (affinity labels are CAM thresholds and the dense CRF: CPU
     work, one actor per CPU even where there are GPUs)."""
-    return run_pool(run, stage, LabelWorker, (stage, run.cfg),
+    return run_pool(run, stage, LabelWorker, (table.stage(stage), run.cfg),
                     uses_model=bool(table.stage(stage).uses_models), num_actors=num_actors,
                     log_path=log_path or run.out / "stages" / f"{stage}.shards.jsonl")
 
