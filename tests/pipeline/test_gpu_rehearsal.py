@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_common import CUDA, needs_cuda
 from psa_dist.config import load_config
 from psa_dist.pipeline import STAGES, run_pipeline
 from psa_dist.stages import table
+from tests.gpu_common import CUDA, needs_cuda
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 REHEARSALS = ["voc_rehearsal", "coco_rehearsal"]
 
@@ -101,7 +101,7 @@ def test_rehearsal_config_cut_to_a_few_images_runs_on_cuda(name, tmp_path, capfd
 def test_the_rehearsal_helpers_on_the_cpu(tmp_path, capfd):
     """``run_rehearsal`` and ``check_rehearsal`` with the CPU for the device, on the demo config
     (synthetic data and the small models: the real-size rehearsals take minutes on the CPU, and
-    tests/test_rehearsal.py runs them), cut as the GPU test cuts them."""
+    tests/pipeline/test_rehearsal.py runs them), cut as the GPU test cuts them."""
     cfg, run = run_rehearsal("demo", tmp_path, "cpu")
     assert cfg.device == "cpu" and cfg.synth.num_train == 4 and run == tmp_path / "run"
     seen = check_rehearsal(cfg, run, capfd.readouterr().out, "cpu")

@@ -23,7 +23,7 @@ from psa_dist.core.affinity import cell_grid
 from psa_dist.data.shards import decode_sample, iter_joined, read_dataset_json, split_shards
 from psa_dist.pipeline import STAGES, run_pipeline
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 REHEARSES = {"voc_rehearsal": "voc_resnet38", "coco_rehearsal": "coco_resnet50"}
 CLASSES = {"voc_rehearsal": 20, "coco_rehearsal": 80}
 # What a run computes, per trainer (not how much of it, nor where it runs)
@@ -92,7 +92,7 @@ def test_rehearsal_cut_runs_every_stage(name, tmp_path):
 
 def _check_outputs(cfg, data: Path, run: Path) -> None:
     """Every stage's outputs of the run of ``cfg`` valid: also used on a full rehearsal, e.g.
-    ``python -c "import tests.test_rehearsal as t; t.check_run('configs/voc_rehearsal.yaml')"``."""
+    ``python -c "import tests.pipeline.test_rehearsal as t; t.check_run('configs/voc_rehearsal.yaml')"``."""
     for stage in STAGES:
         assert (run / "stages" / f"{stage}.json").is_file(), f"no marker for {stage}"
     info = read_dataset_json(data)

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_common import U_TF32, needs_cuda
 from psa_dist.config import load_config
 from psa_dist.data.shards import decode_mask, decode_npy, iter_shard
 from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.labels import LabelWorker, run_pool
 from psa_dist.stages.run_dir import Run
+from tests.gpu_common import U_TF32, needs_cuda
 
 TINY = """
 name: gputest

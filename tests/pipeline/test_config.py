@@ -4,7 +4,7 @@ import pytest
 
 from psa_dist.config import Config, ConfigError, load_config, parse_overrides
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_defaults_and_yaml(tmp_path):

@@ -282,7 +282,7 @@ def test_initial_weights_name_the_key_that_sets_them():
     from pathlib import Path
     from psa_dist.config import load_config
     from psa_dist.stages.trained import initial_weights, random_init_key
-    configs = Path(__file__).resolve().parent.parent / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"
     voc = load_config(configs / "voc_resnet38.yaml", ["model.pretrained=w38.pth",
                                                        "model.seg_pretrained=null"])
     assert initial_weights(voc, "cls") == "model.pretrained=w38.pth"

@@ -109,7 +109,7 @@ def test_object_width_and_object_report():
 
 
 # ----------------------------------------------------------- VOC- and COCO-shaped data (issue #17)
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _digest(cfg, split, n):

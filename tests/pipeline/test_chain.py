@@ -1,6 +1,6 @@
 """`psa-dist submit` without a cluster: the chain covers every stage in order, each job asks for
 its section's shape, and --dry-run prints the sbatch parameters. (The chain on a real SLURM
-cluster: tests/test_slurm.py.)"""
+cluster: tests/pipeline/test_slurm.py.)"""
 import sys
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from psa_dist.pipeline import STAGES, ChainUnmet
 from psa_dist.stages.table import chain_steps
 from psa_dist.submit import job_shape, submit_chain
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_chain_is_the_pipeline_in_order():

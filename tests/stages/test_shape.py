@@ -11,7 +11,7 @@ from psa_dist.config import load_config
 from psa_dist.pipeline import STAGES, ChainUnmet, run_pipeline
 from psa_dist.stages.shape import shape_warnings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER = ["voc_resnet38", "voc_resnet50", "coco_resnet50"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "psa_dist"
+PACKAGE = Path(__file__).resolve().parents[2] / "psa_dist"
 
 # Layer of each top-level part of the package: a module may import a lower layer, or its own
 # subpackage; never a higher layer or a sibling of the same layer.

@@ -14,7 +14,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from gpu_common import CUDA, U_TF32, free_port, needs_cuda
 from psa_dist.config import load_config
 from psa_dist.nets.backbones import build_backbone
 from psa_dist.nets.checkpoint import load_checkpoint
@@ -23,6 +22,7 @@ from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
 from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.engine import train_step
 from psa_dist.util.dist import DistInfo, all_reduce_sum, cleanup, init_distributed, wrap_ddp
+from tests.gpu_common import CUDA, U_TF32, free_port, needs_cuda
 
 
 # ------------------------------------------------------------------------------ fp16 and bf16

@@ -52,7 +52,7 @@ def test_pretrained_weights_with_code_are_refused(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- Ray dashboard
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ray_heads_keep_the_dashboard_off_and_local_by_default():

@@ -29,7 +29,7 @@ from psa_dist.stages.train import TrainJob
 from psa_dist.submit import submit_chain
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 CFG = """
 name: slurmtest

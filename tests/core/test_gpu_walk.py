@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from gpu_common import CUDA, U32, needs_cuda
 from psa_dist.bench.random_walk import synthetic_inputs
 from psa_dist.core.pseudo_labels import walk_labels
 from psa_dist.core.random_walk import (
@@ -20,6 +19,7 @@ from psa_dist.core.random_walk import (
     random_walk_many,
     transition_weights,
 )
+from tests.gpu_common import CUDA, U32, needs_cuda
 
 BETA, T, RADIUS = 8.0, 256, 5
 K = 1 + 2 * 34             # links per cell at radius 5, self included

@@ -137,7 +137,7 @@ def test_stage_subcommands_have_help(capsys):
 def test_paper_configs_validate():
     import pathlib
     for name in ("voc_resnet38.yaml", "voc_resnet50.yaml", "coco_resnet50.yaml", "demo.yaml"):
-        cfg = load_config(pathlib.Path(__file__).parent.parent / "configs" / name)
+        cfg = load_config(pathlib.Path(__file__).parents[2] / "configs" / name)
         assert cfg.random_walk.beta == 8.0
         if name != "demo.yaml":
             assert cfg.aff_labels.crf and cfg.cams.scales == (1.0, 0.5, 1.5, 2.0)

@@ -108,7 +108,7 @@ def test_loss_distances_in_float32_use_the_kernel_and_match_naive():
 
 def naive_walk(feat, cams, beta, r, t):
     """T^t cams with test_random_walk's dense, naive T, as a matrix power (float64)."""
-    from test_random_walk import naive_transition
+    from tests.core.test_random_walk import naive_transition
     tm = naive_transition(feat, beta, r)
     return (np.linalg.matrix_power(tm, t) @ cams.reshape(cams.shape[0], -1).T).T.reshape(cams.shape)
 
