@@ -195,9 +195,10 @@ versions = {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None}
 # the code checked, also where the copy has no .git: a digest of the package and the gpu tests
+# (with the module and the fixtures they share)
 h = hashlib.sha256()
 for p in (sorted(Path("psa_dist").rglob("*.py")) + sorted(Path("tests").glob("*/test_gpu_*.py"))
-          + [Path("tests/gpu_common.py")]):
+          + [Path("tests/gpu_common.py"), Path("tests/conftest.py")]):
     h.update(str(p).encode()); h.update(p.read_bytes())
 tests = None
 xml = out / "pytest.xml"

@@ -16,8 +16,6 @@ Where a result is compared with the CPU's, the tolerance comes from float32's un
 ``u = 2^-24`` (the walk: elementwise ops only), or from TF32's ``2^-11`` where cuDNN convolutions
 run (PyTorch's default ``torch.backends.cudnn.allow_tf32 = True``, which the project keeps).
 """
-import socket
-
 import pytest
 import torch
 
@@ -26,9 +24,3 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is a
 U32 = 2.0 ** -24           # float32 unit roundoff
 U_TF32 = 2.0 ** -11        # TF32 (10-bit mantissa): cuDNN's convolutions by default
 CUDA = "cuda"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -29,13 +29,10 @@ from psa_dist.stages.run_dir import Run
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-CFG = """
-name: poolfail
-data: {{root: {root}, shard_size: 2, workers: 1}}
-synth: {{image_size: 32, num_train: 24, num_val: 2}}
-ray: {{enabled: true, shard_retries: 2, retry_backoff_s: 0.2, speculate_after: 3.0,
-       speculate_min_s: 0.0}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="poolfail", shard_size=2, image_size=32, num_train=24, num_val=2,
+            ray={"enabled": True, "shard_retries": 2, "retry_backoff_s": 0.2,
+                 "speculate_after": 3.0, "speculate_min_s": 0.0})
 
 
 class ShardWork:
@@ -121,11 +118,10 @@ def log_lines(out):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_config):
     """The config (its synthetic dataset made once) and a clean reference run in this process."""
     base = tmp_path_factory.mktemp("poolfail")
-    cfg_path = base / "cfg.yaml"
-    cfg_path.write_text(CFG.format(root=base / "data"))
+    cfg_path = tiny_config(base / "cfg.yaml", base / "data", **TINY)
     pool, tasks, counts = make_pool(cfg_path, base / "ref", base / "ctrl-ref", {}, use_ray=False)
     summary = pool.run(tasks, counts)
     assert summary["shards_done"] == 12 and summary["done"] == 24
@@ -133,17 +129,9 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(setup):
-    import ray
-    from ray.cluster_utils import Cluster
-    c = Cluster(initialize_head=True, shutdown_at_exit=True,
-                head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+def cluster(setup, ray_cluster):
+    with ray_cluster(workers=2, include_dashboard=False) as c:
+        yield c
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,39 +21,25 @@ from psa_dist.data.shards import iter_shard, write_shard
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CFG = """
-name: raytest
-data: {{root: {root}, shard_size: 3, workers: 1}}
-synth: {{image_size: 48, num_train: 18, num_val: 3}}
-train_cls: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-cams: {{scales: [1.0, 0.5], batch_size: 2}}
-aff_labels: {{crf: false}}
-random_walk: {{t: 64}}
-model: {{aff_dims: [8, 8, 8, 16]}}
-ray: {{enabled: false}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="raytest", shard_size=3, num_train=18, num_val=3,
+            trainers=("train_cls", "train_aff"), cams={"scales": [1.0, 0.5], "batch_size": 2},
+            aff_labels={"crf": False}, random_walk={"t": 64}, model={"aff_dims": [8, 8, 8, 16]},
+            ray={"enabled": False})
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trained_run):
     """A run directory with a trained classifier and AffinityNet (serial, no Ray)."""
     base = tmp_path_factory.mktemp("raylabels")
-    p = base / "cfg.yaml"
-    p.write_text(CFG.format(root=base / "data"))
-    cfg = load_config(p, [f"out_dir={base / 'ref'}"])
-    run_pipeline(cfg, stages=["train_cls", "cams", "aff_labels", "train_aff"])
+    p, _ = trained_run(base, ["train_cls", "cams", "aff_labels", "train_aff"], **TINY)
     return base, p
 
 
 @pytest.fixture
-def ray_local():
-    import ray
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+def ray_local(local_ray):
+    with local_ray(num_cpus=4) as ray:
+        yield ray
 
 
 def clone_run(base, name, stages_to_copy=("cls", "aff", "cams", "aff_labels")):
@@ -142,16 +127,12 @@ def test_worker_killed_mid_run(trained, ray_local):
     assert len(keys) == 18 and len(set(keys)) == 18
 
 
-def test_node_removed_mid_run(trained):
+def test_node_removed_mid_run(trained, ray_cluster):
     import ray
-    from ray.cluster_utils import Cluster
     base, cfg_path = trained
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1},
-                      shutdown_at_exit=True)
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
+    with ray_cluster(workers=1) as cluster:
+        (worker,) = cluster.worker_nodes
+        ray.init(address=cluster.address, log_to_driver=False)
         out = clone_run(base, "noderm", ("cls", "aff", "cams"))
         job, shards, counts = job_for(base, cfg_path, out, "random_walk", 2)
         log = out / "stages" / "random_walk.shards.jsonl"
@@ -169,9 +150,6 @@ def test_node_removed_mid_run(trained):
         assert summary["restarts"] >= 1      # the removed node's actor was lost and replaced
         nodes = {json.loads(x)["node"] for x in log.read_text().splitlines()}
         assert cluster.head_node.node_id in nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.parametrize("on_ray", [True, False])
@@ -204,14 +182,11 @@ def test_undecodable_sample_recorded_and_threshold(trained, ray_local, on_ray):
     assert len(digests(out2 / "cams")) == 6
 
 
-def test_gpu_actors_are_scheduled_one_per_gpu(trained):
+def test_gpu_actors_are_scheduled_one_per_gpu(trained, local_ray):
     # Ray's GPUs here are logical (no CUDA): the model stages get one actor per GPU, each with its
     # own GPU id (the worker falls back to the CPU); affinity labels, CPU work, one per CPU.
-    import ray
     base, cfg_path = trained
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=3, num_gpus=2):
         out = clone_run(base, "gpus", ("cls", "aff"))
         job, shards, counts = job_for(base, cfg_path, out, "cams", 0)
         assert job.gpus == 2 and job.num_actors == 2
@@ -229,9 +204,6 @@ def test_gpu_actors_are_scheduled_one_per_gpu(trained):
         lines = [json.loads(x) for x in
                  (out / "stages" / "aff_labels.shards.jsonl").read_text().splitlines()]
         assert all(x["gpus"] == [] for x in lines) and len({x["pid"] for x in lines}) >= 2
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_pipeline_uses_ray_by_default(trained):

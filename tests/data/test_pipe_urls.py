@@ -10,17 +10,12 @@ from psa_dist.pipeline import Run, run_pipeline
 from psa_dist.data.shards import ShardError, iter_shard, shard_basename, split_shards
 from psa_dist.data.synth import write_synth
 
-CFG = """
-name: pipetest
-device: cpu
-data: {{root: {root}, shard_size: 6, workers: 1}}
-synth: {{image_size: 48, num_train: 24, num_val: 4}}
-train_cls: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 1,
-            log_every: 2, checkpoint_every: 50, launcher: inline}}
-cams: {{scales: [1.0], flip: false}}
-model: {{freeze_bn: true}}
-ray: {{enabled: true, num_cpus: 1}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="pipetest", device="cpu", shard_size=6, num_train=24, num_val=4,
+            trainers={"train_cls": {"num_workers": 1, "log_every": 2, "checkpoint_every": 50,
+                                    "launcher": "inline"}},
+            cams={"scales": [1.0], "flip": False}, model={"freeze_bn": True},
+            ray={"enabled": True, "num_cpus": 1})
 
 
 @pytest.mark.parametrize("url,name", [
@@ -74,12 +69,11 @@ def test_inspect_and_preview_read_through_the_url(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_training_and_cams_read_pipe_urls(tmp_path):
+def test_training_and_cams_read_pipe_urls(tmp_path, tiny_config):
     data = tmp_path / "data"
     write_synth(SynthConfig(image_size=48, num_train=24, num_val=4), data, shard_size=6, workers=1,
                 progress=False)
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(CFG.format(root=data))
+    cfg_file = tiny_config(tmp_path / "cfg.yaml", data, **TINY)
     url = f"pipe:cat {data}/{{name}}"
     piped = load_config(cfg_file, [f"out_dir={tmp_path / 'piped'}", f"data.shard_url={url}"])
     run = Run(piped)

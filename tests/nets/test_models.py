@@ -180,13 +180,9 @@ def _reduce_worker(rank, port, pred, gt, out):
     dist.destroy_process_group()
 
 
-def test_confusion_reduces_across_processes():
-    import socket
-
+def test_confusion_reduces_across_processes(free_port):
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     g = torch.Generator().manual_seed(1)
     pred, gt = torch.randint(0, 4, (20, 9), generator=g), torch.randint(0, 4, (20, 9), generator=g)
     out = mp.Manager().dict()

@@ -6,8 +6,6 @@ also run on the CPU, unmarked, so that their code runs in every test run.
 """
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,9 +33,9 @@ def rehearsal_overrides(tmp: Path, device: str = CUDA) -> list[str]:
     return over
 
 
-def run_rehearsal(name: str, tmp: Path, device: str = CUDA):
+def run_rehearsal(name: str, tmp: Path, local_ray, device: str = CUDA):
     """The cut rehearsal config ``name`` through ``run_pipeline`` on a Ray instance with the
-    device's GPUs; returns its config and run directory."""
+    device's GPUs (``local_ray``, the fixture); returns its config and run directory."""
     path = REPO / "configs" / f"{name}.yaml"
     if not path.is_file():
         pytest.fail(f"{path.relative_to(REPO)} does not exist: the rehearsal config (issue #17: "
@@ -45,15 +43,8 @@ def run_rehearsal(name: str, tmp: Path, device: str = CUDA):
                     f"can check it on the GPU")
     cfg = load_config(path, rehearsal_overrides(tmp, device))
     assert cfg.data.source == "synth", f"{path.name}: a rehearsal runs on synthetic data"
-    import ray
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=4, num_gpus=1 if device.startswith("cuda") else 0, include_dashboard=False,
-             _temp_dir=ray_tmp, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=4, num_gpus=1 if device.startswith("cuda") else 0):
         assert run_pipeline(cfg) == 0
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     return cfg, tmp / "run"
 
 
@@ -89,8 +80,8 @@ def check_rehearsal(cfg, run: Path, out: str, device: str = CUDA) -> dict:
 @needs_cuda
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("name", REHEARSALS)
-def test_rehearsal_config_cut_to_a_few_images_runs_on_cuda(name, tmp_path, capfd):
-    cfg, run = run_rehearsal(name, tmp_path, CUDA)
+def test_rehearsal_config_cut_to_a_few_images_runs_on_cuda(name, tmp_path, capfd, local_ray):
+    cfg, run = run_rehearsal(name, tmp_path, local_ray, CUDA)
     print(json.dumps(check_rehearsal(cfg, run, capfd.readouterr().out, CUDA)))
 
 
@@ -98,11 +89,11 @@ def test_rehearsal_config_cut_to_a_few_images_runs_on_cuda(name, tmp_path, capfd
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_the_rehearsal_helpers_on_the_cpu(tmp_path, capfd):
+def test_the_rehearsal_helpers_on_the_cpu(tmp_path, capfd, local_ray):
     """``run_rehearsal`` and ``check_rehearsal`` with the CPU for the device, on the demo config
     (synthetic data and the small models: the real-size rehearsals take minutes on the CPU, and
     tests/pipeline/test_rehearsal.py runs them), cut as the GPU test cuts them."""
-    cfg, run = run_rehearsal("demo", tmp_path, "cpu")
+    cfg, run = run_rehearsal("demo", tmp_path, local_ray, "cpu")
     assert cfg.device == "cpu" and cfg.synth.num_train == 4 and run == tmp_path / "run"
     seen = check_rehearsal(cfg, run, capfd.readouterr().out, "cpu")
     print(json.dumps(seen))

@@ -10,26 +10,20 @@ from psa_dist.data.shards import iter_shard, read_dataset_json
 from psa_dist.pipeline import STAGES, ChainUnmet, run_pipeline
 from psa_dist.stages.run_dir import Run
 
-TINY = """
-name: tiny
-data: {{root: {root}, shard_size: 10, workers: 1}}
-synth: {{image_size: 64, num_train: 20, num_val: 6}}
-train_cls: {{epochs: 1, batch_size: 4, crop_size: 64, resize_long: [56, 72], num_workers: 0, log_every: 2}}
-train_aff: {{epochs: 1, batch_size: 4, crop_size: 64, resize_long: [56, 72], num_workers: 0}}
-train_seg: {{epochs: 1, batch_size: 4, crop_size: 64, resize_long: [56, 72], num_workers: 0}}
-cams: {{scales: [1.0, 0.5]}}
-aff_labels: {{crf: {crf}}}
-random_walk: {{t: 8, crf: {crf}}}
-model: {{aff_dims: [8, 8, 8, 16], seg_from_classifier: true}}
-seg_full: true
-"""
+def tiny(crf: bool) -> dict:
+    """The tiny config of the pipeline runs (``tiny_config``), the CRF on or off."""
+    crop = {"crop_size": 64, "resize_long": [56, 72]}
+    return dict(name="tiny", shard_size=10, image_size=64, num_train=20, num_val=6,
+                trainers={"train_cls": {**crop, "log_every": 2}, "train_aff": crop,
+                          "train_seg": crop},
+                cams={"scales": [1.0, 0.5]}, aff_labels={"crf": crf},
+                random_walk={"t": 8, "crf": crf},
+                model={"aff_dims": [8, 8, 8, 16], "seg_from_classifier": True}, seg_full=True)
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY.format(root=tmp_path / "data", crf="true"))
-    return p
+def tiny_cfg(tmp_path, tiny_config):
+    return tiny_config(tmp_path / "tiny.yaml", tmp_path / "data", **tiny(crf=True))
 
 
 @pytest.mark.slow
@@ -105,9 +99,8 @@ def test_pipeline_end_to_end_and_cached(tiny_cfg, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_after_interrupted_stage(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY.format(root=tmp_path / "data", crf="false"))
+def test_resume_after_interrupted_stage(tmp_path, tiny_config):
+    p = tiny_config(tmp_path / "tiny.yaml", tmp_path / "data", **tiny(crf=False))
     out = tmp_path / "run"
     cfg = load_config(p, [f"out_dir={out}"])
     run_pipeline(cfg, stages=["train_cls", "cams"])

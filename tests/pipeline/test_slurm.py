@@ -31,17 +31,12 @@ from psa_dist.submit import submit_chain
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
-CFG = """
-name: slurmtest
-device: cpu
-data: {{root: {root}, shard_size: 6, workers: 1}}
-synth: {{image_size: 48, num_train: 48, num_val: 4}}
-train_cls: {{epochs: {epochs}, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0,
-            log_every: 2, checkpoint_every: 2, lr: 0.02, launcher: slurm, partition: debug,
-            gpus_per_node: 0, tasks_per_node: 2, cpus_per_task: 1, time_min: 10}}
-model: {{freeze_bn: true}}
-ray: {{enabled: false}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="slurmtest", device="cpu", shard_size=6, num_train=48, num_val=4,
+            trainers={"train_cls": dict(epochs=6, log_every=2, checkpoint_every=2, lr=0.02,
+                                        launcher="slurm", partition="debug", gpus_per_node=0,
+                                        tasks_per_node=2, cpus_per_task=1, time_min=10)},
+            model={"freeze_bn": True}, ray={"enabled": False})
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +63,11 @@ def slurm():
 
 
 @pytest.fixture(scope="module")
-def cfg_path(tmp_path_factory):
+def cfg_path(tmp_path_factory, tiny_config):
     d = tmp_path_factory.mktemp("slurmcfg")
     write_synth(SynthConfig(image_size=48, num_train=48, num_val=4), d / "data", shard_size=6,
                 workers=1, progress=False)
-    p = d / "cfg.yaml"
-    p.write_text(CFG.format(root=d / "data", epochs=6))
-    return p
+    return tiny_config(d / "cfg.yaml", d / "data", **TINY)
 
 
 def weights(out):

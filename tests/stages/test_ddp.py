@@ -4,7 +4,6 @@ weights of an uninterrupted one; the torchrun and submitit-local launchers run 2
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,22 +23,13 @@ from psa_dist.data.shards import split_shards
 from psa_dist.data.synth import write_synth
 from psa_dist.data.train_data import make_train_loader
 
-CFG = """
-name: ddptest
-device: cpu
-data: {{root: {root}, shard_size: 6, workers: 1}}
-synth: {{image_size: 40, num_train: 48, num_val: 4}}
-train_cls: {{epochs: {epochs}, batch_size: 4, crop_size: 40, resize_long: [36, 44], num_workers: 0,
-            log_every: 2, checkpoint_every: 3, lr: 0.02}}
-model: {{freeze_bn: true}}
-ray: {{enabled: false}}
-"""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def tiny(epochs: int) -> dict:
+    """The tiny config of the trainer runs here (``tiny_config``), with ``epochs``."""
+    return dict(name="ddptest", device="cpu", shard_size=6, image_size=40, num_train=48, num_val=4,
+                trainers={"train_cls": dict(epochs=epochs, crop_size=40, resize_long=[36, 44],
+                                            log_every=2, checkpoint_every=3, lr=0.02)},
+                model={"freeze_bn": True}, ray={"enabled": False})
 
 
 def tiny_model():
@@ -74,7 +64,7 @@ def _ddp_rank(rank, port, x, y, out):
     cleanup()
 
 
-def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path):
+def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, free_port):
     torch.manual_seed(1)
     x = torch.randn(8, 3, 40, 40)
     y = (torch.rand(8, 6) > 0.6).float()
@@ -109,7 +99,8 @@ def _failing_rank(rank, port, left):
     cleanup(failed=True)
 
 
-def test_a_failed_rank_leaves_the_process_group_without_waiting_for_the_others(tmp_path):
+def test_a_failed_rank_leaves_the_process_group_without_waiting_for_the_others(tmp_path,
+                                                                                free_port):
     # a rank that raises (a bad file, out of memory) must end its task, so that the job fails now
     # and not after the process group's 30-minute timeout (a whole chain of jobs waits on it)
     # rank 1 asserts, while it is still busy, that rank 0 has left: spawn raises if it has not
@@ -168,11 +159,10 @@ def _weights(out):
 # fit_rule: the rule class by class, whose per-class sums of a part-trained epoch are resumed too
 @pytest.mark.parametrize("extra", [[], ["train_cls.fit_target=0.5", "train_cls.fit_each_class=true"]],
                          ids=["poly", "fit_rule"])
-def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data, extra):
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data, extra, tiny_config):
     # with the fit rule, the epoch killed mid-way must also end with the uninterrupted epoch's
     # loss (its first part comes from the checkpoint), or the rule could decide otherwise
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(CFG.format(root=data, epochs=4))
+    cfg = tiny_config(tmp_path / "cfg.yaml", data, **tiny(epochs=4))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
     subprocess.run(_cli(cfg, ref, *extra), check=True, env=env, capture_output=True)
@@ -208,9 +198,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, data, extra):
 
 
 @pytest.mark.slow
-def test_torchrun_and_submitit_local_run_two_ranks(tmp_path, data):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(CFG.format(root=data, epochs=2))
+def test_torchrun_and_submitit_local_run_two_ranks(tmp_path, data, tiny_config, free_port):
+    cfg = tiny_config(tmp_path / "cfg.yaml", data, **tiny(epochs=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     a = tmp_path / "torchrun"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -5,7 +5,6 @@ parts that exist and recomputes a deleted one or one whose inputs changed; a bad
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -18,27 +17,17 @@ from psa_dist.core.image import normalize, pad_to_multiple
 from psa_dist.core.metrics import ConfusionMatrix, lost_objects, recall_and_leak, region_recalls
 from psa_dist.core.pseudo_labels import perfect_walk_label
 from psa_dist.data.shards import decode_sample, iter_joined, output_path, split_shards
-from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.evaluate import parts_dir, run_eval
 from psa_dist.stages.run_dir import Run
 from psa_dist.stages.trained import load_trained
 
 pytestmark = [pytest.mark.slow]
 
-CFG = """
-name: evaltest
-device: cpu
-data: {{root: {root}, shard_size: 3, workers: 1}}
-synth: {{image_size: 48, num_train: 15, num_val: 6}}
-train_cls: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-train_seg: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-cams: {{scales: [1.0], flip: false, batch_size: 4}}
-aff_labels: {{crf: false}}
-random_walk: {{t: 16}}
-model: {{aff_dims: [8, 8, 8, 16]}}
-ray: {{enabled: false}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="evaltest", device="cpu", shard_size=3, num_train=15, num_val=6,
+            trainers=("train_cls", "train_aff", "train_seg"),
+            cams={"scales": [1.0], "flip": False, "batch_size": 4}, aff_labels={"crf": False},
+            random_walk={"t": 16}, model={"aff_dims": [8, 8, 8, 16]}, ray={"enabled": False})
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -120,14 +109,11 @@ def same(a, b):
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trained_run):
     """A run with every stage before eval done (in this process)."""
     base = tmp_path_factory.mktemp("evalpool")
-    p = base / "cfg.yaml"
-    p.write_text(CFG.format(root=base / "data"))
-    cfg = load_config(p, [f"out_dir={base / 'ref'}"])
-    run_pipeline(cfg, stages=["train_cls", "cams", "aff_labels", "train_aff", "random_walk",
-                              "train_seg"])
+    p, cfg = trained_run(base, ["train_cls", "cams", "aff_labels", "train_aff", "random_walk",
+                                "train_seg"], **TINY)
     run = Run(cfg)
     return base, p, reference(run)
 
@@ -179,17 +165,11 @@ def test_pooled_eval_in_this_process_equals_one_pass_and_resumes(trained):
     assert len(log_lines(run, "labels")) == 7
 
 
-def test_pooled_eval_on_ray_actors_equals_one_pass(trained):
-    import ray
+def test_pooled_eval_on_ray_actors_equals_one_pass(trained, local_ray):
     base, cfg_path, ref = trained
     run = fresh_run(base, cfg_path, "onray", "ray.enabled=true")
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2):
         got = run_eval(run)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
     assert same(got, ref)
     rows = [json.loads(x) for x in log_lines(run, "labels") + log_lines(run, "seg")]
     pids = {r["pid"] for r in rows}

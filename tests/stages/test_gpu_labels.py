@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +16,15 @@ import torch
 
 from psa_dist.config import load_config
 from psa_dist.data.shards import decode_mask, decode_npy, iter_shard
-from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.labels import LabelWorker, run_pool
 from psa_dist.stages.run_dir import Run
 from tests.gpu_common import U_TF32, needs_cuda
 
-TINY = """
-name: gputest
-data: {{root: {root}, shard_size: 3, workers: 1}}
-synth: {{image_size: 48, num_train: 12, num_val: 3}}
-train_cls: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0, amp: none}}
-train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0, amp: none}}
-cams: {{scales: [1.0, 0.5], batch_size: 2, amp: none}}
-aff_labels: {{crf: false}}
-random_walk: {{t: 64}}
-model: {{aff_dims: [8, 8, 8, 16]}}
-ray: {{enabled: false}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="gputest", shard_size=3, num_train=12, num_val=3,
+            trainers={"train_cls": {"amp": "none"}, "train_aff": {"amp": "none"}},
+            cams={"scales": [1.0, 0.5], "batch_size": 2, "amp": "none"}, aff_labels={"crf": False},
+            random_walk={"t": 64}, model={"aff_dims": [8, 8, 8, 16]}, ray={"enabled": False})
 
 
 class DeviceRecordingWorker(LabelWorker):
@@ -50,27 +41,21 @@ class DeviceRecordingWorker(LabelWorker):
 
 
 @pytest.fixture(scope="module")
-def trained_cpu(tmp_path_factory):
+def trained_cpu(tmp_path_factory, trained_run):
     """A tiny run trained on the CPU with its CPU CAMs, affinity labels and pseudo labels."""
     base = tmp_path_factory.mktemp("gpulabels")
-    p = base / "cfg.yaml"
-    p.write_text(TINY.format(root=base / "data"))
-    cfg = load_config(p, [f"out_dir={base / 'ref'}", "device=cpu"])
-    run_pipeline(cfg, stages=["train_cls", "cams", "aff_labels", "train_aff", "random_walk"])
+    p, _ = trained_run(base, ["train_cls", "cams", "aff_labels", "train_aff", "random_walk"],
+                       overrides=["device=cpu"], **TINY)
     return base, p
 
 
 @pytest.fixture
-def ray_one_gpu():
-    import ray
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    # the worker class above travels by value: Ray's workers cannot import this test module
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield ray
-    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+def ray_one_gpu(local_ray):
+    with local_ray(num_cpus=4, num_gpus=1) as ray:
+        # the worker class above travels by value: Ray's workers cannot import this test module
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        yield ray
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def _clone(base: Path, name: str, parts) -> Path:

@@ -22,7 +22,7 @@ from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
 from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.engine import train_step
 from psa_dist.util.dist import DistInfo, all_reduce_sum, cleanup, init_distributed, wrap_ddp
-from tests.gpu_common import CUDA, U_TF32, free_port, needs_cuda
+from tests.gpu_common import CUDA, U_TF32, needs_cuda
 
 
 # ------------------------------------------------------------------------------ fp16 and bf16
@@ -77,23 +77,18 @@ def test_train_steps_under_fp16_with_the_grad_scaler_and_bf16_follow_float32():
             assert abs(a - b) <= 0.02 * abs(a), (ref, f16)
 
 
-TRAIN = """
-name: amptest
-device: cuda
-data: {{root: {root}, shard_size: 4, workers: 1}}
-synth: {{image_size: 48, num_train: 16, num_val: 2}}
-train_cls: {{epochs: 2, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0,
-            log_every: 1, amp: {amp}}}
-ray: {{enabled: false}}
-"""
+def tiny(amp: str) -> dict:
+    """The tiny config of the trainer under AMP (``tiny_config``), with ``amp``."""
+    return dict(name="amptest", device="cuda", shard_size=4, num_train=16, num_val=2,
+                trainers={"train_cls": {"epochs": 2, "log_every": 1, "amp": amp}},
+                ray={"enabled": False})
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
-def test_the_trainer_on_cuda_under_amp(tmp_path, capfd, amp):
-    p = tmp_path / "cfg.yaml"
-    p.write_text(TRAIN.format(root=tmp_path / "data", amp=amp))
+def test_the_trainer_on_cuda_under_amp(tmp_path, capfd, amp, tiny_config):
+    p = tiny_config(tmp_path / "cfg.yaml", tmp_path / "data", **tiny(amp))
     run_pipeline(load_config(p, [f"out_dir={tmp_path / 'run'}"]), stages=["train_cls"])
     out = capfd.readouterr().out
     name = {"fp16": "float16", "bf16": "bfloat16"}[amp]
@@ -123,7 +118,7 @@ class OneRankGroup(DistInfo):
 
 
 @pytest.fixture
-def nccl_one_rank(monkeypatch):
+def nccl_one_rank(monkeypatch, free_port):
     """``init_distributed`` as a one-rank torchrun job, then the NCCL group it would join."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -200,7 +195,7 @@ def _two_ranks(rank: int, port: int, out: str):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_nccl_initialisation_and_all_reduce_sum(nccl_one_rank, tmp_path):
+def test_nccl_initialisation_and_all_reduce_sum(nccl_one_rank, tmp_path, free_port):
     info = nccl_one_rank
     assert dist.get_backend() == "nccl" and dist.get_world_size() == 1
     t = torch.arange(4.0, device=info.device)

@@ -16,36 +16,24 @@ from psa_dist.cli import main
 from psa_dist.config import load_config
 from psa_dist.core.image import normalize, pad_to_multiple
 from psa_dist.data.shards import decode_sample, iter_shard, read_dataset_json
-from psa_dist.pipeline import run_pipeline
 from psa_dist.stages.export import ExportError, export
 from psa_dist.stages.run_dir import Run
 from psa_dist.stages.trained import load_trained
 
 pytestmark = pytest.mark.slow
 
-CFG = """
-name: outtest
-data: {{root: {root}, shard_size: 6, workers: 1}}
-synth: {{image_size: 48, num_train: 18, num_val: 6}}
-train_cls: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-train_seg: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-cams: {{scales: [1.0, 0.5], batch_size: 2}}
-aff_labels: {{crf: false}}
-random_walk: {{t: 16}}
-model: {{aff_dims: [8, 8, 8, 16]}}
-ray: {{enabled: false}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="outtest", shard_size=6, num_train=18, num_val=6,
+            trainers=("train_cls", "train_aff", "train_seg"),
+            cams={"scales": [1.0, 0.5], "batch_size": 2}, aff_labels={"crf": False},
+            random_walk={"t": 16}, model={"aff_dims": [8, 8, 8, 16]}, ray={"enabled": False})
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trained_run):
     base = tmp_path_factory.mktemp("out")
-    p = base / "cfg.yaml"
-    p.write_text(CFG.format(root=base / "data"))
-    cfg = load_config(p, [f"out_dir={base / 'run'}"])
-    run_pipeline(cfg, stages=["train_cls", "cams", "aff_labels", "train_aff", "random_walk",
-                              "train_seg"])
+    p, cfg = trained_run(base, ["train_cls", "cams", "aff_labels", "train_aff", "random_walk",
+                                "train_seg"], out="run", **TINY)
     return base, p, cfg
 
 

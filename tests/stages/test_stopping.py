@@ -17,26 +17,16 @@ from psa_dist.stages.train import SettingsChanged, _shard_sets, heldout_loader
 from psa_dist.stages.trained import load_trained
 from psa_dist.util.precision import autocast
 
-TINY = """
-name: stoptest
-data: {{root: {root}, shard_size: 8, workers: 1}}
-synth: {{image_size: 48, num_train: 24, num_val: 8}}
-train_cls: {{epochs: 6, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-train_aff: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-train_seg: {{epochs: 1, batch_size: 4, crop_size: 48, resize_long: [40, 56], num_workers: 0}}
-cams: {{scales: [1.0], flip: false}}
-aff_labels: {{crf: false}}
-random_walk: {{t: 8}}
-model: {{aff_dims: [8, 8, 8, 16]}}
-ray: {{enabled: false}}
-"""
+# the tiny config (``tiny_config``)
+TINY = dict(name="stoptest", shard_size=8, num_train=24, num_val=8,
+            trainers={"train_cls": {"epochs": 6}, "train_aff": {}, "train_seg": {}},
+            cams={"scales": [1.0], "flip": False}, aff_labels={"crf": False},
+            random_walk={"t": 8}, model={"aff_dims": [8, 8, 8, 16]}, ray={"enabled": False})
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY.format(root=tmp_path / "data"))
-    return p
+def tiny(tmp_path, tiny_config):
+    return tiny_config(tmp_path / "tiny.yaml", tmp_path / "data", **TINY)
 
 
 def test_stop_rule_on_a_known_curve():
