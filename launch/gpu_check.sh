@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (issue #17): on a machine with a GPU, in under 8 minutes, run the tests marked `gpu`
-# (tests/test_gpu_*.py: the CUDA walk, fp16 / bf16 training, SyncBatchNorm, NCCL, the rehearsal
+# (tests/*/test_gpu_*.py: the CUDA walk, fp16 / bf16 training, SyncBatchNorm, NCCL, the rehearsal
 # configs cut to a few images, num_gpus=1 Ray actors) and the GPU benchmarks, and write
 # $OUT/gpu_check.json: the device, torch / CUDA versions, the git commit, each part's exit status and
 # wall seconds, the pytest counts. $OUT defaults to runs/gpu_check.
@@ -95,10 +95,10 @@ fi
 # real-size models on CUDA (ResNet-38 / -50, the 448-channel AffinityNet, DeepLabV3 training,
 # their memory), and they too run the CAM and walk stages on one GPU actor; what the actor test
 # adds is those stages' numbers against the CPU's and the worker's CUDA memory. Any other
-# tests/test_gpu_*.py module runs last.
-GPU_TESTS=(tests/test_gpu_walk.py tests/test_gpu_training.py tests/test_gpu_rehearsal.py
-           tests/test_gpu_labels.py)
-for f in tests/test_gpu_*.py; do
+# tests/*/test_gpu_*.py module runs last.
+GPU_TESTS=(tests/core/test_gpu_walk.py tests/stages/test_gpu_training.py
+           tests/pipeline/test_gpu_rehearsal.py tests/stages/test_gpu_labels.py)
+for f in tests/*/test_gpu_*.py; do
     case " ${GPU_TESTS[*]} " in *" $f "*) ;; *) GPU_TESTS+=("$f") ;; esac
 done
 part pytest "$T_PYTEST" "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout=200 \
@@ -195,9 +195,10 @@ versions = {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None}
 # the code checked, also where the copy has no .git: a digest of the package and the gpu tests
+# (with the module and the fixtures they share)
 h = hashlib.sha256()
-for p in (sorted(Path("psa_dist").rglob("*.py")) + sorted(Path("tests").glob("test_gpu_*.py"))
-          + [Path("tests/gpu_common.py")]):
+for p in (sorted(Path("psa_dist").rglob("*.py")) + sorted(Path("tests").glob("*/test_gpu_*.py"))
+          + [Path("tests/gpu_common.py"), Path("tests/conftest.py")]):
     h.update(str(p).encode()); h.update(p.read_bytes())
 tests = None
 xml = out / "pytest.xml"

@@ -1,7 +1,7 @@
 """`psa-dist bench scale`'s figures: one label stage's from its shard log and the times its lines
 arrived (:func:`stage_figures`), the projection of the label stages to COCO on 8 / 32 / 128 GPUs
 from them (:func:`project`), and the markdown tables (:func:`format_table`). Pure functions of
-what ``bench/scale.py`` measured; ``tests/test_bench_scale.py`` checks them against hand
+what ``bench/scale.py`` measured; ``tests/bench/test_bench_scale.py`` checks them against hand
 computations."""
 from __future__ import annotations
 

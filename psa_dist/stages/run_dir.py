@@ -53,7 +53,7 @@ def _synth_matches(root: Path, cfg: Config) -> bool:
                               f"({src.get('kind')!r}); set data.source or another data.root")
     want = json.loads(json.dumps(dataclasses.asdict(cfg.synth)))
     # a key newer than the dataset was generated at its default, which reproduces the data made
-    # before the key existed byte for byte (tests/test_synth.py pins that)
+    # before the key existed byte for byte (tests/data/test_synth.py pins that)
     defaults = json.loads(json.dumps(dataclasses.asdict(type(cfg.synth)())))
     have = {**defaults, **(src.get("synth") or {})}
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
