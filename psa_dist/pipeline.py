@@ -5,7 +5,7 @@ run's label stages pointed at another dataset.
 Before the first stage starts, the whole chain is checked (:func:`check_chain`): every stage's
 earlier stages are done or will run before it, and the optional packages its settings need are
 installed, so a missing CRF is an error at once and not after a quarter of an hour of training;
-a SLURM job shape that does not fit its work (``stages/shape.py``) is a warning at the same point.
+a SLURM job shape that does not fit its work (``stages/job_shape.py``) is a warning at the same point.
 A rerun skips every stage with a marker; each stage resumes inside itself (trainers from their
 checkpoint, label stages at the first missing shard).
 """

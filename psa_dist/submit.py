@@ -21,7 +21,7 @@ on; before that, a failed step's job requeues itself up to ``submit_retries`` ti
 so the later jobs still wait on it: ``cluster/slurm_chain.py``), which a transient failure (a node
 lost, a file system hiccup) does not outlast; the chain is checked (needs, optional packages) before anything is submitted, and a job
 shape that does not fit its work (no GPU for a GPU-sized model, more loader workers than CPUs) is
-a warning on stderr (``stages/shape.py``). The job ids go to ``out_dir/stages/submitted.json``.
+a warning on stderr (``stages/job_shape.py``). The job ids go to ``out_dir/stages/submitted.json``.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ from ..stages.label_stages.base import ShardContext
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from ..util.precision import AMP_DTYPES, amp_dtype
 from ..util.runinfo import write_run_info
-from .cost_report import GPU_TFLOPS, LIMIT_GIB, STAGES, TRAIN, at_batch, extrapolate, tables
+from .cost_report import (GPU_TFLOPS, LIMIT_GIB, STAGES, TRAIN, at_batch, cpu_only, extrapolate,
+                          tables)
 
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # size (H, W), classes, the classes of the image (2 for VOC: train_aug has 1.5 per image; 3 for
@@ -307,7 +308,7 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
               "device": dev, "overrides": [], "config": str(out / f"config_{d}.yaml")}
              for dev in devices for d in datasets for s in stages
              for p in (amps if s in AMP_STAGES else ["float32"])
-             if not (dev == "cuda" and s == "aff_labels")]      # the CRF runs on the CPU anyway
+             if not (dev == "cuda" and cpu_only(s))]      # the CRF runs on the CPU anyway
     if bf16_cut < 1:
         cut = [c for c in cases if c["precision"] == "bf16" and c["device"] == "cpu"]
         for c in cut:

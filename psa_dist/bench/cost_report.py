@@ -4,8 +4,16 @@ and cost.md. Pure functions of the measured rows, so that a test can redo the su
 """
 from __future__ import annotations
 
-STAGES = ("train_cls", "cams", "aff_labels", "train_aff", "random_walk", "train_seg")
-TRAIN = {"train_cls": "cls", "train_aff": "aff", "train_seg": "seg"}
+from ..stages import table
+
+STAGES = tuple(s.name for s in table.STAGES if s.kind in ("train", "labels"))
+# each train stage -> the model it is timed with (the segmenters share one)
+TRAIN = {s.name: s.models[0] for s in table.STAGES if s.kind == "train"}
+
+
+def cpu_only(stage: str) -> bool:
+    """A label stage that runs on CPUs whatever the cluster has (the CRF's)."""
+    return stage in table.LABEL_STAGES and table.label_stage(stage).cpu_only
 GPUS = (8, 32, 128)
 GPU_TFLOPS = 25.0       # assumed sustained TFLOP/s of one GPU on these networks: see ASSUMPTIONS
 LIMIT_GIB = 24.0
@@ -45,7 +53,7 @@ def _basis(rows: list, dataset: str, stage: str) -> dict | None:
     """The measured row a GPU's time is taken from: CUDA (bf16 first) when measured, else this
     CPU's float32; the CRF always from the CPU."""
     order = [("cpu", "float32"), ("cpu", "bf16")]
-    if stage != "aff_labels":
+    if not cpu_only(stage):
         order = [("cuda", "bf16"), ("cuda", "float32")] + order
     ok = {(r["device"], r["precision"]): r for r in rows if r["dataset"] == dataset
           and r["stage"] == stage and "error" not in r and r.get("cut", 1.0) == 1.0}
@@ -71,7 +79,7 @@ def extrapolate(rows: list, plan: dict, gpu_speedup: float, efficiency: float = 
             r = _basis(rows, name, stage)
             if r is None:
                 continue
-            if stage == "aff_labels":
+            if cpu_only(stage):
                 s, how = r["seconds"] / cpus_per_gpu, f"this CPU / {cpus_per_gpu} CPU actors"
             elif r["device"] == "cuda":
                 s, how = r["seconds"], f"CUDA {r['precision']}, measured"

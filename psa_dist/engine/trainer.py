@@ -64,26 +64,10 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
              else build_poly_scheduler(opt, max_steps))
     loop = TrainLoop(model, net, losses(class_terms), loader, opt, sched, scaler, precision.dtype,
                      info.device, tcfg.epochs, [], freeze_bn)
-
-    tensorboard = (TensorBoard(out_dir / "tensorboard", name, panels)
-                   if panels is not None and info.is_main else None)
-    log = LossLog(name, section, out_dir / "log.jsonl", ckpt_path, info, tcfg.log_every,
-                  len(label_prior) if class_terms else 0, learned,
-                  sinks=[tensorboard.scalars] if tensorboard else [])
-    loop.hooks = [log] + ([tensorboard] if tensorboard else [])
-    if learned is not None:
-        stopper = (StopRule(tcfg.stop_patience, tcfg.stop_min_delta, stop_state.get("rule"))
-                   if heldout is not None else None)
-        fit = (FitRule(tcfg.fit_target, tcfg.fit_window,
-                       float(torch.as_tensor(label_prior, dtype=torch.float64).mean()),
-                       stop_state.get("fit"),
-                       class_prior=[float(p) for p in label_prior] if class_terms else None)
-               if fitting else None)
-        loop.hooks.append(StopWhenLearned(name, tcfg, info, learned, log, out_dir / "best.pth",
-                                          stopper, (heldout, losses(False)), fit))
     static = {"config": {}, **(static or {}),
               "precision": {**precision.record(), "device": info.device.type}}
-    loop.hooks.append(Checkpointer(ckpt_path, info, tcfg.checkpoint_every, name, section, static))
+    loop.hooks = _hooks(out_dir, info, tcfg, name, section, static, panels, learned, stop_state,
+                        (heldout, losses(False)) if heldout is not None else None, label_prior, class_terms)
 
     if checkpoint is not None:
         ck = checkpoint
@@ -101,6 +85,7 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
 
     t_start = time.monotonic()
     loop.run()
+    log = loop.hook(LossLog)
     seconds = time.monotonic() - t_start
     stop = loop.hook(StopWhenLearned)
     best = stop.stopper.state["best_epoch"] if stop and stop.stopper else None
@@ -114,3 +99,28 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     for h in loop.hooks:
         summary.update(h.summary())
     return summary
+
+
+def _hooks(out_dir: Path, info: DistInfo, tcfg, name: str, section: str, static: dict, panels,
+           learned, stop_state: dict, heldout, label_prior, class_terms: bool) -> list:
+    """The hooks in the order they act: the loss log, TensorBoard (rank 0, where asked), the
+    stopping rules (with a learned schedule), the checkpoint last (it keeps what they decided)."""
+    tensorboard = (TensorBoard(out_dir / "tensorboard", name, panels)
+                   if panels is not None and info.is_main else None)
+    log = LossLog(name, section, out_dir / "log.jsonl", out_dir / "checkpoint.pth", info,
+                  tcfg.log_every, len(label_prior) if class_terms else 0, learned,
+                  sinks=[tensorboard.scalars] if tensorboard else [])
+    hooks = [log] + ([tensorboard] if tensorboard else [])
+    if learned is not None:
+        stopper = (StopRule(tcfg.stop_patience, tcfg.stop_min_delta, stop_state.get("rule"))
+                   if heldout is not None else None)
+        fit = (FitRule(tcfg.fit_target, tcfg.fit_window,
+                       float(torch.as_tensor(label_prior, dtype=torch.float64).mean()),
+                       stop_state.get("fit"),
+                       class_prior=[float(p) for p in label_prior] if class_terms else None)
+               if tcfg.fit_target is not None else None)
+        hooks.append(StopWhenLearned(name, tcfg, info, learned, log, out_dir / "best.pth",
+                                     stopper, heldout, fit))
+    hooks.append(Checkpointer(out_dir / "checkpoint.pth", info, tcfg.checkpoint_every, name,
+                              section, static))
+    return hooks

@@ -1,5 +1,7 @@
-"""The pipeline's steps: the stage table, the run directory, the model factory, label generation
-per shard, the training engine and its rank entry point, evaluation and the report.
+"""The pipeline's steps: the stage table and the modules its rows name (``label_stages/``: one
+module per label stage; ``kinds/``: one per model kind), the run directory, the model factory, the
+label workers, the trainers' rank entry point and launcher, evaluation, the report and the results
+out of a run.
 
 Layer 4: imports ``engine``, ``nets``, ``data``, ``cluster``, ``core``, ``util`` and ``config``.
 """

@@ -1,5 +1,5 @@
 """The training stages: one rank of a trainer (join the process group, build the model and this
-rank's loader, run the shared engine), and the thin launcher that decides where the ranks run.
+rank's loader, run the training loop of ``engine/`` with its kind's loss), and the thin launcher that decides where the ranks run.
 
 ``train_*.launcher`` (per trainer, in the config or ``--launcher`` on the command line): ``inline``
 (this process), ``torchrun`` (this process is one of torchrun's ranks), ``local`` or ``slurm`` (a

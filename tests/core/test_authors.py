@@ -20,7 +20,8 @@ from psa_dist.data.shards import (
     iter_joined,
     write_shard,
 )
-from psa_dist.data.train_data import Augment, ToTraining
+from psa_dist.data.augment import Augment
+from psa_dist.data.train_data import ToTraining
 from psa_dist.stages.label_stages.aff_labels import aff_label_shard
 from psa_dist.stages import table
 

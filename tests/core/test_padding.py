@@ -38,7 +38,8 @@ from psa_dist.data.shards import (
     write_shard,
 )
 from psa_dist.data.synth import render
-from psa_dist.data.train_data import IGNORE, Augment, make_train_loader
+from psa_dist.data.augment import IGNORE, Augment
+from psa_dist.data.train_data import make_train_loader
 from psa_dist.nets.backbones import build_backbone
 from psa_dist.nets.models import AffinityNet, Classifier, LightSegmenter
 from psa_dist.stages import table

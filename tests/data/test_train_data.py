@@ -9,7 +9,8 @@ from psa_dist.config import SynthConfig, TrainConfig
 from psa_dist.core.image import MEAN, STD, normalize
 from psa_dist.data.shards import decode_sample, iter_split, split_shards
 from psa_dist.data.synth import write_synth
-from psa_dist.data.train_data import Augment, make_train_loader
+from psa_dist.data.augment import Augment
+from psa_dist.data.train_data import make_train_loader
 from psa_dist.stages import table
 
 

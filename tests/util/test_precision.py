@@ -18,7 +18,7 @@ from psa_dist.stages import table
 CLS_LOSS = table.kind("cls").losses(None, None)(False)   # the classifier's loss (no settings)
 from psa_dist.nets.models import Classifier
 from psa_dist.nets.optim import build_optimizer, build_poly_scheduler
-from psa_dist.data.train_data import Augment
+from psa_dist.data.augment import Augment
 
 CPU = torch.device("cpu")
 

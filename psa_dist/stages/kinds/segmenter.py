@@ -10,7 +10,8 @@ import dataclasses
 import numpy as np
 import torch.nn.functional as F
 
-from ...data.train_data import IGNORE, Target
+from ...data.augment import IGNORE
+from ...data.train_data import Target
 from ...nets.models import build_segmenter, deeplab_weights
 from .base import GPU_BACKBONES, PANELS, ModelKind, image_panel, label_panel
 

@@ -1,4 +1,4 @@
-"""The job-shape warnings (``stages/shape.py``): the shipped paper configs ask for a shape that fits
+"""The job-shape warnings (``stages/job_shape.py``): the shipped paper configs ask for a shape that fits
 their work, a Ray label stage or a trainer of a GPU-sized model without a GPU and loader workers
 that outnumber a trainer's CPUs are each said on stderr, naming the stage and the keys, before
 ``psa-dist submit`` / ``psa-dist run`` submit or run anything; the CPU demo gets none."""
