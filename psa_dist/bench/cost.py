@@ -48,28 +48,11 @@ from ..stages.label_stages.base import ShardContext
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from ..util.precision import AMP_DTYPES, amp_dtype
 from ..util.runinfo import write_run_info
+from .cases import AMP_STAGES, BOUNDS, DATASETS
 from .cost_report import (GPU_TFLOPS, LIMIT_GIB, STAGES, TRAIN, at_batch, cpu_only, extrapolate,
                           tables)
 
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# size (H, W), classes, the classes of the image (2 for VOC: train_aug has 1.5 per image; 3 for
-# COCO: 2.9), images of the training split labelled
-DATASETS = {
-    "voc": {"config": "voc_resnet38.yaml", "size": (375, 500), "classes": 20, "present": [12, 15],
-            "images": 10582, "split": "VOC 2012 train_aug"},
-    "coco": {"config": "coco_resnet50.yaml", "size": (480, 640), "classes": 80,
-             "present": [1, 3, 10], "images": 82783, "split": "COCO 2014 train"},
-}
-AMP_STAGES = ("train_cls", "cams", "train_aff", "train_seg")     # stages with a *.amp setting
-# name -> (dataset, stage it is a case of, extra overrides, what it bounds)
-BOUNDS = {
-    "walk_stride4": ("coco", "random_walk", ["model.aff_stride=4"],
-                     "AffinityNet at stride 4 + the walk on the COCO image (the walk's memory)"),
-    "resnet38_scale2": ("voc", "cams", ["cams.scales=[2.0]"],
-                        "ResNet-38 CAMs at scale 2.0 + flip of the VOC image (the largest input)"),
-}
-
-
 # ----------------------------------------------------------------------------- one case (subprocess)
 def dataset_config(name: str, overrides=()):
     """The dataset's config with its weight files switched off (they are absent) and overrides."""
@@ -280,25 +263,9 @@ def cpu_conv_gflops(repeats: int = 3) -> float:
     return flops / statistics.median(times) / 1e9
 
 
-def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
-               amps=("float32", "bf16"), images: int = 1, batch: int | None = None,
-               gpu_speedup: float | None = None, efficiency: float = 0.9, cpus_per_gpu: int = 8,
-               bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None,
-               bf16_cut: float = 1.0, gpu_tflops: float = GPU_TFLOPS) -> dict:
-    """Every case in its own subprocess, then the tables; writes OUT/cost.json, cost.md and
-    run_info.json. ``bf16_cut`` < 1: the bf16 cases on images and crops this much smaller (bf16
-    convolutions take torch's slow reference kernels on a CPU without native bf16), beside
-    float32 cases of the same cut for the ratio. ``batch``: images per training step; None
-    measures the CPU at 1 and CUDA at the config's batch per rank (a GPU's time per image at
-    batch 1 is mostly kernel launches). ``cost.json`` is rewritten after every case (``partial``
-    true until the last), so a run stopped at a time limit keeps what it measured."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    devices = list(devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))
-    cfgs = {d: dataset_config(d, overrides) for d in datasets}
-    for d, cfg in cfgs.items():     # resolved once: every case reads this file, not the config
-        atomic_write_bytes(out / f"config_{d}.yaml", yaml.safe_dump(json.loads(json.dumps(
-            dataclasses.asdict(cfg)))).encode())
+def _cases(out: Path, devices, datasets, stages, amps, images, batch, size_scale, bf16_cut,
+           bounds) -> tuple[list, list]:
+    """The cases (one stage of one dataset at one precision on one device) and the bounds' cases."""
     common = {"images": images, "size_scale": size_scale}
 
     def batch_on(dev: str) -> int:
@@ -320,6 +287,11 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                     "about": about}
                    for dev in devices for name, (d, s, extra, about) in BOUNDS.items()
                    if bounds and d in datasets and s in stages]
+    return cases, bound_cases
+
+
+def _plan(cfgs: dict, size_scale: float) -> dict:
+    """Per dataset: its images, a sample's bytes, each trainer's epochs, checkpoints kept."""
     plan = {}
     for d, cfg in cfgs.items():
         ds = DATASETS[d]
@@ -330,6 +302,56 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                    "epochs": {s: getattr(cfg, s).epochs for s in TRAIN},
                    "checkpoints": {"train_seg": 2 if cfg.seg_full else 1}}
         plan[d]["epochs"]["train_seg"] *= 2 if cfg.seg_full else 1
+    return plan
+
+
+def _label(spec: dict) -> str:
+    return (f"{spec['dataset']} {spec.get('bound', spec['stage'])} {spec['precision']} "
+            f"{spec['device']}" + (f" (size x {spec['cut']:g})" if "cut" in spec else ""))
+
+
+def _measure(spec: dict, size_scale: float) -> dict:
+    """One case measured in its own subprocess, described, and (a bound) judged."""
+    r = _subprocess(spec)
+    cfg = load_config(spec["config"], spec["overrides"])
+    scale = size_scale * spec.get("cut", 1.0)
+    r["what"] = _what(cfg, spec["stage"], _size(DATASETS[spec["dataset"]], scale), scale)
+    if "error" in r:
+        print(f"[bench cost] {_label(spec)}: FAILED, {r['error']}", file=sys.stderr, flush=True)
+    else:
+        print(f"[bench cost] {_label(spec)}: {r['seconds']:.2f} s/img, peak +{r['peak_mb']:.0f} "
+              f"MB, output {r['output_bytes']:,} B", file=sys.stderr, flush=True)
+    if "bound" in spec:
+        r.update(bound=spec["bound"], about=spec["about"])
+        if "error" not in r:
+            r["at_config_batch_mb"] = at_batch(r)
+            worst = max(r["peak_mb"], r.get("reserved_mb", 0), r["at_config_batch_mb"]) / 1024
+            r["verdict"] = "yes" if worst <= LIMIT_GIB else f"**no** ({worst:.1f} GiB)"
+    return r
+
+
+def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
+               amps=("float32", "bf16"), images: int = 1, batch: int | None = None,
+               gpu_speedup: float | None = None, efficiency: float = 0.9, cpus_per_gpu: int = 8,
+               bounds: bool = True, overrides=(), size_scale: float = 1.0, devices=None,
+               bf16_cut: float = 1.0, gpu_tflops: float = GPU_TFLOPS) -> dict:
+    """Every case in its own subprocess, then the tables; writes OUT/cost.json, cost.md and
+    run_info.json. ``bf16_cut`` < 1: the bf16 cases on images and crops this much smaller (bf16
+    convolutions take torch's slow reference kernels on a CPU without native bf16), beside
+    float32 cases of the same cut for the ratio. ``batch``: images per training step; None
+    measures the CPU at 1 and CUDA at the config's batch per rank (a GPU's time per image at
+    batch 1 is mostly kernel launches). ``cost.json`` is rewritten after every case (``partial``
+    true until the last), so a run stopped at a time limit keeps what it measured."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    devices = list(devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))
+    cfgs = {d: dataset_config(d, overrides) for d in datasets}
+    for d, cfg in cfgs.items():     # resolved once: every case reads this file, not the config
+        atomic_write_bytes(out / f"config_{d}.yaml", yaml.safe_dump(json.loads(json.dumps(
+            dataclasses.asdict(cfg)))).encode())
+    cases, bound_cases = _cases(out, devices, datasets, stages, amps, images, batch,
+                                size_scale, bf16_cut, bounds)
+    plan = _plan(cfgs, size_scale)
     cpu_gflops = cpu_conv_gflops()
     speedup = gpu_speedup if gpu_speedup is not None else gpu_tflops * 1000 / cpu_gflops
     print(f"[bench cost] this CPU: {cpu_gflops:.0f} GFLOP/s float32 convolution; GPU speed-up "
@@ -357,28 +379,10 @@ def bench_cost(out="runs/bench/cost", datasets=("voc", "coco"), stages=STAGES,
                 "seconds": round(time.monotonic() - t0, 1)}
 
     for i, spec in enumerate(cases + bound_cases):
-        label = f"{spec['dataset']} {spec.get('bound', spec['stage'])} {spec['precision']} " \
-                f"{spec['device']}" + (f" (size x {spec['cut']:g})" if "cut" in spec else "")
-        print(f"[bench cost] case {i + 1}/{len(cases) + len(bound_cases)}: {label} "
+        print(f"[bench cost] case {i + 1}/{len(cases) + len(bound_cases)}: {_label(spec)} "
               f"(elapsed {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
-        r = _subprocess(spec)
-        cfg = load_config(spec["config"], spec["overrides"])
-        scale = size_scale * spec.get("cut", 1.0)
-        r["what"] = _what(cfg, spec["stage"], _size(DATASETS[spec["dataset"]], scale), scale)
-        if "error" in r:
-            print(f"[bench cost] {label}: FAILED, {r['error']}", file=sys.stderr, flush=True)
-        else:
-            print(f"[bench cost] {label}: {r['seconds']:.2f} s/img, peak +{r['peak_mb']:.0f} MB, "
-                  f"output {r['output_bytes']:,} B", file=sys.stderr, flush=True)
-        if "bound" in spec:
-            r.update(bound=spec["bound"], about=spec["about"])
-            if "error" not in r:
-                r["at_config_batch_mb"] = at_batch(r)
-                worst = max(r["peak_mb"], r.get("reserved_mb", 0), r["at_config_batch_mb"]) / 1024
-                r["verdict"] = "yes" if worst <= LIMIT_GIB else f"**no** ({worst:.1f} GiB)"
-            bound_rows.append(r)
-        else:
-            rows.append(r)
+        r = _measure(spec, size_scale)
+        (bound_rows if "bound" in spec else rows).append(r)
         atomic_write_json(out / "cost.json", result(partial=True))
     res = result(partial=False)
     atomic_write_json(out / "cost.json", res)

@@ -33,7 +33,7 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
           info: DistInfo, *, name: str, section: str, precision: Precision,
           new_modules: list[nn.Module], checkpoint: dict | None = None, freeze_bn: bool = False,
           static: dict | None = None, panels: Callable | None = None, heldout=None,
-          label_prior=None) -> dict:
+          label_prior=None, hooks: tuple = ()) -> dict:
     """Train ``model`` (already on ``info.device``) for ``tcfg.epochs`` epochs of ``len(loader)``
     steps on every rank; returns rank 0's summary. ``losses(class_terms)``: the loss callable
     (with ``class_terms``, the loss of each class, which the fit rule follows class by class).
@@ -43,7 +43,8 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     ``tcfg.tensorboard``, rank 0's panel drawer (TensorBoard). ``heldout``: a loader of held-out
     weak labels: ``tcfg.epochs`` is then a cap, training stops by :class:`StopRule` and ends with
     the weights of its best epoch. ``label_prior``: the classifier's prior loss of each class,
-    with ``tcfg.fit_target``: ``epochs`` is a cap and training stops by :class:`FitRule`."""
+    with ``tcfg.fit_target``: ``epochs`` is a cap and training stops by :class:`FitRule`.
+    ``hooks``: more hooks, acting after the built-in ones and before the checkpoint."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pth"
@@ -67,8 +68,9 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     static = {"config": {}, **(static or {}),
               "precision": {**precision.record(), "device": info.device.type}}
     loop.hooks = _hooks(out_dir, info, tcfg, name, section, static, panels, learned, stop_state,
-                        (heldout, losses(False)) if heldout is not None else None, label_prior, class_terms)
-
+                        (heldout, losses(False)) if heldout is not None else None, label_prior,
+                        class_terms)
+    loop.hooks[-1:-1] = list(hooks)
     if checkpoint is not None:
         ck = checkpoint
         model.load_state_dict(ck["model"])
