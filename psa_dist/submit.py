@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 from .cluster import slurm_chain
-from .cluster.ray_job import RayClusterJob, ray_job_env
+from .cluster.ray_job import AtAddress, RayCluster, ray_job_env
 from .config import Config
 from .pipeline import check_chain, run_pipeline
 from .stages import table
@@ -58,39 +58,22 @@ def _finished(cfg: Config, stages: list[str]) -> dict:
             if (run / f"{s}.json").is_file()}
 
 
-class StagesJob:
-    """A chain step run in this job's tasks: a train stage (every task a DDP rank) and, as one
-    task, eval + report or a label stage with ``ray.enabled=false``. Picklable."""
-
-    def __init__(self, cfg: Config, stages: list[str]):
-        self.cfg, self.stages = cfg, list(stages)
-
-    def __call__(self) -> dict:
-        env = submitit_env()
-        if env is not None:     # RANK, WORLD_SIZE, ... before the pipeline asks who is rank 0
-            os.environ.update(env)
-        run_pipeline(in_allocation(self.cfg), stages=self.stages)
-        return _finished(self.cfg, self.stages)
-
-    def checkpoint(self, *args, **kwargs):
-        # preempted or timed out (SLURM's USR2): requeue; trainers resume from their checkpoint,
-        # a finished stage is skipped by its marker
-        import submitit
-        return submitit.helpers.DelayedSubmission(StagesJob(self.cfg, self.stages))
+def run_stages(cfg: Config, stages: list[str]) -> dict:
+    """A chain step's stages as its job runs them (``in_allocation``); on the Ray cluster of its
+    own job (``AtAddress``), a label stage as ``psa-dist <stage> ray.address=...`` runs it
+    (resume, marker, summary). A requeued job (preempted, or retried) skips finished stages by
+    their markers, and trainers resume from their checkpoints."""
+    run_pipeline(in_allocation(cfg), stages=stages)
+    return _finished(cfg, stages)
 
 
-class StagesOnCluster:
-    """A label stage of the chain on the Ray cluster its job started, as ``psa-dist <stage>
-    ray.address=...`` runs it (resume, marker, summary). Picklable."""
-
-    def __init__(self, cfg: Config, stages: list[str]):
-        self.cfg, self.stages = cfg, list(stages)
-
-    def __call__(self, address: str) -> dict:
-        cfg = in_allocation(self.cfg)
-        cfg.ray.address = address
-        run_pipeline(cfg, stages=self.stages)
-        return _finished(cfg, self.stages)
+def run_stages_in_job(cfg: Config, stages: list[str]) -> dict:
+    """A chain step in this job's tasks: a train stage (every task a DDP rank) and, as one task,
+    eval + report or a label stage with ``ray.enabled=false``."""
+    env = submitit_env()
+    if env is not None:     # RANK, WORLD_SIZE, ... before the pipeline asks who is rank 0
+        os.environ.update(env)
+    return run_stages(cfg, stages)
 
 
 def job_shape(cfg: Config, stages: list[str]):
@@ -110,9 +93,9 @@ def job_shape(cfg: Config, stages: list[str]):
 def job_callable(cfg: Config, stages: list[str], folder: Path):
     """What the tasks of a step's job run; ``folder``: the step's own (logs, Ray's marker)."""
     if table.stage(stages[0]).kind == "labels" and cfg.ray.enabled:
-        return RayClusterJob(cfg.ray, StagesOnCluster(cfg, stages), folder, ray_job_env(),
-                             stages[0])
-    return StagesJob(cfg, stages)
+        return RayCluster(cfg.ray, AtAddress(run_stages, cfg, list(stages)), folder,
+                          ray_job_env(), stages[0])
+    return functools.partial(run_stages_in_job, cfg, list(stages))
 
 
 def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = False,

@@ -9,6 +9,7 @@ that skips what it finished (the label stages skip written shards) resumes where
 """
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import socket
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .launch import follow_job, make_executor
+from .launch import RAY_LAUNCHERS, Job, check_launcher, follow_job, make_executor
 
 
 def _ray_cli() -> str:
@@ -37,9 +38,11 @@ def ray_start_command(rc, is_head: bool, head: str, port: int, cpus: str, gpus: 
             f"--dashboard-host={rc.dashboard_host}", f"--temp-dir={tmp}", *common]
 
 
-class RayClusterJob:
-    """Picklable: the Ray section (job shape, dashboard), the work (a picklable callable taking the
-    cluster's address), and the folder where task 0 leaves its "finished" marker."""
+class RayCluster:
+    """A job's work: a Ray cluster over its tasks, then ``work(address)`` on task 0 (picklable: the
+    Ray section (job shape, dashboard), the work, and the folder where task 0 leaves its
+    "finished" marker). Submitted as a :class:`~psa_dist.cluster.launch.Job`, which requeues it
+    on preemption: the work skips what it finished, so it resumes where it was."""
 
     def __init__(self, ray_cfg, work: Callable[[str], dict], folder: Path, port: int,
                  name: str = "ray"):
@@ -72,13 +75,6 @@ class RayClusterJob:
             ray_proc.terminate()            # `ray start --block` stops this node's Ray on SIGTERM
             ray_proc.wait(timeout=60)
 
-    def checkpoint(self, *args, **kwargs):
-        # Called by submitit when the job is preempted or times out (SLURM's USR2): requeue the
-        # same job. The work skips what it finished, so it resumes where it was.
-        import submitit
-        return submitit.helpers.DelayedSubmission(type(self)(self.ray_cfg, self.work, self.folder,
-                                                             self.port, self.name))
-
     def _drive(self, address: str, nodes: int, done: Path) -> dict:
         import ray
         deadline = time.monotonic() + 300
@@ -104,6 +100,25 @@ class RayClusterJob:
             done.touch()
 
 
+class AtAddress:
+    """Work for a :class:`RayCluster`: ``fn(cfg, *args)`` with a copy of the config pointed at the
+    cluster (``ray.launcher: inline``, ``ray.address``). Picklable where ``fn`` is a module's."""
+
+    def __init__(self, fn: Callable, cfg, *args):
+        self.fn, self.cfg, self.args = fn, cfg, args
+
+    def __call__(self, address: str):
+        cfg = copy.deepcopy(self.cfg)
+        cfg.ray.launcher, cfg.ray.address = "inline", address
+        return self.fn(cfg, *self.args)
+
+
+def in_own_job(ray_cfg) -> bool:
+    """Whether work on Ray runs on a cluster of its own job (``ray.launcher: local | slurm``)
+    rather than on this process's instance or ``ray.address``."""
+    return ray_cfg.enabled and check_launcher("ray.launcher", ray_cfg.launcher, RAY_LAUNCHERS)
+
+
 def ray_job_env() -> int:
     """Prepare this process's environment for submitting Ray cluster jobs: the clusters
     authenticate with a token of this submission's own, passed in the jobs' environment (SLURM
@@ -117,13 +132,13 @@ def submit_ray_job(ray_cfg, work: Callable[[str], dict], folder: Path, job_name:
                    label: str) -> dict:
     """Run ``work`` in a submitit job (``ray_cfg.launcher``: local or slurm) holding its own Ray
     cluster; waits, echoing task 0's output, and returns what ``work`` returned."""
-    if ray_cfg.launcher not in ("local", "slurm"):
-        raise ValueError(f"ray.launcher: expected inline, local or slurm, got {ray_cfg.launcher!r}")
+    if not check_launcher("ray.launcher", ray_cfg.launcher, RAY_LAUNCHERS):
+        raise ValueError("ray.launcher: inline runs in this process, not in a job")
     folder = Path(folder) / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True, exist_ok=True)
     port = ray_job_env()
     ex = make_executor(ray_cfg, ray_cfg.launcher, folder, job_name)
-    job = ex.submit(RayClusterJob(ray_cfg, work, folder, port, label))
+    job = ex.submit(Job(RayCluster(ray_cfg, work, folder, port, label)))
     print(f"[{label}] submitted {ray_cfg.launcher} job {job.job_id}: a Ray cluster of "
           f"{ray_cfg.nodes} node(s); logs in {folder}", flush=True)
     # the work's own progress lines, from task 0's output

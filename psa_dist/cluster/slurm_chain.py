@@ -4,8 +4,8 @@ them DependencyNeverSatisfied and, with ``--kill-on-invalid-dep=yes`` (the defau
 them. The job ids are recorded in a JSON file; a second submission refuses while jobs of the
 recorded one are still queued.
 
-A failed step is tried again, up to ``retries`` times, before the chain stops (:class:`Retrying`):
-the failing job requeues itself (``scontrol requeue``, what submitit does on preemption) instead
+A failed step is tried again, up to ``retries`` times, before the chain stops
+(:class:`~psa_dist.cluster.launch.Job` with ``retries``): the failing job requeues itself (``scontrol requeue``, what submitit does on preemption) instead
 of ending FAILED. Requeued, it keeps its job id, so the later jobs' ``afterok`` dependency on it
 still holds and nothing else is resubmitted or rewired; a fresh ``sbatch`` would get a new id, and
 by then SLURM would already have cancelled the dependants of the failed one. Every chain job is
@@ -23,15 +23,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..util.atomic import atomic_write_json
-from .launch import executor_params, make_executor
+from .launch import Job, executor_params, make_executor
 
 # sbatch parameters every job of a chain gets: a job whose dependency failed is cancelled instead
 # of waiting in the queue for ever
@@ -48,71 +46,6 @@ class Step:
     stages: list                    # what it runs, for the record and the dry run
     shape: Any                      # the job shape (nodes, tasks, GPUs, partition, ...)
     make_job: Callable[[Path], Callable[[], Any]]   # its folder -> what its tasks run
-
-
-class Retrying:
-    """A chain step's callable that, when it raises inside a SLURM job with retries left, requeues
-    its job instead of failing it. Picklable; ``checkpoint`` (submitit's preemption hook) is the
-    wrapped callable's, still wrapped, so a preempted step requeues as it did and keeps retrying."""
-
-    def __init__(self, fn, retries: int, folder: Path):
-        self.fn, self.retries, self.folder = fn, retries, Path(folder)
-
-    def __call__(self):
-        try:
-            return self.fn()
-        except Exception as e:   # noqa: BLE001 - any failure of the step is what a retry is for
-            if not self._requeued(e):
-                raise
-            # No result file (the job is not over), and no exit of our own: a task ending non-zero
-            # before slurmctld has finished the requeue can mark the job FAILED, and its
-            # dependants DependencyNeverSatisfied (seen on the local cluster); the requeue kills
-            # this task. Bounded, in case it never does.
-            time.sleep(300)
-            sys.exit(1)
-
-    def failures(self, job_id: str) -> list[Path]:
-        """The failed attempts of job ``job_id`` so far (one file each, holding the error)."""
-        return sorted(self.folder.glob(f"{job_id}.failed-attempt-*"))
-
-    def _requeued(self, error: Exception) -> bool:
-        job_id = os.environ.get("SLURM_JOB_ID")
-        if not job_id or self.retries <= 0:
-            return False
-        attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
-        mark = self.folder / f"{job_id}.failed-attempt-{attempt}"
-        try:
-            # one task per attempt records it and decides (every rank of a DDP step may fail)
-            fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False     # another task of this attempt is requeueing the job
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(traceback.format_exception(error)))
-        failed = len(self.failures(job_id))
-        if failed > self.retries:
-            print(f"[submit] job {job_id} failed {failed} times (submit_retries={self.retries}): "
-                  f"not requeued, the chain stops here", file=sys.stderr, flush=True)
-            return False
-        r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                           timeout=60)
-        if r.returncode != 0:
-            print(f"[submit] job {job_id} failed and could not be requeued: "
-                  f"{(r.stderr or r.stdout).strip()}", file=sys.stderr, flush=True)
-            return False
-        print(f"[submit] job {job_id} failed ({type(error).__name__}: {error}); requeued, retry "
-              f"{failed} of {self.retries} (the error: {mark})", file=sys.stderr, flush=True)
-        return True
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        inner = getattr(self.fn, "checkpoint", None)
-        if inner is None:
-            return None      # not checkpointable: submitit does not requeue it on preemption
-        delayed = inner(*args, **kwargs)
-        if delayed is None:
-            return None
-        return submitit.helpers.DelayedSubmission(
-            Retrying(delayed.function, self.retries, self.folder), *delayed.args, **delayed.kwargs)
 
 
 def sbatch_lines(params: dict) -> list[str]:
@@ -183,7 +116,7 @@ def submit(steps: list[Step], prefix: str, folder: Path, record: Path, meta: dic
            keep_blocked: bool = False, retries: int = 0) -> list:
     """Submit ``steps`` as dependent jobs (logs under ``folder/<stamp>-<pid>/<step>``); their ids
     and ``meta`` go to ``record``. A step that fails is requeued up to ``retries`` times
-    (:class:`Retrying`). Returns the submitit jobs."""
+    (:class:`~psa_dist.cluster.launch.Job`). Returns the submitit jobs."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     jobs, rows, prev = [], [], None
     for step in steps:
@@ -191,7 +124,7 @@ def submit(steps: list[Step], prefix: str, folder: Path, record: Path, meta: dic
         where = Path(folder) / f"{stamp}-{os.getpid()}" / step.name
         where.mkdir(parents=True, exist_ok=True)
         ex = make_executor(step.shape, "slurm", where, f"{prefix}-{step.name}", **extra)
-        job = ex.submit(Retrying(step.make_job(where), retries, where))
+        job = ex.submit(Job(step.make_job(where), retries, where))
         prev = job.job_id
         jobs.append(job)
         rows.append({"step": step.name, "stages": step.stages, "job_id": job.job_id,

@@ -17,7 +17,6 @@ segmenter).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cluster.ray_job import submit_ray_job
+from ..cluster.ray_job import AtAddress, in_own_job, submit_ray_job
 from ..config import Config
 from ..core.metrics import ConfusionMatrix, lost_objects
 from ..data.shards import decode_sample, iter_joined, output_path, shard_basename, split_shards
@@ -142,24 +141,17 @@ def _counts(run: Run, split: str, shards: list) -> dict:
     return {str(url): s["count"] for url, s in zip(shards, run.info["splits"][split]["shards"])}
 
 
-class EvalOnCluster:
-    """The eval stage on the Ray cluster a submitit job started (picklable)."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def __call__(self, address: str) -> dict:
-        cfg = copy.deepcopy(self.cfg)
-        cfg.ray.launcher, cfg.ray.address = "inline", address
-        return run_eval(Run(cfg))
+def eval_of(cfg: Config) -> dict:
+    """The eval stage of the run ``cfg`` (what a Ray cluster's job runs, ``AtAddress``)."""
+    return run_eval(Run(cfg))
 
 
 def run_eval(run: Run) -> dict:
     """The eval stage: every label stage's outputs and the walk's ceiling on the train split, and
     each trained segmenter on the val split; the figures summed from the shards' parts."""
     cfg = run.cfg
-    if cfg.ray.enabled and cfg.ray.launcher != "inline":     # as the label stages: its own job
-        return submit_ray_job(cfg.ray, EvalOnCluster(cfg), run.out / "stages" / "submitit",
+    if in_own_job(cfg.ray):     # as the label stages: its own job
+        return submit_ray_job(cfg.ray, AtAddress(eval_of, cfg), run.out / "stages" / "submitit",
                               f"psa-{cfg.name}-eval", "eval")
     k, train, val = run.num_classes, cfg.data.train_split, cfg.data.val_split
     train_shards = split_shards(run.root, train, run.info, cfg.data.shard_url)

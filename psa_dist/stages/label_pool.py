@@ -10,13 +10,12 @@ output exists are skipped.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
 import torch
 
-from ..cluster.ray_job import submit_ray_job
+from ..cluster.ray_job import AtAddress, in_own_job, submit_ray_job
 from ..cluster.shard_pool import ShardPool, default_transient, ensure_ray
 from ..config import Config
 from ..data.shards import SampleError, ShardError, output_path
@@ -111,27 +110,16 @@ def label_pool(run: Run, stage: str, num_actors: int = 0, log_path=None) -> Shar
                     log_path=log_path or run.out / "stages" / f"{stage}.shards.jsonl")
 
 
-class LabelStageOnCluster:
-    """A label stage on the Ray cluster a submitit job started (picklable)."""
-
-    def __init__(self, cfg: Config, stage: str):
-        self.cfg, self.stage = cfg, stage
-
-    def __call__(self, address: str) -> dict:
-        cfg = copy.deepcopy(self.cfg)
-        cfg.ray.launcher, cfg.ray.address = "inline", address
-        return run_label_stage(Run(cfg), self.stage)
+def label_stage_of(cfg: Config, stage: str) -> dict:
+    """Label stage ``stage`` of the run ``cfg`` (what a Ray cluster's job runs, ``AtAddress``)."""
+    return run_label_stage(Run(cfg), stage)
 
 
 def run_label_stage(run: Run, stage: str) -> dict:
     """Label stage ``stage`` over the train shards; returns its summary."""
     cfg = run.cfg
-    if cfg.ray.enabled and cfg.ray.launcher != "inline":
-        if cfg.ray.launcher not in ("local", "slurm"):
-            raise ValueError(f"ray.launcher: expected inline, local or slurm, got "
-                             f"{cfg.ray.launcher!r}")
-        folder = run.out / "stages" / "submitit"
-        return submit_ray_job(cfg.ray, LabelStageOnCluster(cfg, stage), folder,
-                              f"psa-{cfg.name}-{stage}", stage)
+    if in_own_job(cfg.ray):
+        return submit_ray_job(cfg.ray, AtAddress(label_stage_of, cfg, stage),
+                              run.out / "stages" / "submitit", f"psa-{cfg.name}-{stage}", stage)
     tasks = list(zip(run.train_shards, run.label_shards(stage)))
     return label_pool(run, stage).run(tasks, run.shard_counts())

@@ -3,15 +3,16 @@ rank's loader, run the training loop of ``engine/`` with its kind's loss), and t
 
 ``train_*.launcher`` (per trainer, in the config or ``--launcher`` on the command line): ``inline``
 (this process), ``torchrun`` (this process is one of torchrun's ranks), ``local`` or ``slurm`` (a
-submitit job, :mod:`psa_dist.cluster.launch`). A submitted trainer is a :class:`TrainJob`: every
-rank calls it, and on preemption or timeout (SLURM's USR2) submitit calls its ``checkpoint()`` on
-rank 0, which requeues the same job; the requeued ranks resume from the last checkpoint the engine
-wrote. The caller waits, prints the trainer's JSON log lines as they appear, and gets the rank-0
+submitit job, :mod:`psa_dist.cluster.launch`). A submitted trainer is a
+:class:`~psa_dist.cluster.launch.Job` of :func:`run_trainer`: every rank calls it, and on
+preemption or timeout (SLURM's USR2) it requeues itself; the requeued ranks resume from the last
+checkpoint the engine wrote. The caller waits, prints the trainer's JSON log lines as they appear, and gets the rank-0
 summary, or the job's error.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cluster.launch import LAUNCHERS, follow_job, make_executor
+from ..cluster.launch import Job, check_launcher, follow_job, make_executor
 from ..config import Config, ConfigError, config_to_dict
 from ..data.shards import decode_sample, iter_shard, split_shards
 from ..data.train_data import make_train_loader
@@ -192,22 +193,6 @@ def run_trainer(cfg: Config, model: str) -> dict:
         torch.set_num_threads(threads_before)
 
 
-class TrainJob:
-    """A trainer as a submitit job (picklable: a config and a model name)."""
-
-    def __init__(self, cfg: Config, model: str):
-        self.cfg, self.model = cfg, model
-
-    def __call__(self) -> dict:
-        return run_trainer(self.cfg, self.model)
-
-    def checkpoint(self, *args, **kwargs):
-        # Called by submitit on rank 0 when the job is preempted or times out. The engine has been
-        # writing checkpoint.pth every checkpoint_every steps; the requeued job resumes from it.
-        import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.model))
-
-
 class SettingsChanged(ConfigError):
     """A stage's checkpoint was trained under other settings than the config's now."""
 
@@ -239,20 +224,14 @@ def launch_training(cfg: Config, model: str) -> dict:
     check_resumable(cfg, model)
     tcfg = table.train_config(cfg, model)
     launcher = tcfg.launcher
-    section = table.MODELS[model].section
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"{section}.launcher: {launcher!r} unknown (one of {LAUNCHERS})")
-    if launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("launcher=torchrun but WORLD_SIZE is not set: start this command with "
-                           "`torchrun --nproc_per_node=N -m psa_dist.cli ...`")
-    if launcher in ("inline", "torchrun"):
-        return run_trainer(cfg, model)
+    if not check_launcher(f"{table.MODELS[model].section}.launcher", launcher):
+        return run_trainer(cfg, model)        # this process is the rank (or the only one)
     out = Path(cfg.out_dir) / table.MODELS[model].name
     # A folder per submission: SLURM job ids restart on a fresh cluster, and submitit would read an
     # old job's result pickle from a reused folder.
     folder = out / "submitit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     ex = make_executor(tcfg, launcher, folder, f"psa-{cfg.name}-{model}")
-    job = ex.submit(TrainJob(cfg, model))
+    job = ex.submit(Job(functools.partial(run_trainer, cfg, model)))
     print(f"[{model}] submitted {launcher} job {job.job_id} ({tcfg.nodes} node(s) x "
           f"{tcfg.tasks_per_node or max(tcfg.gpus_per_node, 1)} task(s)); logs in {folder}",
           flush=True)

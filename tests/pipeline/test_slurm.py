@@ -7,6 +7,7 @@ with USR2 that submitit requeues and that resumes from its checkpoint to the uni
 a failing job whose error reaches the caller; `psa-dist submit`'s chain of dependent jobs run to
 the report, a chain whose first job fails leaving the later ones never run, and a failed step
 requeued under the same job id: once and then through, or until its retries are spent."""
+import functools
 import json
 import os
 import random
@@ -18,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from psa_dist.cluster.launch import make_executor
-from psa_dist.cluster.ray_job import RayClusterJob
+from psa_dist.cluster.launch import Job, make_executor
+from psa_dist.cluster.ray_job import AtAddress, RayCluster
 from psa_dist.config import SynthConfig, load_config
 from psa_dist.data.synth import write_synth
 from psa_dist.nets.checkpoint import load_checkpoint
 from psa_dist.pipeline import STAGES, run_pipeline
-from psa_dist.stages.label_pool import LabelStageOnCluster
-from psa_dist.stages.train import TrainJob
+from psa_dist.stages.label_pool import label_stage_of
+from psa_dist.stages.train import run_trainer
 from psa_dist.submit import submit_chain
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -135,7 +136,8 @@ def test_preempted_job_is_requeued_and_resumes(slurm, cfg_path, uninterrupted, t
     out = tmp_path / "preempted"
     cfg = load_config(cfg_path, [f"out_dir={out}"])
     folder = out / "cls" / "submitit" / "job"
-    job = make_executor(cfg.train_cls, "slurm", folder, "preempt").submit(TrainJob(cfg, "cls"))
+    job = make_executor(cfg.train_cls, "slurm", folder, "preempt").submit(
+        Job(functools.partial(run_trainer, cfg, "cls")))
     log = out / "cls" / "log.jsonl"
 
     def six_steps():
@@ -220,8 +222,8 @@ def test_preempted_label_stage_job_is_requeued_and_resumes_at_its_first_unfinish
     folder = out / "stages" / "submitit" / "cams-preempt"
     folder.mkdir(parents=True)
     job = make_executor(cfg.ray, "slurm", folder, "ray-preempt").submit(
-        RayClusterJob(cfg.ray, LabelStageOnCluster(cfg, "cams"), folder,
-                      21000 + os.getpid() % 1000, "cams"))
+        Job(RayCluster(cfg.ray, AtAddress(label_stage_of, cfg, "cams"), folder,
+                       21000 + os.getpid() % 1000, "cams")))
     log = out / "stages" / "cams.shards.jsonl"
     preempt_when(job, lambda: log.is_file() and len(log.read_text().splitlines()) >= 2)
     res = job.results()[0]
