@@ -37,7 +37,7 @@ from .cluster.ray_job import AtAddress, RayCluster, ray_job_env
 from .config import Config
 from .pipeline import check_chain, run_pipeline
 from .stages import table
-from .stages.run_dir import Run, ensure_dataset
+from .stages.run_dir import Run, RunDir, ensure_dataset
 from .stages.job_shape import warn_shape
 from .util.dist import submitit_env
 
@@ -53,9 +53,8 @@ def in_allocation(cfg: Config) -> Config:
 
 
 def _finished(cfg: Config, stages: list[str]) -> dict:
-    run = Path(cfg.out_dir) / "stages"
-    return {s: json.loads((run / f"{s}.json").read_text()) for s in stages
-            if (run / f"{s}.json").is_file()}
+    run = RunDir(cfg.out_dir)
+    return {s: json.loads(run.marker(s).read_text()) for s in stages if run.marker(s).is_file()}
 
 
 def run_stages(cfg: Config, stages: list[str]) -> dict:
@@ -104,7 +103,7 @@ def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = Fa
     the sbatch parameters of each step). ``keep_blocked``: after a failure, leave the later jobs
     pending (reason DependencyNeverSatisfied) instead of having SLURM cancel them."""
     out = Path(cfg.out_dir)
-    record = out / "stages" / "submitted.json"
+    record = RunDir(out).submitted
     done = set(_finished(cfg, table.ORDER))
     steps = []
     for name, stages in table.chain_steps():
@@ -123,7 +122,7 @@ def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = Fa
     Run(cfg).check_same_dataset(force)
     if not force:
         slurm_chain.check_not_queued(record)
-    jobs = slurm_chain.submit(steps, prefix, out / "stages" / "submitit", record,
+    jobs = slurm_chain.submit(steps, prefix, RunDir(out).submitit, record,
                               keep_blocked=keep_blocked, retries=cfg.submit_retries, meta={
         "config": str(Path(config_path).resolve()) if config_path else None, "out_dir": str(out)})
     if not jobs:

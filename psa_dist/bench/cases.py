@@ -24,3 +24,13 @@ BOUNDS = {
     "resnet38_scale2": ("voc", "cams", ["cams.scales=[2.0]"],
                         "ResNet-38 CAMs at scale 2.0 + flip of the VOC image (the largest input)"),
 }
+# bench quality's variants of the synthetic data: name -> overrides of the config (besides where
+# its data and outputs go)
+VARIANTS = {
+    "demo": [],
+    "seed1": ["synth.seed=1"],
+    "8-classes-dense-clutter": ["synth.seed=3", "synth.num_classes=8", "synth.clutter_density=1.6"],
+    "faint-body": ["synth.seed=4", "synth.body_pattern=0.3"],
+    "small-objects": ["synth.seed=5", "synth.object_width=[0.16,0.24]", "synth.max_objects=3"],
+    "4-classes-noisy": ["synth.seed=6", "synth.num_classes=4", "synth.clutter_noise=20"],
+}

@@ -35,7 +35,7 @@ from ..nets.checkpoint import save_checkpoint
 from ..nets.models import build_classifier
 from ..stages.label_pool import label_pool
 from ..stages.label_stages.cams import cam_shard, timing_shape
-from ..stages.run_dir import Run
+from ..stages.run_dir import Run, RunDir
 from ..util.precision import autocast, choose_for_model
 
 
@@ -55,10 +55,9 @@ def _scratch_run(cfg: Config, root: Path, num_train: int, shard_size: int, image
     synth = dataclasses.replace(cfg.synth, num_train=num_train, num_val=1, image_size=image_size)
     write_synth(synth, root / "data", shard_size=shard_size, workers=1, progress=False)
     out = root / "run"
-    (out / "cls").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = build_classifier(cfg.model, synth.num_classes)
-    save_checkpoint(out / "cls" / "checkpoint.pth", {"model": model.state_dict()})
+    save_checkpoint(RunDir(out).checkpoint("cls"), {"model": model.state_dict()})
     run_cfg = copy.deepcopy(cfg)
     run_cfg.synth, run_cfg.data.root, run_cfg.out_dir = synth, str(root / "data"), str(out)
     return split_shards(root / "data", "train"), run_cfg
@@ -118,7 +117,7 @@ def _run_stage(cfg: Config, stage: str, shards: list, actors: int,
     run = Run(cfg, prepare=False)
     shutil.rmtree(run.stage_dir(stage), ignore_errors=True)
     run.stage_dir(stage).mkdir(parents=True)
-    log = run.out / "stages" / f"{stage}.{actors}.jsonl"
+    log = run.shard_log(f"{stage}.{actors}")
     log.unlink(missing_ok=True)
     tasks = [(s, output_path(run.stage_dir(stage), s)) for s in shards]
     t0 = time.perf_counter()
@@ -163,7 +162,7 @@ def bench_scaling(cfg: Config, actors=(1, 2), images: int = 96, shards_per_run: 
                 rss0 = _rss_mb()
                 wall, summary = _run_stage(tiny_run, "cams", tshards[:count], n)
                 busy = sum(json.loads(line)["seconds"] for line in
-                           open(Path(tiny_run.out_dir) / "stages" / f"cams.{n}.jsonl"))
+                           open(RunDir(tiny_run.out_dir).shard_log(f"cams.{n}")))
                 steady = max(wall - startup[n], 1e-9)
                 row = {"shards": count, "actors": n, "seconds": round(wall, 2),
                        "shards_per_s": round(count / steady, 1),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -66,7 +65,7 @@ def bench_loader(cfg: Config, kind: str = "cls", batches: int = 30, workers: int
     print(f"[bench loader] {kind}: loader {res['loader_samples_per_s']} samples/s with "
           f"{res['workers']} worker(s); a training step consumes {res['train_samples_per_s']} "
           f"samples/s on {res['device']}: loader/training = {res['ratio']}x", flush=True)
-    out = Path(cfg.out_dir) / "bench"
+    out = run.bench
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"loader_{kind}.json", "w") as f:
         json.dump(res, f, indent=1)

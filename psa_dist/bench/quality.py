@@ -20,25 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+from ..stages.run_dir import RunDir
 from ..stages.table import ORDER, stage
 from ..util.atomic import atomic_write_bytes
+from .cases import VARIANTS
 
-# name -> overrides of the config (besides where its data and outputs go)
-VARIANTS = {
-    "demo": [],
-    "seed1": ["synth.seed=1"],
-    "8-classes-dense-clutter": ["synth.seed=3", "synth.num_classes=8", "synth.clutter_density=1.6"],
-    "faint-body": ["synth.seed=4", "synth.body_pattern=0.3"],
-    "small-objects": ["synth.seed=5", "synth.object_width=[0.16,0.24]", "synth.max_objects=3"],
-    "4-classes-noisy": ["synth.seed=6", "synth.num_classes=4", "synth.clutter_noise=20"],
-}
 GOALS = {"walk_gain": 8.0, "seg_ratio": 0.85}
 
 
 def row_of(name: str, overrides: list, out: Path, seconds: float) -> dict:
     """A variant's figures, from its report.json and eval marker."""
     report = json.loads((out / "report.json").read_text())
-    ev = json.loads((out / "stages" / "eval.json").read_text())
+    ev = json.loads(RunDir(out).marker("eval").read_text())
     m = report["miou"]
     row = {"variant": name, "overrides": overrides, "cam": m["cam"], "walk": m["rw"],
            "walk_gain": report.get("rw_gain"), "cam_recall": round(ev["cam"]["fg_recall"], 3),
@@ -149,7 +142,7 @@ def _kept_seconds(out: Path, redone: str) -> float:
     """The seconds the stages before ``redone`` took in the run in ``out`` (their markers)."""
     total = 0.0
     for name in ORDER[:ORDER.index(redone)]:
-        marker = out / "stages" / f"{name}.json"
+        marker = RunDir(out).marker(name)
         if marker.is_file():
             total += json.loads(marker.read_text()).get("seconds", 0.0)
     return total

@@ -45,7 +45,7 @@ import yaml
 
 from ..config import Config, config_to_dict, load_config
 from ..data.shards import iter_shard, read_dataset_json, split_shards
-from ..stages.run_dir import Run, ensure_dataset
+from ..stages.run_dir import Run, RunDir, ensure_dataset
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from .cases import COCO_SHARD_SIZE
 from .scale_figures import COCO_TRAIN, format_table, inline_bytes, project, stage_figures
@@ -210,7 +210,7 @@ def _train(cfg: Config, out: Path, train_images: int) -> dict:
     tcfg.ray.enabled = False
     t0 = time.monotonic()
     ensure_dataset(tcfg)
-    mark = Path(tcfg.out_dir) / "stages" / "dataset.sha256"
+    mark = RunDir(tcfg.out_dir).dataset_mark
     if mark.is_file() and mark.read_text().strip() != _sha(Path(tcfg.data.root) / "dataset.json"):
         shutil.rmtree(tcfg.out_dir)     # trained on other data: train again
     path = _write_config(tcfg, out / "train.yaml")
@@ -234,9 +234,9 @@ def _link_models(cfg: Config, train_run: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.unlink(missing_ok=True)
         try:
-            os.link(train_run / model / "checkpoint.pth", dst)
+            os.link(RunDir(train_run).checkpoint(model), dst)
         except OSError:
-            shutil.copyfile(train_run / model / "checkpoint.pth", dst)
+            shutil.copyfile(RunDir(train_run).checkpoint(model), dst)
         run.finish(stage, {"seconds": 0.0, "models_from": str(train_run)})
 
 
@@ -255,12 +255,12 @@ def _measure_stage(stage: str, cfg: Config, path: Path, out: Path, cluster, gcs:
                    gcs_all: list) -> dict:
     """One label stage from scratch on ``cluster`` as its own ``psa-dist`` command, sampled;
     its figures (``gcs_all`` gets the GCS server's RSS samples)."""
-    shard_log = Path(cfg.out_dir) / "stages" / f"{stage}.shards.jsonl"
+    shard_log = RunDir(cfg.out_dir).shard_log(stage)
     store0 = _object_store(cluster)
     r = _psa([stage.replace("_", "-"), path, "--force", "--ray-address", cluster.address],
              out / "logs" / f"{stage}.log", gcs_pid=gcs, shard_log=shard_log)
     store1 = _object_store(cluster)
-    marker = json.loads((Path(cfg.out_dir) / "stages" / f"{stage}.json").read_text())
+    marker = json.loads(RunDir(cfg.out_dir).marker(stage).read_text())
     lines = [json.loads(x) for x in shard_log.read_text().splitlines() if x.strip()]
     s = r["sampler"]
     fig = stage_figures(stage, lines, s.arrivals, marker["seconds"],

@@ -2,9 +2,8 @@
 ``psa_dist/bench/``)."""
 from __future__ import annotations
 
-from ..bench.cases import COCO_SHARD_SIZE, SIZES
+from ..bench.cases import COCO_SHARD_SIZE, SIZES, VARIANTS
 from ..bench.cost_report import GPU_TFLOPS, STAGES as COST_STAGES
-from ..bench.quality import VARIANTS
 from ..bench.scale_figures import COCO_TRAIN
 from ..stages import table
 from .arguments import config_args, from_arg, load

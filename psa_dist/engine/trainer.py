@@ -28,6 +28,9 @@ from .hooks import Checkpointer, LossLog, StopWhenLearned, TensorBoard, set_rng_
 from .loop import LossFn, TrainLoop
 from .stopping import FitRule, StopRule
 
+# a trainer's files in its directory (stages/run_dir.RunDir names them by model from these)
+CHECKPOINT, LOG, BEST = "checkpoint.pth", "log.jsonl", "best.pth"
+
 
 def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_dir: Path,
           info: DistInfo, *, name: str, section: str, precision: Precision,
@@ -47,7 +50,7 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     ``hooks``: more hooks, acting after the built-in ones and before the checkpoint."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "checkpoint.pth"
+    ckpt_path = out_dir / CHECKPOINT
     if freeze_bn:   # before DDP: it registers only the parameters that require grad
         set_bn_eval(model)
     net = wrap_ddp(model, info)
@@ -109,7 +112,7 @@ def _hooks(out_dir: Path, info: DistInfo, tcfg, name: str, section: str, static:
     stopping rules (with a learned schedule), the checkpoint last (it keeps what they decided)."""
     tensorboard = (TensorBoard(out_dir / "tensorboard", name, panels)
                    if panels is not None and info.is_main else None)
-    log = LossLog(name, section, out_dir / "log.jsonl", out_dir / "checkpoint.pth", info,
+    log = LossLog(name, section, out_dir / LOG, out_dir / CHECKPOINT, info,
                   tcfg.log_every, len(label_prior) if class_terms else 0, learned,
                   sinks=[tensorboard.scalars] if tensorboard else [])
     hooks = [log] + ([tensorboard] if tensorboard else [])
@@ -121,8 +124,8 @@ def _hooks(out_dir: Path, info: DistInfo, tcfg, name: str, section: str, static:
                        stop_state.get("fit"),
                        class_prior=[float(p) for p in label_prior] if class_terms else None)
                if tcfg.fit_target is not None else None)
-        hooks.append(StopWhenLearned(name, tcfg, info, learned, log, out_dir / "best.pth",
+        hooks.append(StopWhenLearned(name, tcfg, info, learned, log, out_dir / BEST,
                                      stopper, heldout, fit))
-    hooks.append(Checkpointer(out_dir / "checkpoint.pth", info, tcfg.checkpoint_every, name,
+    hooks.append(Checkpointer(out_dir / CHECKPOINT, info, tcfg.checkpoint_every, name,
                               section, static))
     return hooks

@@ -76,7 +76,7 @@ class EvalWorker:
 
 
 def parts_dir(run: Run, what: str) -> Path:
-    return run.out / "stages" / "eval_parts" / what
+    return run.eval_parts(what)
 
 
 def _stat(path: Path) -> list:
@@ -121,7 +121,7 @@ def score_on_pool(run: Run, what: str, shards: list, counts: dict) -> list[dict]
         print(f"[eval] {what}: {stale} parts of earlier inputs removed", flush=True)
     pool = run_pool(run, f"eval_{what}", EvalWorker, (what, run.cfg),
                     uses_model=what in SEGMENTERS,
-                    log_path=run.out / "stages" / f"eval_{what}.shards.jsonl")
+                    log_path=run.shard_log(f"eval_{what}"))
     summary = pool.run(list(zip(shards, paths)), counts)
     missing = [(str(s), str(p)) for s, p in zip(shards, paths) if not p.is_file()]
     if missing:
@@ -151,7 +151,7 @@ def run_eval(run: Run) -> dict:
     each trained segmenter on the val split; the figures summed from the shards' parts."""
     cfg = run.cfg
     if in_own_job(cfg.ray):     # as the label stages: its own job
-        return submit_ray_job(cfg.ray, AtAddress(eval_of, cfg), run.out / "stages" / "submitit",
+        return submit_ray_job(cfg.ray, AtAddress(eval_of, cfg), run.submitit,
                               f"psa-{cfg.name}-eval", "eval")
     k, train, val = run.num_classes, cfg.data.train_split, cfg.data.val_split
     train_shards = split_shards(run.root, train, run.info, cfg.data.shard_url)

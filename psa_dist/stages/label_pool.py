@@ -97,7 +97,7 @@ def run_pool(run: Run, name: str, worker_cls, worker_args: tuple, *, uses_model:
                      use_gpus=uses_model and not cfg.device.startswith("cpu"),
                      max_failures=rc.max_failures, log_path=log_path,
                      local_device=str(run.device), local_threads=torch.get_num_threads(),
-                     log_dir=run.out / "stages" / "logs", shard_retries=rc.shard_retries,
+                     log_dir=run.actor_logs, shard_retries=rc.shard_retries,
                      retry_backoff_s=rc.retry_backoff_s, transient=transient_error,
                      speculate_after=rc.speculate_after, speculate_min_s=rc.speculate_min_s)
 
@@ -107,7 +107,7 @@ def label_pool(run: Run, stage: str, num_actors: int = 0, log_path=None) -> Shar
     work, one actor per CPU even where there are GPUs)."""
     return run_pool(run, stage, LabelWorker, (table.stage(stage), run.cfg),
                     uses_model=bool(table.stage(stage).uses_models), num_actors=num_actors,
-                    log_path=log_path or run.out / "stages" / f"{stage}.shards.jsonl")
+                    log_path=log_path or run.shard_log(stage))
 
 
 def label_stage_of(cfg: Config, stage: str) -> dict:
@@ -120,6 +120,6 @@ def run_label_stage(run: Run, stage: str) -> dict:
     cfg = run.cfg
     if in_own_job(cfg.ray):
         return submit_ray_job(cfg.ray, AtAddress(label_stage_of, cfg, stage),
-                              run.out / "stages" / "submitit", f"psa-{cfg.name}-{stage}", stage)
+                              run.submitit, f"psa-{cfg.name}-{stage}", stage)
     tasks = list(zip(run.train_shards, run.label_shards(stage)))
     return label_pool(run, stage).run(tasks, run.shard_counts())

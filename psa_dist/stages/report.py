@@ -16,6 +16,7 @@ from ..data.shards import decode_sample, iter_joined, output_path
 from ..util.atomic import atomic_write_bytes, atomic_write_json
 from . import table
 from .model_factory import load_trained
+from .run_dir import RunDir
 
 PANEL_SAMPLES = 4
 STAGE_NAMES = {"cam": "CAM (train)", "rw": "CAM + random walk (train)",
@@ -69,7 +70,7 @@ def final_losses(out) -> dict:
     after inherits it (docs/benchmark.md, round 8)."""
     res = {}
     for model in table.MODELS:
-        log = out / model / "log.jsonl"
+        log = RunDir(out).train_log(model)
         if not log.is_file():
             continue
         epochs = []

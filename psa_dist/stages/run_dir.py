@@ -26,6 +26,7 @@ import torch
 from ..config import Config
 from ..data.shards import output_path, read_dataset_json, split_shards
 from ..data.synth import write_synth
+from ..engine.trainer import BEST, CHECKPOINT, LOG
 from ..util.atomic import atomic_write_json, atomic_write_text
 from . import table
 
@@ -85,14 +86,72 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-class Run:
-    """Paths and shared facts of one run directory."""
+class RunDir:
+    """The paths of one run directory, every one of them: the outputs need no dataset to be named
+    (a submitter, a resume check and the benchmarks have only the config)."""
+
+    def __init__(self, out_dir):
+        self.out = Path(out_dir)
+
+    @property
+    def stages(self) -> Path:
+        """Markers, shard logs, eval parts, actors' logs, submitit folders."""
+        return self.out / "stages"
+
+    def marker(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
+
+    def shard_log(self, name: str) -> Path:
+        """One JSON line per shard a pool finished (``name``: a stage, or ``eval_<what>``)."""
+        return self.stages / f"{name}.shards.jsonl"
+
+    @property
+    def actor_logs(self) -> Path:
+        return self.stages / "logs"
+
+    @property
+    def submitit(self) -> Path:
+        """The folders of the stages' submitit jobs (Ray clusters, the chain's steps)."""
+        return self.stages / "submitit"
+
+    @property
+    def submitted(self) -> Path:
+        """``psa-dist submit``'s record of the chain's job ids."""
+        return self.stages / "submitted.json"
+
+    @property
+    def dataset_mark(self) -> Path:
+        return self.stages / "dataset.sha256"
+
+    def eval_parts(self, what: str) -> Path:
+        return self.stages / "eval_parts" / what
+
+    def stage_dir(self, stage: str) -> Path:
+        """The directory of a label stage's output shards."""
+        return self.out / table.stage(stage).output
+
+    def model_dir(self, model: str) -> Path:
+        return self.out / table.MODELS[model].name
+
+    def checkpoint(self, model: str) -> Path:
+        return self.model_dir(model) / CHECKPOINT
+
+    def train_log(self, model: str) -> Path:
+        return self.model_dir(model) / LOG
+
+    @property
+    def bench(self) -> Path:
+        return self.out / "bench"
+
+
+class Run(RunDir):
+    """Paths (:class:`RunDir`) and shared facts of one run directory: its config and dataset."""
 
     def __init__(self, cfg: Config, prepare: bool = True):
         """``prepare``: generate the synthetic dataset where it is missing (the driver's job; a
         worker only reads the dataset the driver made)."""
+        super().__init__(cfg.out_dir)
         self.cfg = cfg
-        self.out = Path(cfg.out_dir)
         self.root = ensure_dataset(cfg) if prepare else Path(cfg.data.root)
         self.info = read_dataset_json(self.root)
         self.num_classes = self.info["num_classes"]
@@ -107,19 +166,9 @@ class Run:
             os.replace(old, new)
 
     # ---------------------------------------------------------------- outputs
-    def stage_dir(self, stage: str) -> Path:
-        """The directory of a label stage's output shards."""
-        return self.out / table.stage(stage).output
-
     def label_shards(self, stage: str) -> list[Path]:
         """A label stage's output shard for each train shard, in order."""
         return [output_path(self.stage_dir(stage), s) for s in self.train_shards]
-
-    def model_dir(self, model: str) -> Path:
-        return self.out / table.MODELS[model].name
-
-    def checkpoint(self, model: str) -> Path:
-        return self.model_dir(model) / "checkpoint.pth"
 
     def shard_counts(self) -> dict[str, int]:
         """Samples per train shard, keyed by the shard's path or URL."""
@@ -127,9 +176,6 @@ class Run:
                 zip(self.train_shards, self.info["splits"][self.cfg.data.train_split]["shards"])}
 
     # ---------------------------------------------------------------- markers
-    def marker(self, stage: str) -> Path:
-        return self.out / "stages" / f"{stage}.json"
-
     def done(self, stage: str) -> bool:
         return self.marker(stage).is_file()
 
@@ -153,11 +199,11 @@ class Run:
         if s.kind == "train":
             for model in s.models:
                 d = self.model_dir(model)
-                paths += [d / n for n in ("checkpoint.pth", "best.pth", "log.jsonl", "tensorboard")]
+                paths += [d / n for n in (CHECKPOINT, BEST, LOG, "tensorboard")]
         elif s.kind == "labels":
             d = self.stage_dir(stage)
             paths += sorted(d.glob("*.tar")) if d.is_dir() else []
-            paths.append(self.out / "stages" / f"{stage}.shards.jsonl")
+            paths.append(self.shard_log(stage))
         removed = []
         for p in paths:
             if p.is_dir():
@@ -188,7 +234,7 @@ class Run:
         """A run directory belongs to one dataset: cached stages made from another one (say, the
         synthetic data generated anew with other settings) must not be reused silently."""
         digest = hashlib.sha256((self.root / "dataset.json").read_bytes()).hexdigest()
-        mark = self.out / "stages" / "dataset.sha256"
+        mark = self.dataset_mark
         if mark.is_file() and mark.read_text().strip() != digest and not force:
             raise FileExistsError(f"{self.out} holds stages made from another dataset than "
                                   f"{self.root} (dataset.json changed): use a new out_dir, or "

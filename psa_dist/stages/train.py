@@ -16,7 +16,6 @@ import functools
 import os
 import socket
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,7 +30,7 @@ from ..util.dist import DistInfo, broadcast_object, cleanup, cpu_threads, init_d
 from ..util.precision import Precision, amp_dtype, choose_for_model
 from . import table
 from .model_factory import model_to_train
-from .run_dir import Run
+from .run_dir import Run, RunDir
 
 
 def _shard_sets(run: Run, model: str, tcfg):
@@ -169,8 +168,7 @@ def run_trainer(cfg: Config, model: str) -> dict:
         held = heldout_loader(run, model, tcfg, rank=info.rank, world_size=info.world_size)
         prior = (Classifier.prior_losses(label_frequency(run, model, tcfg))
                  if tcfg.fit_target is not None else None)   # every rank reads the same labels
-        out = run.model_dir(model)
-        ckpt = out / "checkpoint.pth"
+        out, ckpt = run.model_dir(model), run.checkpoint(model)
         ck = load_checkpoint(ckpt) if ckpt.is_file() else None
         if cfg.model.freeze_bn:      # timed as it trains: frozen BN trains fewer parameters
             set_bn_eval(net)
@@ -203,7 +201,7 @@ def check_resumable(cfg: Config, model: str) -> None:
     it would mix two configs in one model, and the stage's marker would record only the second.
     Checkpoints from before settings were kept resume as they are."""
     m = table.MODELS[model]
-    ckpt = Path(cfg.out_dir) / m.name / "checkpoint.pth"
+    ckpt = RunDir(cfg.out_dir).checkpoint(model)
     recorded = load_checkpoint(ckpt).get("settings") if ckpt.is_file() else None
     if recorded is None:
         return
@@ -226,7 +224,8 @@ def launch_training(cfg: Config, model: str) -> dict:
     launcher = tcfg.launcher
     if not check_launcher(f"{table.MODELS[model].section}.launcher", launcher):
         return run_trainer(cfg, model)        # this process is the rank (or the only one)
-    out = Path(cfg.out_dir) / table.MODELS[model].name
+    run = RunDir(cfg.out_dir)
+    out = run.model_dir(model)
     # A folder per submission: SLURM job ids restart on a fresh cluster, and submitit would read an
     # old job's result pickle from a reused folder.
     folder = out / "submitit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -235,7 +234,7 @@ def launch_training(cfg: Config, model: str) -> dict:
     print(f"[{model}] submitted {launcher} job {job.job_id} ({tcfg.nodes} node(s) x "
           f"{tcfg.tasks_per_node or max(tcfg.gpus_per_node, 1)} task(s)); logs in {folder}",
           flush=True)
-    return follow_job(job, out / "log.jsonl")
+    return follow_job(job, run.train_log(model))
 
 
 def run_train_stage(run: Run, stage: str) -> dict:
