@@ -248,6 +248,10 @@ class Config:
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# type -> (whether a YAML value is one, as the error says it); bool is an int to Python, not here
+_PLAIN = {bool: (lambda v: isinstance(v, bool), "true/false"),
+          int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+          str: (lambda v: isinstance(v, str), "a string")}
 
 
 def _check_value(key: str, value: Any, tp: Any, default: Any = None) -> Any:
@@ -263,24 +267,17 @@ def _check_value(key: str, value: Any, tp: Any, default: Any = None) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
         return _build(tp, value, key + ".", default)
-    if tp is bool:
-        if isinstance(value, bool):
+    if tp in _PLAIN:
+        fits, what = _PLAIN[tp]
+        if fits(value):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
             return float(value)     # YAML 1.1 reads 1e-3 (no dot) as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
     if tp in (tuple, list):
         if isinstance(value, (list, tuple)):
             return tp(value)
@@ -328,6 +325,62 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def _checked(cfg: Config) -> Config:
+    """The checks across keys, each error naming the key."""
+    if cfg.model.aff_stride not in (4, 8):
+        raise ConfigError(f"model.aff_stride: must be 4 or 8, got {cfg.model.aff_stride}")
+    if cfg.model.seg_from_classifier and cfg.model.segmenter != "light":
+        raise ConfigError(f"model.seg_from_classifier: needs model.segmenter=light (the "
+                          f"classifier's backbone), got {cfg.model.segmenter!r}")
+    if not 0 <= cfg.model.cls_dropout < 1:
+        raise ConfigError(f"model.cls_dropout: must be in [0, 1), got {cfg.model.cls_dropout}")
+    if not all(isinstance(n, str) for n in cfg.model.frozen_layers):
+        raise ConfigError(f"model.frozen_layers: expected a list of layer names, got "
+                          f"{list(cfg.model.frozen_layers)!r}")
+    frac = cfg.train_seg.missing_class_frac
+    if frac is not None and not 0 <= frac < 1:
+        raise ConfigError(f"train_seg.missing_class_frac: must be in [0, 1) or null, got {frac}")
+    for key, owner, unset in (("missing_class_frac", "train_seg", None),    # else ignored there
+                              ("pair_border", "train_aff", "all")):
+        for name in (n for n in ("train_cls", "train_aff", "train_seg") if n != owner):
+            if getattr(getattr(cfg, name), key) != unset:
+                raise ConfigError(f"{name}.{key}: only {owner} uses it")
+    if cfg.train_aff.crop_size % cfg.model.aff_stride:
+        raise ConfigError(f"train_aff.crop_size: must be a multiple of model.aff_stride "
+                          f"({cfg.model.aff_stride}: its labels are cropped on whole cells), "
+                          f"got {cfg.train_aff.crop_size}")
+    if cfg.train_aff.pair_border not in ("all", "authors"):
+        raise ConfigError(f"train_aff.pair_border: must be all or authors, got "
+                          f"{cfg.train_aff.pair_border!r}")
+    for name in ("train_cls", "train_aff", "train_seg"):
+        t = getattr(cfg, name)
+        if t.stop_patience is not None and t.stop_patience < 1:
+            raise ConfigError(f"{name}.stop_patience: must be at least 1 or null, got "
+                              f"{t.stop_patience}")
+        if not 0 < t.stop_decay <= 1:
+            raise ConfigError(f"{name}.stop_decay: must be in (0, 1], got {t.stop_decay}")
+        if t.holdout_shards < 1:
+            raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
+        if t.fit_target is not None:
+            if name != "train_cls":
+                raise ConfigError(f"{name}.fit_target: only train_cls uses it (AffinityNet "
+                                  f"and the segmenters stop on held-out labels: "
+                                  f"{name}.stop_patience)")
+            if not 0 < t.fit_target < 1:
+                raise ConfigError(f"{name}.fit_target: must be in (0, 1), got {t.fit_target}")
+            if t.stop_patience is not None:
+                raise ConfigError(f"{name}.fit_target and {name}.stop_patience: one rule "
+                                  f"decides when to stop; set the other to null")
+        if t.fit_each_class and t.fit_target is None:
+            raise ConfigError(f"{name}.fit_each_class: needs {name}.fit_target (the share "
+                              f"of each class's prior loss to reach)")
+        if t.fit_window < 1:
+            raise ConfigError(f"{name}.fit_window: must be at least 1, got {t.fit_window}")
+    if not 0 <= cfg.random_walk.tol < 1:
+        raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults), apply dotted overrides, validate every key."""
     tree: dict = {}
@@ -342,63 +395,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = loaded
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
-        cfg = _build(Config, tree)
-        if cfg.model.aff_stride not in (4, 8):
-            raise ConfigError(f"model.aff_stride: must be 4 or 8, got {cfg.model.aff_stride}")
-        if cfg.model.seg_from_classifier and cfg.model.segmenter != "light":
-            raise ConfigError(f"model.seg_from_classifier: needs model.segmenter=light (the "
-                              f"classifier's backbone), got {cfg.model.segmenter!r}")
-        if not 0 <= cfg.model.cls_dropout < 1:
-            raise ConfigError(f"model.cls_dropout: must be in [0, 1), got {cfg.model.cls_dropout}")
-        if not all(isinstance(n, str) for n in cfg.model.frozen_layers):
-            raise ConfigError(f"model.frozen_layers: expected a list of layer names, got "
-                              f"{list(cfg.model.frozen_layers)!r}")
-        frac = cfg.train_seg.missing_class_frac
-        if frac is not None and not 0 <= frac < 1:
-            raise ConfigError(f"train_seg.missing_class_frac: must be in [0, 1) or null, got {frac}")
-        for name in ("train_cls", "train_aff"):     # a segmenter setting: elsewhere it would be ignored
-            if getattr(cfg, name).missing_class_frac is not None:
-                raise ConfigError(f"{name}.missing_class_frac: only train_seg uses it")
-        for name in ("train_cls", "train_seg"):
-            if getattr(cfg, name).pair_border != "all":
-                raise ConfigError(f"{name}.pair_border: only train_aff uses it")
-        if cfg.train_aff.crop_size % cfg.model.aff_stride:
-            raise ConfigError(f"train_aff.crop_size: must be a multiple of model.aff_stride "
-                              f"({cfg.model.aff_stride}: its labels are cropped on whole cells), "
-                              f"got {cfg.train_aff.crop_size}")
-        if cfg.train_aff.pair_border not in ("all", "authors"):
-            raise ConfigError(f"train_aff.pair_border: must be all or authors, got "
-                              f"{cfg.train_aff.pair_border!r}")
-        for name in ("train_cls", "train_aff", "train_seg"):
-            t = getattr(cfg, name)
-            if t.stop_patience is not None and t.stop_patience < 1:
-                raise ConfigError(f"{name}.stop_patience: must be at least 1 or null, got "
-                                  f"{t.stop_patience}")
-            if not 0 < t.stop_decay <= 1:
-                raise ConfigError(f"{name}.stop_decay: must be in (0, 1], got {t.stop_decay}")
-            if t.holdout_shards < 1:
-                raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
-            if t.fit_target is not None:
-                if name != "train_cls":
-                    raise ConfigError(f"{name}.fit_target: only train_cls uses it (AffinityNet "
-                                      f"and the segmenters stop on held-out labels: "
-                                      f"{name}.stop_patience)")
-                if not 0 < t.fit_target < 1:
-                    raise ConfigError(f"{name}.fit_target: must be in (0, 1), got {t.fit_target}")
-                if t.stop_patience is not None:
-                    raise ConfigError(f"{name}.fit_target and {name}.stop_patience: one rule "
-                                      f"decides when to stop; set the other to null")
-            if t.fit_each_class and t.fit_target is None:
-                raise ConfigError(f"{name}.fit_each_class: needs {name}.fit_target (the share "
-                                  f"of each class's prior loss to reach)")
-            if t.fit_window < 1:
-                raise ConfigError(f"{name}.fit_window: must be at least 1, got {t.fit_window}")
-        if not 0 <= cfg.random_walk.tol < 1:
-            raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
-        return cfg
+        return _checked(_build(Config, tree))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-
-
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, config_to_dict, load_config
+from ..config import Config, load_config
 from ..data.shards import iter_shard, read_dataset_json, split_shards
 from ..stages.run_dir import Run, RunDir, ensure_dataset
 from ..util.atomic import atomic_write_bytes, atomic_write_json
@@ -99,7 +100,7 @@ def scale_config(config, overrides, out: Path, images: int, classes: int, image_
 
 
 def _write_config(cfg: Config, path: Path) -> Path:
-    tree = json.loads(json.dumps(config_to_dict(cfg)))      # tuples as lists
+    tree = json.loads(json.dumps(dataclasses.asdict(cfg)))      # tuples as lists
     atomic_write_bytes(path, yaml.safe_dump(tree, sort_keys=False).encode())
     return path
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..cluster.launch import Job, check_launcher, follow_job, make_executor
-from ..config import Config, ConfigError, config_to_dict
+from ..config import Config, ConfigError
 from ..data.shards import decode_sample, iter_shard, split_shards
 from ..data.train_data import make_train_loader
 from ..engine.trainer import train
@@ -178,7 +178,7 @@ def run_trainer(cfg: Config, model: str) -> dict:
             net, kind.losses(cfg, tcfg), loader, tcfg, out, info, name=model,
             section=table.MODELS[model].section, precision=precision,
             new_modules=net.new_modules(), checkpoint=ck, freeze_bn=cfg.model.freeze_bn,
-            static={"config": config_to_dict(cfg),
+            static={"config": dataclasses.asdict(cfg),
                     "settings": table.settings(cfg, table.MODELS[model].stage)},
             panels=((lambda m, x, y: kind.panels(m, x, y, palette)) if tcfg.tensorboard
                     else None),
