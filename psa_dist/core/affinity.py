@@ -256,31 +256,22 @@ def cells_to_pixels(labels: torch.Tensor, height: int, width: int, stride: int) 
     return up[..., :height, :width]
 
 
-def affinity_loss(features: torch.Tensor, labels: torch.Tensor, radius: int = 5,
-                  return_terms: bool = False, border: str = "all"):
-    """``L_bg+/4 + L_fg+/4 + L-/2`` over every in-image pair within ``radius`` (the paper, stage 3).
+def pair_label_masks(labels: torch.Tensor, radius: int = 5, border: str = "all") -> dict:
+    """The pairs' labels of every in-image pair within ``radius``: ``{"bg", "fg", "neg"}`` masks
+    (B, K, H, W) over the half-plane offsets of :func:`neighbor_offsets` (entry (b, k, y, x): the
+    pair of (y, x) and (y, x) + offset k). Positive pairs share a non-neutral label (bg if it is
+    0, else fg); negative pairs have two different non-neutral labels; a pair touching a neutral
+    (255) cell, or whose partner lies outside the image, is in none.
 
     ``border``: ``all`` takes every pair with both ends in the crop; ``authors`` the pair window
-    of the authors' code, which takes only pairs starting at least ``radius - 1`` cells from the
-    bottom, left and right edges (its label extraction slices a fixed window of start cells), so
-    a crop's border cells start no pair (86% of a 56x56 crop's pairs are kept).
-
-    features (B, D, H, W), labels (B, H, W) as made by :func:`affinity_labels` at the same
-    resolution. Positive pairs share a non-neutral label (bg+ if it is 0, else fg+); negative pairs
-    have two different non-neutral labels. Each term is the mean over its pairs in the whole batch of
-    ``-log(W + 1e-5)`` (positives) or ``-log(1 + 1e-5 - W)`` (negatives); a term without pairs is 0.
-    All offsets at once: the distances come from :func:`pair_distances` (whose backward keeps no
-    per-offset differences), the terms from (B, K, H, W) maps of the pairs' labels.
-    """
-    if features.dim() != 4 or labels.dim() != 3 or features.shape[-2:] != labels.shape[-2:] \
-            or features.shape[0] != labels.shape[0]:
-        raise ValueError(f"features (B, D, H, W) and labels (B, H, W) must match, got "
-                         f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    of the authors' code (AffinityNet's and IRN's alike), which takes only pairs starting at least
+    ``radius - 1`` cells from the bottom, left and right edges (its label extraction slices a fixed
+    window of start cells), so a crop's border cells start no pair (86% of a 56x56 crop's pairs are
+    kept at radius 5)."""
     h, w = labels.shape[-2:]
     offsets = neighbor_offsets(radius)
-    aff = torch.exp(-pair_distances(features, offsets))
-    # The partner's label of every entry of aff, through the same flat layout: a partner outside
-    # the image reads the NEUTRAL pad, so such entries belong to no term.
+    # The partner's label of every entry, through the flat layout: a partner outside the image
+    # reads the NEUTRAL pad, so such entries belong to no term.
     row, length, shifts = _flat_layout(h, w, offsets)
     flat = _to_flat(labels, row, length, NEUTRAL)
     lj = torch.stack([flat[:, s:s + h * row] for s in shifts], dim=1)
@@ -294,15 +285,42 @@ def affinity_loss(features: torch.Tensor, labels: torch.Tensor, radius: int = 5,
         raise ValueError(f"border must be 'all' or 'authors', got {border!r}")
     valid = (li != NEUTRAL) & (lj != NEUTRAL)
     same = valid & (li == lj)
-    masks = {"bg": same & (li == 0), "fg": same & (li != 0), "neg": valid & (li != lj)}
+    return {"bg": same & (li == 0), "fg": same & (li != 0), "neg": valid & (li != lj)}
+
+
+def relation_loss(aff: torch.Tensor, masks: dict, return_terms: bool = False):
+    """``L_bg+/4 + L_fg+/4 + L-/2`` (AffinityNet's loss, and IRN's on its boundary affinities):
+    each term the mean over its pairs in the whole batch of ``-log(A + 1e-5)`` (positives) or
+    ``-log(1 + 1e-5 - A)`` (negatives), a term without pairs 0. ``aff`` (B, K, H, W) in [0, 1] and
+    ``masks`` from :func:`pair_label_masks`."""
     # Both -log maps on every entry, kept by where (an entry left out gets no gradient): both are
-    # finite everywhere since 0 <= W <= 1, so a left-out entry cannot turn into a NaN.
+    # finite everywhere since 0 <= A <= 1, so a left-out entry cannot turn into a NaN.
     pos, neg = -torch.log(aff + EPS), -torch.log(1 + EPS - aff)
-    zero = features.new_zeros(())
+    zero = aff.new_zeros(())
     sums = {k: torch.where(m, neg if k == "neg" else pos, zero).sum() for k, m in masks.items()}
     counts = {k: int(m.sum()) for k, m in masks.items()}
     terms = {k: sums[k] / counts[k] if counts[k] else zero for k in sums}
     loss = terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2
     if return_terms:
-        return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **{f"n_{k}": c for k, c in counts.items()}}
+        return loss, {**{k: float(v.detach()) for k, v in terms.items()},
+                      **{f"n_{k}": c for k, c in counts.items()}}
     return loss
+
+
+def affinity_loss(features: torch.Tensor, labels: torch.Tensor, radius: int = 5,
+                  return_terms: bool = False, border: str = "all"):
+    """AffinityNet's loss (the paper, stage 3): :func:`relation_loss` of the affinities
+    ``exp(-mean_d |f_i - f_j|)`` of every in-image pair within ``radius`` under the pairs' labels
+    (:func:`pair_label_masks`, with its ``border``).
+
+    features (B, D, H, W), labels (B, H, W) as made by :func:`affinity_labels` at the same
+    resolution. All offsets at once: the distances come from :func:`pair_distances` (whose
+    backward keeps no per-offset differences), the terms from (B, K, H, W) maps of the pairs'
+    labels.
+    """
+    if features.dim() != 4 or labels.dim() != 3 or features.shape[-2:] != labels.shape[-2:] \
+            or features.shape[0] != labels.shape[0]:
+        raise ValueError(f"features (B, D, H, W) and labels (B, H, W) must match, got "
+                         f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    aff = torch.exp(-pair_distances(features, neighbor_offsets(radius)))
+    return relation_loss(aff, pair_label_masks(labels, radius, border), return_terms)

@@ -53,3 +53,28 @@ def crf_refine(image, probs, iters: int = 10, gauss_sxy: float = 3.0, gauss_comp
                            compat=bi_compat)
     q = np.asarray(d.inference(iters), np.float32).reshape(k, h, w)
     return torch.from_numpy(q).to(probs.device) if is_torch else q
+
+
+def crf_labels(image, labels, n_labels: int, iters: int = 10, gt_prob: float = 0.7,
+               gauss_sxy: float = 3.0, gauss_compat: float = 3.0, bi_sxy: float = 50.0,
+               bi_srgb: float = 5.0, bi_compat: float = 10.0):
+    """The dense CRF on a hard label map (H, W) in 0..n_labels-1 (IRN's ``crf_inference_label``):
+    each pixel's unary trusts its label with probability ``gt_prob`` (pydensecrf's
+    ``unary_from_labels``, label 0 a label like the others), the authors' kernels as defaults;
+    returns the argmax of the marginals after ``iters`` iterations, the same kind as ``labels``."""
+    dcrf, _ = _densecrf()
+    from pydensecrf.utils import unary_from_labels
+    is_torch = isinstance(labels, torch.Tensor)
+    lab = labels.detach().cpu().numpy() if is_torch else np.asarray(labels)
+    img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    h, w = lab.shape
+    if img.shape[:2] != (h, w):
+        raise ValueError(f"image {img.shape[:2]} and labels {(h, w)} must have the same size")
+    d = dcrf.DenseCRF2D(w, h, n_labels)
+    d.setUnaryEnergy(np.ascontiguousarray(
+        unary_from_labels(lab.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)))
+    d.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
+    d.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=np.ascontiguousarray(img.astype(np.uint8)),
+                           compat=bi_compat)
+    out = np.argmax(np.asarray(d.inference(iters)).reshape(n_labels, h, w), axis=0)
+    return torch.from_numpy(out).to(labels.device) if is_torch else out

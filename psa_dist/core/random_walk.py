@@ -67,22 +67,44 @@ def transition_weights(features: torch.Tensor, beta: float = 8.0, radius: int = 
     """
     b, d, h, w = features.shape
     half = neighbor_offsets(radius)
-    k = 1 + 2 * len(half)
     p = radius - 1
     buf, row, start = _flat_padded(features, p)
-    links = [(i, dy, dx) for i, (dy, dx) in enumerate(half) if dy < h and abs(dx) < w]
+    links = _links(radius, h, w)
     dist = pair_distance_maps(buf, start, h * row, [dy * row + dx for _, dy, dx in links])
     dist = dist.reshape(b, len(links), h, row)[..., p:p + w]
     # W_ij^beta for every pair (p, p + o) at once; zero where the partner lies outside the image
     a = torch.exp(-dist).pow_(beta).mul_(_inside([(dy, dx) for _, dy, dx in links], h, w,
                                                  features.device))
-    wts = features.new_zeros((b, k, h, w))
+    return _normalised(a, links, len(half), h, w)
+
+
+def _links(radius: int, h: int, w: int) -> list[tuple[int, int, int]]:
+    """(index, dy, dx) of the half-plane offsets that fit in an (H, W) grid."""
+    return [(i, dy, dx) for i, (dy, dx) in enumerate(neighbor_offsets(radius))
+            if dy < h and abs(dx) < w]
+
+
+def _normalised(a: torch.Tensor, links: list, n_half: int, h: int, w: int) -> torch.Tensor:
+    """The row-normalised (B, 1 + 2·n_half, H, W) weights from the pair weights ``a`` (B, L, H, W)
+    of ``links`` (zero where the partner lies outside the image): 1 on the diagonal, each pair's
+    weight both ways (W symmetric)."""
+    b = a.shape[0]
+    wts = a.new_zeros((b, 1 + 2 * n_half, h, w))
     wts[:, 0] = 1.0                                     # W_ii = exp(0) = 1, and 1^beta = 1
     wts[:, [1 + i for i, _, _ in links]] = a            # forward links  p -> p + o
     for j, (i, dy, dx) in enumerate(links):             # mirror links   p + o -> p (W symmetric)
         (r1, c1), (r2, c2) = pair_slices(dy, dx, h, w)
-        wts[:, 1 + len(half) + i, r2, c2] = a[:, j, r1, c1]
+        wts[:, 1 + n_half + i, r2, c2] = a[:, j, r1, c1]
     return wts / wts.sum(dim=1, keepdim=True)
+
+
+def weights_from_pairs(a: torch.Tensor, radius: int, h: int, w: int) -> torch.Tensor:
+    """Row-normalised transition weights in the layout of :func:`transition_weights` from the
+    weight ``a[b, k, y, x]`` (already raised to beta) of each pair ((y, x), (y, x) + offset k) of
+    ``neighbor_offsets(radius)``; entries whose partner lies outside the image are ignored."""
+    links = _links(radius, h, w)
+    a = a[:, [i for i, _, _ in links]] * _inside([(dy, dx) for _, dy, dx in links], h, w, a.device)
+    return _normalised(a, links, len(neighbor_offsets(radius)), h, w)
 
 
 def chebyshev_power_coefficients(t: int) -> list[float]:
