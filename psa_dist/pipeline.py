@@ -68,6 +68,10 @@ def run_stage(run: Run, name: str, force: bool = False) -> dict | None:
     if run.done(name) and not force:
         print(f"[run] {name}: done (cached in {run.marker(name)})", flush=True)
         return None
+    if run.of_other_method(name):       # its outputs come from the other method's labels
+        print(f"[run] {name}: made with another method than method={run.cfg.method}; redone",
+              flush=True)
+        force = True
     if force and is_main_process():
         cleared = run.clear_outputs(name)
         if cleared:
@@ -83,7 +87,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
                  redo_from: str | None = None) -> int:
     """The stages ``stages`` (default: all) of ``cfg`` in table order, into ``cfg.out_dir``;
     ``force`` redoes them all, ``redo_from`` that stage and every later one."""
-    stages = list(stages or STAGES)
+    stages = list(stages or table.stages_of(cfg))
     for name in stages + ([redo_from] if redo_from else []):
         table.stage(name)                       # an unknown name fails before anything runs
     redo = set(STAGES[STAGES.index(redo_from):]) if redo_from else set()
@@ -116,12 +120,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def label_dataset(cfg: Config, dataset, out, split: str = "train") -> dict:
-    """CAMs and random-walk pseudo labels for ``split`` of another (converted) dataset, from the
-    classifier and AffinityNet the run ``cfg`` trained: a run directory ``out`` whose models are
-    the run's (linked, not trained) and whose label stages read ``dataset``. Where the dataset has
-    masks, both are scored. Returns the summary."""
+    """CAMs and pseudo labels (the walk of ``cfg.method``) for ``split`` of another (converted)
+    dataset, from the classifier and the walk's network the run ``cfg`` trained (AffinityNet, or
+    IRN's boundary branch): a run directory ``out`` whose models are the run's (linked, not
+    trained) and whose label stages read ``dataset``. Where the dataset has masks, both are
+    scored. Returns the summary."""
     src = Run(cfg, prepare=False)
-    for stage, model in (("train_cls", "cls"), ("train_aff", "aff")):
+    walk = table.method_stage(cfg, table.PSEUDO)
+    models = [(table.MODELS[m].stage, m) for m in ("cls", *table.stage(walk).uses_models)]
+    for stage, model in models:
         if not src.done(stage) or not src.checkpoint(model).is_file():
             raise ChainUnmet(f"label needs the run's {stage} ({src.checkpoint(model)}): run "
                              f"`psa-dist {table.stage(stage).cli} CONFIG` first")
@@ -131,14 +138,14 @@ def label_dataset(cfg: Config, dataset, out, split: str = "train") -> dict:
     dst = Run(new)
     if split not in dst.info["splits"]:
         raise ConfigError(f"{dataset}: no split {split!r} (have {', '.join(dst.info['splits'])})")
-    for stage, model in (("train_cls", "cls"), ("train_aff", "aff")):
+    for stage, model in models:
         _link_or_copy(src.checkpoint(model), dst.checkpoint(model))
         if not dst.done(stage):
             dst.finish(stage, {"seconds": 0.0, "models_from": str(src.out)})
-    run_pipeline(new, stages=["cams", "random_walk"])
+    run_pipeline(new, stages=["cams", walk])
     summary = {"dataset": str(dataset), "split": split, "out": str(out), "models_from": str(src.out),
                "images": dst.num_train}
-    scores = {"cam": ("cams", "cam"), "rw": ("random_walk", "pseudo")}
+    scores = {"cam": ("cams", "cam"), "rw": (walk, "pseudo")}
     for key, (stage, field) in scores.items():
         res = eval_label_shards(dst.root, split, dst.stage_dir(stage), field, dst.num_classes,
                                 new.cams.eval_bg_score)
@@ -147,7 +154,7 @@ def label_dataset(cfg: Config, dataset, out, split: str = "train") -> dict:
     if "miou_rw" in summary:
         print(f"[label] against the masks of {dataset} ({split}): CAM {summary['miou_cam']:.1f}, "
               f"random walk {summary['miou_rw']:.1f} mIoU", flush=True)
-    print(f"[label] pseudo labels of {dst.num_train} images in {dst.stage_dir('random_walk')}; "
+    print(f"[label] pseudo labels of {dst.num_train} images in {dst.stage_dir(walk)}; "
           f"`psa-dist export` them with out_dir={out} data.root={dataset} data.source=shards",
           flush=True)
     return summary

@@ -104,9 +104,9 @@ def submit_chain(cfg: Config, config_path: str | None = None, dry_run: bool = Fa
     pending (reason DependencyNeverSatisfied) instead of having SLURM cancel them."""
     out = Path(cfg.out_dir)
     record = RunDir(out).submitted
-    done = set(_finished(cfg, table.ORDER))
+    done = set(_finished(cfg, table.stages_of(cfg)))
     steps = []
-    for name, stages in table.chain_steps():
+    for name, stages in table.chain_steps(cfg):
         if all(s in done for s in stages):
             print(f"[submit] {name}: done (stages/{stages[-1]}.json), not submitted", flush=True)
             continue

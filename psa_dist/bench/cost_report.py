@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from ..stages import table
 
-STAGES = tuple(s.name for s in table.STAGES if s.kind in ("train", "labels"))
+# the stages of AffinityNet's method (its configs'): IRN's are not costed yet
+STAGES = tuple(s.name for s in table.STAGES if s.kind in ("train", "labels") and "psa" in s.methods)
 # each train stage -> the model it is timed with (the segmenters share one)
-TRAIN = {s.name: s.models[0] for s in table.STAGES if s.kind == "train"}
+TRAIN = {s.name: s.models[0] for s in table.STAGES if s.kind == "train" and "psa" in s.methods}
 
 
 def cpu_only(stage: str) -> bool:

@@ -2,6 +2,7 @@
 `label`: their arguments and what each runs."""
 from __future__ import annotations
 
+from ..config import Config
 from ..stages import table
 from ..stages.export_layouts import LAYOUTS
 from .arguments import config_args, from_arg, launcher_arg, load, test_time_args
@@ -74,7 +75,8 @@ def _add_run_commands(sub) -> None:
 
     p = sub.add_parser("submit", help="submit the whole pipeline as dependent SLURM jobs and exit",
                        description="Submit one SLURM job per step (" +
-                       ", ".join(name for name, _ in table.chain_steps()) + "), each starting "
+                       ", ".join(name for name, _ in table.chain_steps(Config())) + " with "
+                       "method psa), each starting "
                        "when the previous one succeeded; steps already done are left out. Job ids "
                        "go to out_dir/stages/submitted.json.")
     config_args(p, required=True)

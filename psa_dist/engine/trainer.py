@@ -36,7 +36,7 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
           info: DistInfo, *, name: str, section: str, precision: Precision,
           new_modules: list[nn.Module], checkpoint: dict | None = None, freeze_bn: bool = False,
           static: dict | None = None, panels: Callable | None = None, heldout=None,
-          label_prior=None, hooks: tuple = ()) -> dict:
+          label_prior=None, hooks: tuple = (), uniform_lr: bool = False) -> dict:
     """Train ``model`` (already on ``info.device``) for ``tcfg.epochs`` epochs of ``len(loader)``
     steps on every rank; returns rank 0's summary. ``losses(class_terms)``: the loss callable
     (with ``class_terms``, the loss of each class, which the fit rule follows class by class).
@@ -47,7 +47,8 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     weak labels: ``tcfg.epochs`` is then a cap, training stops by :class:`StopRule` and ends with
     the weights of its best epoch. ``label_prior``: the classifier's prior loss of each class,
     with ``tcfg.fit_target``: ``epochs`` is a cap and training stops by :class:`FitRule`.
-    ``hooks``: more hooks, acting after the built-in ones and before the checkpoint."""
+    ``hooks``: more hooks, acting after the built-in ones and before the checkpoint.
+    ``uniform_lr``: one learning rate for every trainable parameter (``build_optimizer``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
@@ -56,7 +57,8 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     net = wrap_ddp(model, info)
     max_steps = tcfg.epochs * len(loader)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype is torch.float16)
-    opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, new_modules)
+    opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, new_modules,
+                          uniform=uniform_lr)
     stop_state = (checkpoint or {}).get("stop") or {}
     fitting = tcfg.fit_target is not None
     if fitting and label_prior is None:

@@ -1,8 +1,9 @@
 """Backbones with output stride 8 and named multi-level feature taps.
 
 Every backbone maps (B, 3, H, W) to a dict of feature maps whose last one is at stride 8
-(``ceil(H / 8)`` × ``ceil(W / 8)``; earlier taps may be finer), and declares ``taps`` (name -> channels) for AffinityNet and ``out_channels`` for
-the last one, which the classifier and segmenter use.
+(``ceil(H / 8)`` × ``ceil(W / 8)``; earlier taps may be finer), and declares ``taps`` (name ->
+channels) for AffinityNet, ``edge_taps`` for IRN's boundary branch, and ``out_channels`` for the
+last one, which the classifier and segmenter use.
 
 * ``small``: a compact residual network that trains on 2 CPU cores, for the embedded demo.
 * ``resnet50``: torchvision's ResNet-50 with the last two stages dilated (stride 8).
@@ -59,6 +60,7 @@ class SmallNet(nn.Module):
         # follow (a pretrained backbone has this in its deep features). AffinityNet brings every
         # tap to its own output grid (stride 8, or 4 with model.aff_stride).
         self.taps = {"layer1": w[1], "layer2": w[2], "layer3": w[3], "layer4": w[4]}
+        self.edge_taps = dict(self.taps)         # IRN's boundary branch reads the same
         self.aff_dims = (32, 64, 128, 256)
         self.out_channels = w[4]
 
@@ -80,14 +82,17 @@ class ResNet50(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.taps = {"layer2": 512, "layer3": 1024, "layer4": 2048}
+        # IRN's boundary branch reads every stage, as the authors' (their last two at stride 16)
+        self.edge_taps = {"stem": 64, "layer1": 256, **self.taps}
         self.aff_dims = (64, 128, 256)
         self.out_channels = 2048
 
     def forward(self, x):
-        x = self.layer1(self.stem(x))
-        f2 = self.layer2(x)
+        f0 = self.stem(x)
+        f1 = self.layer1(f0)
+        f2 = self.layer2(f1)
         f3 = self.layer3(f2)
-        return {"layer2": f2, "layer3": f3, "layer4": self.layer4(f3)}
+        return {"stem": f0, "layer1": f1, "layer2": f2, "layer3": f3, "layer4": self.layer4(f3)}
 
 
 # ----------------------------------------------------------------------------- resnet38
@@ -155,12 +160,16 @@ class ResNet38(nn.Module):
         self.b7 = _PreActBottleneck(2048, 4096, dilation=4, dropout=0.5)
         self.bn7 = nn.BatchNorm2d(4096)
         self.taps = {"conv4": 512, "conv5": 1024, "conv6": 4096}
+        self.edge_taps = {"conv3": 256, **self.taps}     # conv3: stage 3's output, stride 4
         self.aff_dims = (64, 128, 256)          # 448 channels, as the paper
         self.out_channels = 4096
 
     def forward(self, x):
         x = self.conv1a(x)
-        for blk in (*self.b2, *self.b3, *self.b4):
+        for blk in (*self.b2, *self.b3):
+            x = blk(x)
+        conv3 = x
+        for blk in self.b4:
             x = blk(x)
         x, conv4 = self.b5[0](x, keep_act=True)   # conv4: stage-4 output after its BN + ReLU
         for blk in self.b5[1:]:
@@ -168,7 +177,7 @@ class ResNet38(nn.Module):
         conv5 = F.relu(self.b6.bn_a(x))
         x = self.b7(self.b6(x))
         conv6 = F.relu(self.bn7(x))
-        return {"conv4": conv4, "conv5": conv5, "conv6": conv6}
+        return {"conv3": conv3, "conv4": conv4, "conv5": conv5, "conv6": conv6}
 
 
 BACKBONES = {"small": SmallNet, "resnet50": ResNet50, "resnet38": ResNet38}

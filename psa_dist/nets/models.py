@@ -122,6 +122,46 @@ class AffinityNet(nn.Module):
         return F.elu(self.head(torch.cat(parts, dim=1)))
 
 
+class BoundaryNet(nn.Module):
+    """IRN's class-boundary branch (Ahn, Cho & Kwak, 2019) on a frozen backbone: each of its
+    ``edge_taps`` through a 1x1 conv to ``width`` channels, GroupNorm(4), bilinear upsampling to
+    stride 4 and ReLU, as the authors order them; the maps concatenated and a 1x1 conv (with bias)
+    to one channel. Output: boundary logits (B, ceil(H/4), ceil(W/4)). The backbone gets no
+    gradient and keeps its BN statistics (``train()`` leaves it in eval mode)."""
+
+    def __init__(self, backbone: nn.Module, width: int = 32):
+        super().__init__()
+        self.backbone = backbone
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.tap_names = list(backbone.edge_taps)
+        self.edges = nn.ModuleList([nn.Sequential(nn.Conv2d(c, width, 1, bias=False),
+                                                  nn.GroupNorm(4, width))
+                                    for c in backbone.edge_taps.values()])
+        self.head = nn.Conv2d(width * len(self.edges), 1, 1, bias=True)
+
+    def new_modules(self) -> list[nn.Module]:
+        return [*self.edges, self.head]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()          # frozen: its BN keeps the trained statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.backbone(x)
+        size = (-(-x.shape[-2] // 4), -(-x.shape[-1] // 4))
+        parts = []
+        for name, edge in zip(self.tap_names, self.edges):
+            f = edge(feats[name].detach())
+            scale = round(size[0] / f.shape[-2])
+            if scale > 1:       # the authors upsample by the stride ratio, then crop
+                f = F.interpolate(f, scale_factor=scale, mode="bilinear", align_corners=False)
+            parts.append(F.relu(f[..., :size[0], :size[1]]))
+        return self.head(torch.cat(parts, dim=1))[:, 0]
+
+
 class LightSegmenter(nn.Module):
     """A DeepLabV3-style segmenter sized for the small backbone: torchvision's ASPP with 64
     channels and rates (2, 4, 6), then a 3x3 conv and the classifier; logits at input resolution.

@@ -28,12 +28,17 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
-                    new_modules: list[nn.Module] | None = None) -> torch.optim.SGD:
+                    new_modules: list[nn.Module] | None = None,
+                    uniform: bool = False) -> torch.optim.SGD:
+    """SGD over :func:`parameter_groups`, or with ``uniform`` one group of every trainable
+    parameter at ``lr``, decayed (IRN's boundary branch, as its authors train it)."""
     # The authors' code passes weight_decay (5e-4) into SGD's momentum slot by accident, so their
-    # effective momentum is 5e-4. We use the momentum the paper intends (0.9 by default); set
-    # train_*.momentum=0.0005 to reproduce the released code exactly.
-    return torch.optim.SGD(parameter_groups(model, lr, weight_decay, new_modules), lr=lr,
-                           momentum=momentum, weight_decay=weight_decay)
+    # effective momentum is 5e-4 (IRN's: 1e-4). We use the momentum the paper intends (0.9 by
+    # default); set train_*.momentum to the weight decay to reproduce the released code exactly.
+    groups = ([{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
+                "weight_decay": weight_decay, "lr_mult": 1, "name": "all"}] if uniform
+              else parameter_groups(model, lr, weight_decay, new_modules))
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def poly_lr_factor(step: int, max_steps: int, power: float = 0.9) -> float:

@@ -33,7 +33,8 @@ from ..core.metrics import ConfusionMatrix, lost_objects
 from ..data.shards import decode_sample, iter_joined, output_path, shard_basename, split_shards
 from ..util.atomic import atomic_write_json
 # eval_label_shards and perfect_walk_label: imported from here by `psa-dist label` and the tests
-from .evaluate_shard import (LABEL_FIGURES, REGION_FIGURES, eval_label_shards,  # noqa: F401
+from . import table
+from .evaluate_shard import (REGION_FIGURES, eval_label_shards, label_figures,  # noqa: F401
                              label_result, perfect_walk_label, print_results, score_label_shard,
                              score_segmenter_shard, segmenter_result)
 from .label_pool import run_pool
@@ -67,8 +68,10 @@ class EvalWorker:
             part = {name: score_label_shard(in_shard, run.stage_dir(stage), field, k,
                                             c.cams.eval_bg_score, c.random_walk.bg_alpha,
                                             regions=name in REGION_FIGURES,
-                                            aff_stride=c.model.aff_stride)
-                    for name, (stage, field) in LABEL_FIGURES.items()}
+                                            aff_stride=c.model.aff_stride,
+                                            neutral=stage in table.LABEL_STAGES
+                                            and table.label_stage(stage).neutral)
+                    for name, (stage, field) in label_figures(c).items()}
         atomic_write_json(out_path, {"shard": str(in_shard), "what": self.what, "parts": part})
         return {"shard": str(in_shard), "samples": max(p["samples"] for p in part.values()),
                 "failed": [], "seconds": round(time.monotonic() - t0, 3), "pid": os.getpid(),
@@ -97,7 +100,7 @@ def part_paths(run: Run, what: str, shards: list) -> list[Path]:
         inputs = dict(common, shard=shard_basename(shard))
         if what not in SEGMENTERS:
             inputs["labels"] = {st: _stat(output_path(run.stage_dir(st), shard))
-                                for st in sorted({st for st, _ in LABEL_FIGURES.values()})}
+                                for st in sorted({st for st, _ in label_figures(cfg).values()})}
         fp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
         paths.append(parts_dir(run, what) / f"{Path(shard_basename(shard)).stem}.{fp}.json")
     return paths
@@ -157,7 +160,7 @@ def run_eval(run: Run) -> dict:
     train_shards = split_shards(run.root, train, run.info, cfg.data.shard_url)
     parts = score_on_pool(run, "labels", train_shards, _counts(run, train, train_shards))
     res, regions = {}, {}
-    for name, (_, field) in LABEL_FIGURES.items():
+    for name, (_, field) in label_figures(cfg).items():
         res[name], regions[name] = label_result([p[name] for p in parts], field, k)
     # per object: lost by the CAM, by the walk, and found by the CAM but lost by the walk
     res["cam"]["objects"] = lost_objects(regions["cam"])

@@ -15,16 +15,24 @@ from ..core.metrics import (ConfusionMatrix, iou_from_confusion, miou_from_confu
                             recall_and_leak, region_recalls)
 from ..core.pseudo_labels import perfect_walk_label
 from ..data.shards import decode_sample, iter_joined, output_path, split_shards
+from . import table
 
 
-# What each label figure scores: its key in the result, the stage whose shards it reads, the field
-LABEL_FIGURES = {"cam": ("cams", "cam"), "aff_labels": ("aff_labels", "aff"),
-                 "rw": ("random_walk", "pseudo"), "perfect_walk": ("cams", "perfect_walk")}
 REGION_FIGURES = ("cam", "rw")     # the figures whose per-object recalls lost_objects reads
 
 
+def label_figures(cfg) -> dict:
+    """What each label figure scores under ``cfg.method``: its key in the result -> (the stage
+    whose shards it reads, the field). ``aff_labels`` is the labels the method's second network
+    learns from (AffinityNet's affinity labels, IRN's relation labels), ``rw`` its pseudo labels."""
+    rel, pseudo = table.method_stage(cfg, table.RELATIONS), table.method_stage(cfg, table.PSEUDO)
+    return {"cam": ("cams", "cam"), "aff_labels": (rel, table.label_stage(rel).field),
+            "rw": (pseudo, "pseudo"), "perfect_walk": ("cams", "perfect_walk")}
+
+
 def score_label_shard(shard, stage_dir, field: str, num_classes: int, bg_score: float = 0.2,
-                      bg_alpha: float = 16.0, regions: bool = False, aff_stride: int = 8) -> dict:
+                      bg_alpha: float = 16.0, regions: bool = False, aff_stride: int = 8,
+                      neutral: bool | None = None) -> dict:
     """One train shard's share of a label stage's score against the ground-truth masks: its
     confusion matrix, for ``aff`` its labelled and total pixels, with ``regions`` each object's
     recall (``[key, class, share]``), and ``samples`` (those read). Partial results of all shards
@@ -35,7 +43,10 @@ def score_label_shard(shard, stage_dir, field: str, num_classes: int, bg_score: 
     pixels are left out and the share of labelled pixels is reported as ``coverage`` (the labels
     are on the cell grid of ``aff_stride``, AffinityNet's: each cell's label counts on its pixels);
     "perfect_walk": :func:`perfect_walk_label` of the CAMs (the walk's ceiling on these CAMs).
+    ``neutral``: labels with neutral (255) pixels, scored as ``aff`` is (IRN's relation labels,
+    at image resolution); by default only ``aff``.
     """
+    neutral = field == "aff" if neutral is None else neutral
     cm = ConfusionMatrix(num_classes + 1)
     labelled = total = samples = 0
     recalls = []
@@ -61,6 +72,7 @@ def score_label_shard(shard, stage_dir, field: str, num_classes: int, bg_score: 
                 raise ValueError(f"{output_path(stage_dir, shard)}: sample {raw['__key__']}: "
                                  f"{e} (model.aff_stride={aff_stride}); labels from another "
                                  f"stride or an older version: rerun aff-labels") from None
+        if neutral:
             keep = pred != 255
             labelled += int(keep.sum())
             total += pred.numel()
@@ -70,7 +82,7 @@ def score_label_shard(shard, stage_dir, field: str, num_classes: int, bg_score: 
         if regions:
             recalls += [[raw["__key__"], c, r] for c, r in region_recalls(pred, target).items()]
     part = {"confusion": cm.mat.tolist(), "samples": samples}
-    if field == "aff":
+    if neutral:
         part.update(labelled=labelled, total=total)
     if regions:
         part["regions"] = recalls
@@ -94,7 +106,7 @@ def label_result(parts: list[dict], field: str, num_classes: int) -> tuple[dict,
     mat = _summed(parts, num_classes, field)
     res = {"miou": miou_from_confusion(mat), "iou": [float(v) for v in iou_from_confusion(mat)],
            "confusion": mat.tolist(), **recall_and_leak(mat)}
-    if field == "aff":
+    if parts and "labelled" in parts[0]:          # labels with neutral pixels: their coverage
         labelled = sum(p["labelled"] for p in parts)
         res["coverage"] = labelled / max(sum(p["total"] for p in parts), 1)
         res["precision"] = float(mat.diag().sum()) / max(float(mat.sum()), 1.0)

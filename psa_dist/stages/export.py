@@ -147,10 +147,10 @@ def _check_target(out: Path, manifest: dict, overwrite: bool) -> None:
 def export(cfg: Config, what: str, out, layout: str = "voc", split: str | None = None,
            workers: int = 2, overwrite: bool = False, scales=(1.0,), flip: bool = False) -> dict:
     """Write ``what`` of the run ``cfg`` into ``out``; returns the summary (also in export.json)."""
-    if what not in table.exports():
-        raise ExportError(f"--what: {what!r} unknown (one of {', '.join(table.exports())})")
+    if what not in table.exports(cfg):
+        raise ExportError(f"--what: {what!r} unknown (one of {', '.join(table.exports(cfg))})")
     run = Run(cfg)
-    stage = table.exports()[what]
+    stage = table.exports(cfg)[what]
     if not run.done(stage):
         raise ExportError(f"export --what {what} needs the {stage} stage, which {run.out} does not "
                           f"have: run `psa-dist {stage.replace('_', '-')} CONFIG` first")

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.affinity import cells_to_pixels
 from ..core.image import normalize, pad_to_multiple
 from ..core.metrics import LOST_BELOW
 from ..data.dataset_view import colorize
@@ -36,14 +35,16 @@ def panels(run, seg_model=None, count: int = PANEL_SAMPLES) -> list[str]:
     pal = run.info["palette"]
     shard = run.train_shards[0]
     written = []
-    streams = [output_path(run.stage_dir(d), shard) for d in ("cams", "aff_labels", "random_walk")]
+    rel = table.label_stage(table.method_stage(run.cfg, table.RELATIONS))
+    streams = [output_path(run.stage_dir(d), shard)
+               for d in ("cams", rel.name, table.method_stage(run.cfg, table.PSEUDO))]
     for raw, (cam, aff, rw) in iter_joined(shard, *streams):
         s = decode_sample(raw, ["image", "cls", "mask"])
+        labels = rel.exported(decode_sample(aff, [rel.field])[rel.field], s["image"].shape[:2],
+                              run.cfg)              # affinity labels on the pixels
         row = [s["image"], colorize(s.get("mask", np.zeros(s["image"].shape[:2], np.uint8)), pal),
                _heat(decode_sample(cam, ["cam"])["cam"].astype(np.float32)),
-               colorize(cells_to_pixels(torch.from_numpy(decode_sample(aff, ["aff"])["aff"]),
-                                        *s["image"].shape[:2], run.cfg.model.aff_stride).numpy(),
-                        pal),
+               colorize(labels.astype(np.uint8), pal),
                colorize(decode_sample(rw, ["pseudo"])["pseudo"], pal)]
         if seg_model is not None:
             with torch.inference_mode():
@@ -111,13 +112,15 @@ def stopping_epochs(run) -> dict:
 
 def write_report(run) -> dict:
     ev = run.summary("eval")
+    rel = table.label_stage(table.method_stage(run.cfg, table.RELATIONS))
     classes = run.info["classes"]
     keys = [k for k in ("cam", "rw", "seg", "seg_full") if k in ev]
     report = {
         "miou": {k: round(ev[k]["miou"], 2) for k in keys},
         "per_class": {k: [round(100 * v, 2) if v == v else None for v in ev[k]["iou"]] for k in keys},
         "classes": ["background"] + classes,
-        "affinity_labels": {k: round(ev["aff_labels"][k], 4) for k in ("coverage", "precision", "miou")},
+        rel.report_name: {k: round(ev["aff_labels"][k], 4)
+                          for k in ("coverage", "precision", "miou")},
         "stage_seconds": {},
     }
     if "perfect_walk" in ev:    # the walk's ceiling on these CAMs (reads the ground truth)
@@ -168,8 +171,10 @@ def markdown(report: dict, name: str) -> str:
                      f"with their class): CAM {100 * o['cam_lost']:.1f}%, walk "
                      f"{100 * o['walk_lost']:.1f}%; of the objects the CAM found, the walk lost "
                      f"{100 * o['walk_dropped']:.1f}%.")
-    a = report["affinity_labels"]
-    lines += [f"Affinity labels: {100 * a['coverage']:.0f}% of pixels confident, "
+    what = "affinity_labels" if "affinity_labels" in report else "relation_labels"
+    a = report[what]
+    lines += [f"{what.replace('_', ' ').capitalize()}: {100 * a['coverage']:.0f}% of pixels "
+              f"confident, "
               f"{100 * a['precision']:.0f}% of those correct.", "",
               "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()),
               "", "Training loss over the last epoch: " + ", ".join(
@@ -184,7 +189,8 @@ def markdown(report: dict, name: str) -> str:
                   for k, v in report["epochs"].items())]
                 if report.get("epochs") else []),
               "", "## Samples", "",
-              "image | ground truth | CAM | affinity labels (neutral in beige) | random-walk label | segmenter",
+              f"image | ground truth | CAM | {what.replace('_', ' ')} (neutral in beige) | "
+              f"random-walk label | segmenter",
               ""]
     lines += [f"![{p}]({p})" for p in report["panels"]]
     return "\n".join(lines) + "\n"

@@ -177,7 +177,16 @@ class Run(RunDir):
 
     # ---------------------------------------------------------------- markers
     def done(self, stage: str) -> bool:
-        return self.marker(stage).is_file()
+        """Its marker is there, and (a stage that depends on the method) made by this method."""
+        return self.marker(stage).is_file() and not self.of_other_method(stage)
+
+    def of_other_method(self, stage: str) -> bool:
+        """Whether ``stage``'s marker was written under another ``method`` (the default method
+        leaves none in its settings): its outputs belong to that method's pseudo labels."""
+        if table.shared(stage) or not self.marker(stage).is_file():
+            return False
+        recorded = json.loads(self.marker(stage).read_text()).get("settings", {})
+        return recorded.get("method", "psa") != self.cfg.method
 
     def summary(self, stage: str) -> dict:
         return json.loads(self.marker(stage).read_text())

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import Config, JobConfig, TrainConfig
+from ..config import METHODS, Config, JobConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Stage:
     reads_all: bool = False             # reads every earlier stage: stale when one is redone
     module: str = ""                    # label stages: "module:attribute" of its LabelStage
     export: str = ""                    # label stages: its name for `psa-dist export --what`
+    methods: tuple = METHODS            # the methods (config key method) it is a stage of
 
     @property
     def cli(self) -> str:
@@ -68,32 +69,51 @@ def _tensorboard(section: str):
 
 
 _LABELS, _KINDS = f"{__package__}.label_stages", f"{__package__}.kinds"
+# stand for the method's own stage in needs and labels_from (resolved by method_stage): the label
+# stage that writes the pseudo labels, and the one that writes the labels its model learns from
+PSEUDO, RELATIONS = "<pseudo labels>", "<relation labels>"
+ROLES = {"psa": {PSEUDO: "random_walk", RELATIONS: "aff_labels"},
+         "irn": {PSEUDO: "irn_walk", RELATIONS: "ir_labels"}}
 STAGES: list[Stage] = [
     Stage("train_cls", "train", "train the classifier on image-level labels",
           section="train_cls", extras=_tensorboard("train_cls"), models=("cls",)),
     Stage("cams", "labels", "multi-scale CAMs of the train split (shards in out_dir/cams)",
           section="cams", output="cams", uses_models=("cls",), needs=("train_cls",),
           module=f"{_LABELS}.cams:STAGE", export="cams"),
+    # method psa: AffinityNet
     Stage("aff_labels", "labels",
           "confident-region affinity labels from the CAMs (out_dir/aff_labels)",
           section="aff_labels", output="aff_labels", needs=("cams",),
           extras=_crf("aff_labels.crf", lambda c: c.aff_labels.crf),
-          module=f"{_LABELS}.aff_labels:STAGE", export="aff_labels"),
+          module=f"{_LABELS}.aff_labels:STAGE", export="aff_labels", methods=("psa",)),
     Stage("train_aff", "train", "train AffinityNet on the affinity labels",
           section="train_aff", extras=_tensorboard("train_aff"), models=("aff",),
-          uses_models=("cls",), needs=("train_cls", "aff_labels")),
+          uses_models=("cls",), needs=("train_cls", "aff_labels"), methods=("psa",)),
     Stage("random_walk", "labels",
           "random-walk pseudo labels from CAMs and AffinityNet (out_dir/random_walk)",
           section="random_walk", output="random_walk", uses_models=("aff",),
           needs=("cams", "train_aff"),
           extras=_crf("random_walk.crf", lambda c: c.random_walk.crf),
-          module=f"{_LABELS}.random_walk:STAGE", export="pseudo"),
+          module=f"{_LABELS}.random_walk:STAGE", export="pseudo", methods=("psa",)),
+    # method irn: IRN's inter-pixel relations (its semantic path)
+    Stage("ir_labels", "labels",
+          "method irn: inter-pixel relation labels from the CAMs (out_dir/ir_labels)",
+          section="ir_labels", output="ir_labels", needs=("cams",),
+          extras=_crf("ir_labels.crf", lambda c: c.ir_labels.crf),
+          module=f"{_LABELS}.ir_labels:STAGE", export="ir_labels", methods=("irn",)),
+    Stage("train_irn", "train", "method irn: train IRN's class-boundary branch on the relations",
+          section="train_irn", extras=_tensorboard("train_irn"), models=("irn",),
+          uses_models=("cls",), needs=("train_cls", "ir_labels"), methods=("irn",)),
+    Stage("irn_walk", "labels",
+          "method irn: pseudo labels from the CAMs walked on IRN's boundaries (out_dir/irn_walk)",
+          section="irn_walk", output="irn_walk", uses_models=("irn",), needs=("cams", "train_irn"),
+          module=f"{_LABELS}.irn_walk:STAGE", export="pseudo", methods=("irn",)),
     Stage("train_seg", "train",
           "train the segmenter on the pseudo labels (and on ground truth if seg_full)",
           section="train_seg", extras=_tensorboard("train_seg"), models=("seg", "seg_full"),
-          needs=("random_walk",)),
+          needs=(PSEUDO,)),
     Stage("eval", "eval", "mIoU of CAMs, pseudo labels (train) and segmenters (val)",
-          needs=("cams", "aff_labels", "random_walk"), step="eval-report", reads_all=True),
+          needs=("cams", RELATIONS, PSEUDO), step="eval-report", reads_all=True),
     Stage("report", "report", "write report.json, report.md and sample panels",
           needs=("eval",), step="eval-report", reads_all=True),
 ]
@@ -104,7 +124,8 @@ LABEL_STAGES: list[str] = []
 MODELS = {m.name: m for m in (
     Model("cls", "train_cls", "train_cls", None, f"{_KINDS}.classifier:KIND"),
     Model("aff", "train_aff", "train_aff", "aff_labels", f"{_KINDS}.affinity_net:KIND"),
-    Model("seg", "train_seg", "train_seg", "random_walk", f"{_KINDS}.segmenter:SEG"),
+    Model("irn", "train_irn", "train_irn", "ir_labels", f"{_KINDS}.boundary_net:KIND"),
+    Model("seg", "train_seg", "train_seg", PSEUDO, f"{_KINDS}.segmenter:SEG"),
     # the ground truth: the upper bound
     Model("seg_full", "train_seg", "train_seg", None, f"{_KINDS}.segmenter:SEG_FULL"),
 )}
@@ -138,9 +159,11 @@ def remove_stage(name: str) -> None:
 PRED = "pred"   # export: the trained segmenter's prediction, the one export not of a label stage
 
 
-def exports() -> dict:
-    """``psa-dist export --what`` -> the stage whose outputs it writes."""
-    return {**{s.export: s.name for s in STAGES if s.export}, PRED: MODELS["seg"].stage}
+def exports(cfg: Config | None = None) -> dict:
+    """``psa-dist export --what`` -> the stage of ``cfg.method`` whose outputs it writes (without
+    ``cfg``: every name, the command line's choices)."""
+    rows = [s for s in STAGES if s.export and (cfg is None or cfg.method in s.methods)]
+    return {**{s.export: s.name for s in rows}, PRED: MODELS["seg"].stage}
 
 
 def resolve(ref: str):
@@ -170,6 +193,32 @@ def stage(name: str) -> Stage:
     return BY_NAME[name]
 
 
+def method_stage(cfg: Config, name: str) -> str:
+    """``name``, or the stage of ``cfg.method`` that a role (``PSEUDO``, ``RELATIONS``) stands for."""
+    return ROLES[cfg.method].get(name, name)
+
+
+def stages_of(cfg: Config) -> list[str]:
+    """The stages ``cfg.method`` runs, in order."""
+    return [s.name for s in STAGES if cfg.method in s.methods]
+
+
+def needs_of(cfg: Config, name: str) -> list[str]:
+    return [method_stage(cfg, n) for n in stage(name).needs]
+
+
+def labels_of(cfg: Config, model: str) -> str | None:
+    """The label stage whose shards ``model`` trains on under ``cfg`` (None: the dataset's)."""
+    ref = MODELS[model].labels_from
+    return None if ref is None else method_stage(cfg, ref)
+
+
+def shared(name: str) -> bool:
+    """Whether ``name`` and every stage before it are the same in every method (their outputs
+    serve any method: switching methods keeps the classifier and the CAMs)."""
+    return all(set(s.methods) == set(METHODS) for s in STAGES[:ORDER.index(name) + 1])
+
+
 def models_trained(cfg: Config, name: str) -> list[str]:
     """The models a train stage trains under ``cfg`` (the segmenter's upper bound if seg_full)."""
     return [m for m in stage(name).models if m != "seg_full" or cfg.seg_full]
@@ -188,10 +237,10 @@ def stale_after(name: str) -> list[str]:
     return [s for s in later if BY_NAME[s].reads_all]
 
 
-def chain_steps() -> list[tuple[str, list[str]]]:
-    """The chained SLURM jobs in order: (job name, the stages it runs)."""
+def chain_steps(cfg: Config) -> list[tuple[str, list[str]]]:
+    """The chained SLURM jobs of ``cfg.method`` in order: (job name, the stages it runs)."""
     steps: list[tuple[str, list[str]]] = []
-    for s in STAGES:
+    for s in (BY_NAME[n] for n in stages_of(cfg)):
         if steps and steps[-1][0] == s.job:
             steps[-1][1].append(s.name)
         else:
@@ -206,7 +255,10 @@ def unmet_needs(cfg: Config, to_run: list[str], done: Callable[[str], bool]) -> 
     problems, scheduled = [], set()
     for name in to_run:
         s = stage(name)
-        for need in s.needs:
+        if cfg.method not in s.methods:
+            problems.append(f"{name} is a stage of method {' or '.join(s.methods)}, and the "
+                            f"config says method={cfg.method}: set method={s.methods[0]}")
+        for need in needs_of(cfg, name):
             if need not in scheduled and not done(need):
                 problems.append(f"{name} needs the outputs of {need}, which is not done: run "
                                 f"`psa-dist {BY_NAME[need].cli} CONFIG` (or the whole pipeline) "
@@ -233,12 +285,18 @@ def settings(cfg: Config, name: str) -> dict:
     (a label stage's inference batch and every job or logging key left out). Recorded in the
     stage's marker, so that a rerun with other settings can say which cached stages they concern."""
     flat = {"seed": cfg.seed, "seg_full": cfg.seg_full}
+    if cfg.method != "psa" and not shared(name):    # the default method adds no key (older runs)
+        flat["method"] = cfg.method
     sections = ["model"] + (["synth"] if cfg.data.source == "synth" else [])
-    sections += [s.section for s in STAGES[:ORDER.index(name) + 1] if s.section]
+    sections += [s.section for s in STAGES[:ORDER.index(name) + 1]
+                 if s.section and cfg.method in s.methods]
     for sec in sections:
         for key, value in dataclasses.asdict(getattr(cfg, sec)).items():
             if key in _RUN_ONLY or (key == "batch_size" and sec in LABEL_STAGES):
                 continue
+            if sec == "model" and key.startswith("irn_") and (cfg.method != "irn"
+                                                             or shared(name)):
+                continue        # IRN's keys: not part of what the other stages compute
             flat[f"{sec}.{key}"] = json.loads(json.dumps(value))    # tuples as lists, as stored
     return flat
 

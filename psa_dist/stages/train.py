@@ -38,7 +38,7 @@ def _shard_sets(run: Run, model: str, tcfg):
     ``stop_patience``, the classifier holds out the val split's image labels and the other models
     the last ``holdout_shards`` train shards (their affinity / pseudo labels, or the masks for the
     fully supervised segmenter); without it, everything trains and nothing is held out."""
-    labels = table.MODELS[model].labels_from
+    labels = table.labels_of(run.cfg, model)
     counts = [s["count"] for s in run.info["splits"][run.cfg.data.train_split]["shards"]]
     train = list(zip(run.train_shards, run.label_shards(labels) if labels else
                      [None] * len(counts), counts))
@@ -182,7 +182,7 @@ def run_trainer(cfg: Config, model: str) -> dict:
                     "settings": table.settings(cfg, table.MODELS[model].stage)},
             panels=((lambda m, x, y: kind.panels(m, x, y, palette)) if tcfg.tensorboard
                     else None),
-            heldout=held, label_prior=prior)
+            heldout=held, label_prior=prior, uniform_lr=kind.uniform_lr)
         failed = False
         return summary
     finally:

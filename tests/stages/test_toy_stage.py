@@ -101,4 +101,4 @@ def test_every_row_names_a_module_of_its_own_layer():
     for model, row in table.MODELS.items():
         assert row.kind.startswith("psa_dist.stages.kinds."), row.kind
         assert table.kind(model).name == model
-    assert set(table.exports()) == {"cams", "aff_labels", "pseudo", "pred"}
+    assert set(table.exports()) == {"cams", "aff_labels", "ir_labels", "pseudo", "pred"}

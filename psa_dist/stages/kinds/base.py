@@ -28,7 +28,8 @@ class ModelKind:
     ``frozen_backbone_layers``: whether ``model.frozen_layers`` applies to it;
     ``min_train_batch``: the smallest batch its step runs with BN in train mode;
     ``heldout_split``: its held-out set (``stop_patience``) is the val split (else the last
-    ``holdout_shards`` train shards, with their labels)."""
+    ``holdout_shards`` train shards, with their labels); ``uniform_lr``: one learning rate for
+    all its trainable parameters (else the authors' x1 / x2 / x10 / x20 groups)."""
     name: str
     network: str
     target: Target
@@ -36,6 +37,7 @@ class ModelKind:
     frozen_backbone_layers = True
     min_train_batch = 1
     heldout_split = False
+    uniform_lr = False
 
     def architecture(self, cfg: Config, num_classes: int) -> nn.Module:
         """The untrained network with no pretrained weights read (a checkpoint replaces every

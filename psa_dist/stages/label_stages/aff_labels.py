@@ -34,6 +34,7 @@ def aff_label_shard(in_shard, cams_shard, out_shard, alpha_lo=4.0, alpha_hi=32.0
 
 class AffLabels(LabelStage):
     name, reads, field, cpu_only = "aff_labels", ("cams",), "aff", True
+    neutral, report_name = True, "affinity_labels"
 
     def process(self, ctx, in_shard, inputs, out_shard, batch_size=None):
         a = ctx.cfg.aff_labels

@@ -56,13 +56,17 @@ class LabelStage:
     same input it joins; ``field``: the field it writes (``<field>.png`` or ``.npy``);
     ``export_array``: ``psa-dist export`` writes it as ``.npy`` maps (else label PNGs),
     ``export_needs_image``: the image is decoded to export it;
-    ``cpu_only``: it runs on CPUs whatever the cluster has (``bench cost``)."""
+    ``cpu_only``: it runs on CPUs whatever the cluster has (``bench cost``); ``neutral``: its labels
+    leave pixels neutral (255), scored with their coverage; ``report_name``: its figure's key in
+    ``report.json``."""
     name: str
     reads: tuple = ()
     field: str
     export_array = False
     export_needs_image = True
     cpu_only = False
+    neutral = False
+    report_name = ""
 
     def choose_precision(self, ctx: ShardContext):
         """The precision of its model's forward on this worker (a ``util.precision.Precision``),

@@ -1,24 +1,9 @@
-"""Typed configuration: YAML files map onto these dataclasses, with dotted command-line overrides.
-
-`load_config("configs/demo.yaml", ["train_cls.epochs=2"])` returns a `Config`. Every key is checked:
-an unknown key or a value of the wrong type raises `ConfigError` naming the dotted key (and the
-file it came from), so a typo never silently falls back to a default.
-"""
+"""The config's sections: one dataclass each, its keys with their defaults and what they mean.
+``psa_dist.config`` reads YAML and overrides onto these."""
 from __future__ import annotations
 
-import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
-
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+from typing import Optional
 
 
 @dataclass
@@ -87,6 +72,10 @@ class ModelConfig:
     # classifier's backbone, as AffinityNet does: without ImageNet weights, the image-label
     # classifier is the pretraining there is (no pixel label is used).
     seg_from_classifier: bool = False
+    # IRN (method: irn): its boundary branch reads the trained classifier's backbone (frozen), or
+    # with irn_backbone=pretrained the model.pretrained weights as the authors (frozen ImageNet)
+    irn_backbone: str = "classifier"
+    irn_radius: int = 10            # the pairs its boundary branch learns from, stride-4 cells
 
 
 @dataclass
@@ -202,6 +191,32 @@ class RandomWalkConfig:
 
 
 @dataclass
+class IrLabelConfig:
+    """IRN's relation labels from the CAMs (``method: irn``; the authors' cam_to_ir_label)."""
+    fg_thres: float = 0.30          # a class where the CAMs beat this (conf_fg_thres)
+    bg_thres: float = 0.05          # background where even this beats them (conf_bg_thres)
+    crf: bool = True                # the dense CRF on each hard label map, as the authors
+    crf_iters: int = 10
+    crf_gt_prob: float = 0.7        # the unary's trust in the label
+    crf_gauss_sxy: float = 3.0
+    crf_gauss_compat: float = 3.0
+    crf_bi_sxy: float = 50.0
+    crf_bi_srgb: float = 5.0
+    crf_bi_compat: float = 10.0
+
+
+@dataclass
+class IrnWalkConfig:
+    """IRN's walk on its class-boundary map (``method: irn``; the authors' make_sem_seg_labels)."""
+    beta: float = 10.0
+    t: int = 256                    # steps: the authors square their T exp_times=8 times (2^8)
+    radius: int = 5                 # pairs within this many cells of the stride-4 grid
+    bg_score: float = 0.25          # constant background score after the walk (sem_seg_bg_thres)
+    flip: bool = True               # the boundary map averaged with the mirror image's (logits)
+    tol: float = 1e-5               # within tol of the exact walk, in fewer steps (random_walk)
+
+
+@dataclass
 class RayConfig(JobConfig):
     enabled: bool = True            # label generation on Ray actors (false: in the calling process)
     address: Optional[str] = None   # None: start a local Ray instance
@@ -228,6 +243,9 @@ class RayConfig(JobConfig):
 @dataclass
 class Config:
     name: str = "run"
+    # the pseudo labels' method after the CAMs: psa (AffinityNet: affinity labels, AffinityNet,
+    # its random walk) or irn (IRN: relation labels, the class-boundary branch, its walk)
+    method: str = "psa"
     out_dir: str = "runs/demo"
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
@@ -240,161 +258,12 @@ class Config:
     train_aff: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=8))
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
     train_seg: TrainConfig = field(default_factory=TrainConfig)
+    ir_labels: IrLabelConfig = field(default_factory=IrLabelConfig)
+    train_irn: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=3, batch_size=32, crop_size=512, lr=0.1, weight_decay=1e-4))
+    irn_walk: IrnWalkConfig = field(default_factory=IrnWalkConfig)
     seg_full: bool = False          # also train the fully supervised baseline (upper bound)
     ray: RayConfig = field(default_factory=RayConfig)
     # psa-dist submit: a step whose job fails is requeued (same job id, so the later steps' afterok
     # dependency still holds) this many times before the chain stops; 0: never
     submit_retries: int = 1
-
-
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-# type -> (whether a YAML value is one, as the error says it); bool is an int to Python, not here
-_PLAIN = {bool: (lambda v: isinstance(v, bool), "true/false"),
-          int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-          str: (lambda v: isinstance(v, str), "a string")}
-
-
-def _check_value(key: str, value: Any, tp: Any, default: Any = None) -> Any:
-    """Coerce `value` to the annotated type `tp`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_value(key, value, inner[0], default)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key + ".", default)
-    if tp in _PLAIN:
-        fits, what = _PLAIN[tp]
-        if fits(value):
-            return value
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-            return float(value)     # YAML 1.1 reads 1e-3 (no dot) as a string
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp in (tuple, list):
-        if isinstance(value, (list, tuple)):
-            return tp(value)
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")
-
-
-def _build(cls: type, values: dict, prefix: str = "", base: Any = None) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})")
-    obj = base if base is not None else cls()  # nested sections keep their parent's defaults
-    for k, v in values.items():
-        setattr(obj, k, _check_value(prefix + k, v, hints[k], getattr(obj, k)))
-    return obj
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
-    node[parts[-1]] = value
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """`["a.b=1", "c=[1, 2]"]` -> nested dict; values parsed as YAML scalars / lists."""
-    tree: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
-
-
-def _checked(cfg: Config) -> Config:
-    """The checks across keys, each error naming the key."""
-    if cfg.model.aff_stride not in (4, 8):
-        raise ConfigError(f"model.aff_stride: must be 4 or 8, got {cfg.model.aff_stride}")
-    if cfg.model.seg_from_classifier and cfg.model.segmenter != "light":
-        raise ConfigError(f"model.seg_from_classifier: needs model.segmenter=light (the "
-                          f"classifier's backbone), got {cfg.model.segmenter!r}")
-    if not 0 <= cfg.model.cls_dropout < 1:
-        raise ConfigError(f"model.cls_dropout: must be in [0, 1), got {cfg.model.cls_dropout}")
-    if not all(isinstance(n, str) for n in cfg.model.frozen_layers):
-        raise ConfigError(f"model.frozen_layers: expected a list of layer names, got "
-                          f"{list(cfg.model.frozen_layers)!r}")
-    frac = cfg.train_seg.missing_class_frac
-    if frac is not None and not 0 <= frac < 1:
-        raise ConfigError(f"train_seg.missing_class_frac: must be in [0, 1) or null, got {frac}")
-    for key, owner, unset in (("missing_class_frac", "train_seg", None),    # else ignored there
-                              ("pair_border", "train_aff", "all")):
-        for name in (n for n in ("train_cls", "train_aff", "train_seg") if n != owner):
-            if getattr(getattr(cfg, name), key) != unset:
-                raise ConfigError(f"{name}.{key}: only {owner} uses it")
-    if cfg.train_aff.crop_size % cfg.model.aff_stride:
-        raise ConfigError(f"train_aff.crop_size: must be a multiple of model.aff_stride "
-                          f"({cfg.model.aff_stride}: its labels are cropped on whole cells), "
-                          f"got {cfg.train_aff.crop_size}")
-    if cfg.train_aff.pair_border not in ("all", "authors"):
-        raise ConfigError(f"train_aff.pair_border: must be all or authors, got "
-                          f"{cfg.train_aff.pair_border!r}")
-    for name in ("train_cls", "train_aff", "train_seg"):
-        t = getattr(cfg, name)
-        if t.stop_patience is not None and t.stop_patience < 1:
-            raise ConfigError(f"{name}.stop_patience: must be at least 1 or null, got "
-                              f"{t.stop_patience}")
-        if not 0 < t.stop_decay <= 1:
-            raise ConfigError(f"{name}.stop_decay: must be in (0, 1], got {t.stop_decay}")
-        if t.holdout_shards < 1:
-            raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
-        if t.fit_target is not None:
-            if name != "train_cls":
-                raise ConfigError(f"{name}.fit_target: only train_cls uses it (AffinityNet "
-                                  f"and the segmenters stop on held-out labels: "
-                                  f"{name}.stop_patience)")
-            if not 0 < t.fit_target < 1:
-                raise ConfigError(f"{name}.fit_target: must be in (0, 1), got {t.fit_target}")
-            if t.stop_patience is not None:
-                raise ConfigError(f"{name}.fit_target and {name}.stop_patience: one rule "
-                                  f"decides when to stop; set the other to null")
-        if t.fit_each_class and t.fit_target is None:
-            raise ConfigError(f"{name}.fit_each_class: needs {name}.fit_target (the share "
-                              f"of each class's prior loss to reach)")
-        if t.fit_window < 1:
-            raise ConfigError(f"{name}.fit_window: must be at least 1, got {t.fit_window}")
-    if not 0 <= cfg.random_walk.tol < 1:
-        raise ConfigError(f"random_walk.tol: must be in [0, 1), got {cfg.random_walk.tol}")
-    return cfg
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply dotted overrides, validate every key."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = loaded
-    tree = _merge(tree, parse_overrides(overrides or []))
-    try:
-        return _checked(_build(Config, tree))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
