@@ -127,3 +127,20 @@ def test_irn_runs_end_to_end_and_a_run_directory_switches_methods(tmp_path, tiny
     assert main(["export", str(cfg), f"out_dir={out}", "method=irn", "--what", "ir_labels",
                  "--out", str(tmp_path / "ir"), "--workers", "1"]) == 0
     assert len(list((tmp_path / "ir" / "SegmentationClassAug").glob("*.png"))) == 20
+
+
+def test_the_irn_paper_config_has_the_authors_settings_and_chains_irns_stages(tmp_path, capsys):
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "voc_irn.yaml")
+    assert cfg.method == "irn" and cfg.model.irn_backbone == "pretrained"
+    assert (cfg.ir_labels.fg_thres, cfg.ir_labels.bg_thres) == (0.30, 0.05)
+    assert (cfg.irn_walk.beta, cfg.irn_walk.t, cfg.irn_walk.radius, cfg.irn_walk.bg_score) == \
+        (10.0, 256, 5, 0.25)
+    ranks = cfg.train_irn.nodes * cfg.train_irn.gpus_per_node
+    assert ranks * cfg.train_irn.batch_size == 32 and cfg.train_irn.crop_size == 512
+    assert main(["submit", str(Path(__file__).resolve().parents[2] / "configs" / "voc_irn.yaml"),
+                 "--dry-run", f"out_dir={tmp_path}"]) == 0
+    jobs = [line.split()[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("[submit] ") and "(" in line]
+    assert jobs == ["train-cls", "cams", "ir-labels", "train-irn", "irn-walk", "train-seg",
+                    "eval-report"]
