@@ -25,9 +25,11 @@ from ..util.precision import choose_for_model, cpu_has_native_bf16, cpu_tag_line
 
 
 
-def timed_models() -> list[str]:
-    """One model per architecture (the segmenters share one: one timing, one cache entry)."""
-    return list({table.kind(m).timing_key: m for m in reversed(table.MODELS)}.values())[::-1]
+def timed_models(cfg: Config) -> list[str]:
+    """The models ``cfg.method`` trains, one per architecture (the segmenters share one: one
+    timing, one cache entry)."""
+    models = [m for s in table.stages_of(cfg) for m in table.stage(s).models]
+    return list({table.kind(m).timing_key: m for m in reversed(models)}.values())[::-1]
 
 
 def config_classes(cfg: Config) -> int:
@@ -50,7 +52,7 @@ def bench_precision(cfg: Config, num_classes: int, threads: int | None = None,
     print(f"[bench precision] {cpu_tag_line()}, native bf16 flag: {cpu_has_native_bf16()}, "
           f"torch {torch.__version__}", flush=True)
     cases = []
-    for model in timed_models():
+    for model in timed_models(cfg):
         section = table.MODELS[model].section
         t = getattr(cfg, section)
         cases.append((model, f"{section}.amp", t.amp, (t.batch_size, 3, t.crop_size, t.crop_size),

@@ -9,23 +9,24 @@ import pytest
 from psa_dist.cli import main
 from psa_dist.cluster.slurm_chain import sbatch_lines
 from psa_dist.config import load_config
-from psa_dist.pipeline import STAGES, ChainUnmet
-from psa_dist.stages.table import chain_steps
+from psa_dist.pipeline import ChainUnmet
+from psa_dist.stages.table import chain_steps, stages_of
 from psa_dist.submit import job_shape, submit_chain
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_chain_is_the_pipeline_in_order():
-    assert [s for _, stages in chain_steps() for s in stages] == STAGES
-    assert [name for name, _ in chain_steps()] == ["train-cls", "cams", "aff-labels", "train-aff",
-                                                   "random-walk", "train-seg", "eval-report"]
+    for cfg in (load_config(None), load_config(None, ["method=irn"])):
+        assert [s for _, stages in chain_steps(cfg) for s in stages] == stages_of(cfg)
+    assert [name for name, _ in chain_steps(load_config(None))] == [
+        "train-cls", "cams", "aff-labels", "train-aff", "random-walk", "train-seg", "eval-report"]
 
 
 def test_each_job_takes_its_sections_shape():
     cfg = load_config(None, ["train_cls.nodes=2", "train_cls.gpus_per_node=4", "ray.nodes=3",
                              "train_seg.gpus_per_node=8", "train_seg.partition=big"])
-    shapes = {name: job_shape(cfg, stages) for name, stages in chain_steps()}
+    shapes = {name: job_shape(cfg, stages) for name, stages in chain_steps(cfg)}
     assert (shapes["train-cls"].nodes, shapes["train-cls"].gpus_per_node) == (2, 4)
     assert shapes["cams"].nodes == shapes["random-walk"].nodes == 3
     ev = shapes["eval-report"]

@@ -7,8 +7,11 @@ import pytest
 from psa_dist.cli import main
 from psa_dist.config import load_config
 from psa_dist.data.shards import iter_shard, read_dataset_json
-from psa_dist.pipeline import STAGES, ChainUnmet, run_pipeline
+from psa_dist.pipeline import ChainUnmet, run_pipeline
+from psa_dist.stages import table
 from psa_dist.stages.run_dir import Run
+
+STAGES = table.stages_of(load_config(None))     # the default method's (AffinityNet's)
 
 def tiny(crf: bool) -> dict:
     """The tiny config of the pipeline runs (``tiny_config``), the CRF on or off."""

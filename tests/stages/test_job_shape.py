@@ -8,8 +8,11 @@ import pytest
 
 from psa_dist.cli import main
 from psa_dist.config import load_config
-from psa_dist.pipeline import STAGES, ChainUnmet, run_pipeline
+from psa_dist.pipeline import ChainUnmet, run_pipeline
+from psa_dist.stages import table
 from psa_dist.stages.job_shape import shape_warnings
+
+STAGES = table.stages_of(load_config(None))     # the default method's (AffinityNet's)
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = ["voc_resnet38", "voc_resnet50", "coco_resnet50"]
