@@ -1,6 +1,6 @@
 """`psa-dist submit` without a cluster: the chain covers every stage in order, each job asks for
 its section's shape, and --dry-run prints the sbatch parameters. (The chain on a real SLURM
-cluster: tests/pipeline/test_slurm.py.)"""
+cluster: tests/pipeline/test_slurm_chain.py.)"""
 import sys
 from pathlib import Path
 
