@@ -3,7 +3,7 @@
 The tests mirror the package: each module sits in the folder of the part of ``psa_dist`` whose code
 it mainly checks (the subject its docstring names): ``core/``, ``util/``, ``nets/``, ``data/``,
 ``cluster/``, ``engine/``, ``stages/`` and ``bench/`` for ``psa_dist/<part>/``; ``pipeline/`` for
-the top-level modules (``config.py``, ``pipeline.py``, ``submit.py``) and the runs end to end through them (the
+the top-level modules (``config/``, ``pipeline.py``, ``submit.py``) and the runs end to end through them (the
 tiny pipeline, the SLURM chain, the rehearsals); ``project/`` for checks of the repository as a
 whole rather than of one part (the import layers, the Dockerfiles, security across parts). The CLI
 has no folder of its own: a command is tested with the part it runs. A GPU module
