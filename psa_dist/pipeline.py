@@ -90,7 +90,11 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     stages = list(stages or table.stages_of(cfg))
     for name in stages + ([redo_from] if redo_from else []):
         table.stage(name)                       # an unknown name fails before anything runs
-    redo = set(STAGES[STAGES.index(redo_from):]) if redo_from else set()
+    own = table.stages_of(cfg)
+    if redo_from and redo_from not in own:
+        raise ConfigError(f"--from {table.stage(redo_from).cli}: not a stage of method="
+                          f"{cfg.method} (its stages: {', '.join(own)})")
+    redo = set(own[own.index(redo_from):]) if redo_from else set()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():

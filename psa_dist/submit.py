@@ -54,7 +54,8 @@ def in_allocation(cfg: Config) -> Config:
 
 def _finished(cfg: Config, stages: list[str]) -> dict:
     run = RunDir(cfg.out_dir)
-    return {s: json.loads(run.marker(s).read_text()) for s in stages if run.marker(s).is_file()}
+    return {s: json.loads(run.marker(s).read_text()) for s in stages
+            if run.done_for(s, cfg.method)}
 
 
 def run_stages(cfg: Config, stages: list[str]) -> dict:

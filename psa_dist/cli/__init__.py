@@ -6,7 +6,7 @@ each command runs: the pipeline and its results (``pipeline_commands``), the ben
 
 Building the parser imports no torch (``psa-dist --help`` answers at once): these modules import
 only torch-free modules at the top, and each subcommand's function imports what it runs. That is
-the one place where project imports stand inside functions (``tests/test_layers.py`` allows it
+the one place where project imports stand inside functions (``tests/project/test_layers.py`` allows it
 here only).
 
 Layer 7, the top: may import everything below.

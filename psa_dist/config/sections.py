@@ -101,7 +101,8 @@ class JobConfig:
 
 @dataclass
 class TrainConfig(JobConfig):
-    """Settings shared by the three trainers (classifier, AffinityNet, segmenter)."""
+    """Settings shared by the trainers (classifier, AffinityNet, IRN's boundary branch,
+    segmenter)."""
     epochs: int = 10
     batch_size: int = 16
     lr: float = 0.01

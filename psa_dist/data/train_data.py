@@ -140,7 +140,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     batches; the samples its share holds beyond ``steps x batch_size`` (fewer than a batch plus
     one) are those the buffer would have yielded last, a different few each epoch. A share runs
     short only when samples are missing (undecodable, or not in a label shard: a stage that failed
-    on them) or when a rank's share is smaller than its batches (``shape.py`` warns): the worker
+    on them) or when a rank's share is smaller than its batches (``stages/job_shape.py`` warns): the worker
     then reads its share again, reshuffled.
 
     Worker w makes global batches w, w + workers, ... of the epoch, the order in which the

@@ -1,4 +1,4 @@
-"""The label stages (CAMs, affinity labels, random walk) over the train shards: the worker that
+"""The label stages (the modules of ``label_stages/``) over the train shards: the worker that
 turns one input shard into one output shard, and where the stage runs.
 
 ``ray.enabled`` (default): a :class:`~psa_dist.cluster.shard_pool.ShardPool` of Ray actors, on a

@@ -65,12 +65,12 @@ def panels(run, seg_model=None, count: int = PANEL_SAMPLES) -> list[str]:
     return written
 
 
-def final_losses(out) -> dict:
+def final_losses(out, models=None) -> dict:
     """Each trainer's loss over its last epoch (from its log.jsonl), as a check on the schedules:
     a classifier still far from converged leaves faint objects out of the CAMs, and everything
     after inherits it (docs/benchmark.md, round 8)."""
     res = {}
-    for model in table.MODELS:
+    for model in models or table.MODELS:
         log = RunDir(out).train_log(model)
         if not log.is_file():
             continue
@@ -129,7 +129,8 @@ def write_report(run) -> dict:
     for stage in table.ORDER:
         if stage != "report" and run.done(stage):
             report["stage_seconds"][stage] = run.summary(stage)["seconds"]
-    report["final_loss"] = final_losses(run.out)
+    report["final_loss"] = final_losses(run.out, [m for s in table.stages_of(run.cfg)
+                                                  for m in table.models_trained(run.cfg, s)])
     if "objects" in ev.get("rw", {}):      # per object: lost by the CAM, by the walk
         report["objects"] = {"cam_lost": round(ev["cam"]["objects"]["lost"], 4),
                              "walk_lost": round(ev["rw"]["objects"]["lost"], 4),

@@ -4,9 +4,11 @@ Layout of ``cfg.out_dir``::
 
     run_info.json                resolved config, versions, git commit
     stages/<stage>.json          written when a stage completes (its summary); its presence = done
+                                 (for a stage after the CAMs: done by the config's method)
     stages/dataset.sha256        the dataset the stages were made from
-    cls/ aff/ seg/ seg_full/     checkpoint.pth + log.jsonl of each model (stages/table.py MODELS)
-    cams/ aff_labels/ random_walk/   one output shard per train shard (same keys, new field)
+    cls/ aff/ irn/ seg/ seg_full/    checkpoint.pth + log.jsonl of each model (table.MODELS)
+    cams/ aff_labels/ random_walk/   one output shard per train shard (same keys, new field);
+    ir_labels/ irn_walk/             method irn's
     report.json report.md panels/
 
 A rerun skips every stage with a marker, resumes a trainer from its checkpoint, and redoes only the
@@ -123,6 +125,19 @@ class RunDir:
     def dataset_mark(self) -> Path:
         return self.stages / "dataset.sha256"
 
+    def made_by_other_method(self, stage: str, method: str) -> bool:
+        """Whether ``stage``'s marker was written under another method than ``method`` (the
+        default method leaves none in its settings): its outputs belong to that method's pseudo
+        labels. The stages every method shares (the classifier, the CAMs) serve any."""
+        if table.shared(stage) or not self.marker(stage).is_file():
+            return False
+        recorded = json.loads(self.marker(stage).read_text()).get("settings", {})
+        return recorded.get("method", "psa") != method
+
+    def done_for(self, stage: str, method: str) -> bool:
+        """Its marker is there, made by ``method`` where the stage depends on the method."""
+        return self.marker(stage).is_file() and not self.made_by_other_method(stage, method)
+
     def eval_parts(self, what: str) -> Path:
         return self.stages / "eval_parts" / what
 
@@ -178,15 +193,10 @@ class Run(RunDir):
     # ---------------------------------------------------------------- markers
     def done(self, stage: str) -> bool:
         """Its marker is there, and (a stage that depends on the method) made by this method."""
-        return self.marker(stage).is_file() and not self.of_other_method(stage)
+        return self.done_for(stage, self.cfg.method)
 
     def of_other_method(self, stage: str) -> bool:
-        """Whether ``stage``'s marker was written under another ``method`` (the default method
-        leaves none in its settings): its outputs belong to that method's pseudo labels."""
-        if table.shared(stage) or not self.marker(stage).is_file():
-            return False
-        recorded = json.loads(self.marker(stage).read_text()).get("settings", {})
-        return recorded.get("method", "psa") != self.cfg.method
+        return self.made_by_other_method(stage, self.cfg.method)
 
     def summary(self, stage: str) -> dict:
         return json.loads(self.marker(stage).read_text())

@@ -144,7 +144,9 @@ _index()
 
 def add_stage(row: Stage, after: str) -> None:
     """Add a stage's row after stage ``after`` (a stage from outside the package: its module and
-    this row are all it needs)."""
+    this row are all it needs). It lives in this process's table: the Ray actors get the row
+    itself, but a stage that runs in a submitted job of its own (``ray.launcher: local | slurm``)
+    rebuilds the table there, so such a stage belongs in ``STAGES``."""
     if row.name in BY_NAME:
         raise ValueError(f"stage {row.name!r} is in the table already")
     STAGES.insert(ORDER.index(stage(after).name) + 1, row)

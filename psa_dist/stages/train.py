@@ -153,6 +153,10 @@ def run_trainer(cfg: Config, model: str) -> dict:
     print(f"[{model}] rank {info.rank}/{info.world_size} on node {node}, device {info.device}",
           flush=True)   # one line per rank; after this only rank 0 speaks
     try:
+        if info.world_size > 1 or tcfg.launcher == "torchrun":
+            # here, after the ranks met, rank 0 has cleared what a forced stage redoes: every
+            # rank sees the same checkpoint (launch_training checks before ranks exist)
+            check_resumable(cfg, model)
         run = Run(cfg)
         if info.device.type == "cpu":
             torch.set_num_threads(cpu_threads(tcfg.num_workers, tcfg.threads))
@@ -219,9 +223,10 @@ def check_resumable(cfg: Config, model: str) -> None:
 def launch_training(cfg: Config, model: str) -> dict:
     """Train ``model`` with its configured launcher and return the rank-0 summary; a checkpoint
     of it is resumed only under the settings it was trained with (:func:`check_resumable`)."""
-    check_resumable(cfg, model)
     tcfg = table.train_config(cfg, model)
     launcher = tcfg.launcher
+    if launcher != "torchrun":     # this process is the only driver: check before any rank runs
+        check_resumable(cfg, model)
     if not check_launcher(f"{table.MODELS[model].section}.launcher", launcher):
         return run_trainer(cfg, model)        # this process is the rank (or the only one)
     run = RunDir(cfg.out_dir)

@@ -144,3 +144,21 @@ def test_the_irn_paper_config_has_the_authors_settings_and_chains_irns_stages(tm
             if line.startswith("[submit] ") and "(" in line]
     assert jobs == ["train-cls", "cams", "ir-labels", "train-irn", "irn-walk", "train-seg",
                     "eval-report"]
+
+
+def test_a_stage_done_by_the_other_method_is_not_done_for_this_one(tmp_path):
+    from psa_dist.pipeline import run_pipeline
+    from psa_dist.stages.run_dir import RunDir
+    from psa_dist.submit import _finished
+    psa = load_config(None, [f"out_dir={tmp_path}"])
+    irn = load_config(None, [f"out_dir={tmp_path}", "method=irn"])
+    run = RunDir(tmp_path)
+    run.stages.mkdir(parents=True)
+    for stage in ("train_cls", "cams", "train_seg"):           # as a psa run leaves them
+        run.marker(stage).write_text(json.dumps({"settings": table.settings(psa, stage)}))
+    assert run.done_for("cams", "irn") and run.done_for("train_seg", "psa")
+    assert not run.done_for("train_seg", "irn")               # psa's segmenter: not irn's
+    assert set(_finished(irn, table.stages_of(irn))) == {"train_cls", "cams"}     # submit's view
+    assert set(_finished(psa, table.stages_of(psa))) == {"train_cls", "cams", "train_seg"}
+    with pytest.raises(Exception, match="not a stage of method=irn"):
+        run_pipeline(irn, redo_from="aff_labels")
