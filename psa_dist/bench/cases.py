@@ -6,6 +6,8 @@ from __future__ import annotations
 # (name, feature grid h × w): a 500×375 VOC image and a 640×480 COCO image at stride 8, and the
 # COCO image at stride 4 (dense would need three 19,200² float32 matrices: 4.4 GB, and ~10^14 flops).
 SIZES = {"voc-s8": (47, 63), "coco-s8": (60, 80), "coco-s4": (120, 160)}
+# IRN's walk at stride 4 (bench random-walk --method irn): VOC's 500x375 and COCO's 640x480 image
+IRN_SIZES = {"voc-s4": (94, 125), "coco-s4": (120, 160)}
 COCO_SHARD_SIZE = 100           # docs/coco.md: --shard-size 100 (828 train shards)
 
 # size (H, W), classes, the classes of the image (2 for VOC: train_aug has 1.5 per image; 3 for

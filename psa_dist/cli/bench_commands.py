@@ -2,7 +2,7 @@
 ``psa_dist/bench/``)."""
 from __future__ import annotations
 
-from ..bench.cases import COCO_SHARD_SIZE, SIZES, VARIANTS
+from ..bench.cases import COCO_SHARD_SIZE, IRN_SIZES, SIZES, VARIANTS
 from ..bench.cost_report import GPU_TFLOPS, STAGES as COST_STAGES
 from ..bench.scale_figures import COCO_TRAIN
 from ..stages import table
@@ -20,9 +20,14 @@ def cmd_bench_loader(args) -> int:
 
 
 def cmd_bench_random_walk(args) -> int:
+    if args.method == "irn":
+        from ..bench.boundary_walk import bench_boundary_walk
+        bench_boundary_walk(args.out, args.beta or 10.0, args.t, args.radius, tuple(args.channels),
+                            tuple(args.sizes or IRN_SIZES), args.tol)
+        return 0
     from ..bench.random_walk import bench_random_walk
-    bench_random_walk(args.out, args.beta, args.t, args.radius, tuple(args.channels), args.batch,
-                      tuple(args.sizes or SIZES), args.tol)
+    bench_random_walk(args.out, args.beta or 8.0, args.t, args.radius, tuple(args.channels),
+                      args.batch, tuple(args.sizes or SIZES), args.tol)
     return 0
 
 
@@ -96,8 +101,13 @@ def _add_part_benches(bsub) -> None:
     p.set_defaults(func=cmd_bench_loader)
     p = bsub.add_parser("random-walk", help="sparse random walk vs the authors' dense one, same "
                         "inputs: time per image, peak memory, max difference")
-    p.add_argument("--out", default="runs/bench", help="writes OUT/bench/random_walk.json")
-    p.add_argument("--beta", type=float, default=8.0)
+    p.add_argument("--out", default="runs/bench", help="writes OUT/bench/random_walk.json "
+                   "(random_walk_irn.json with --method irn)")
+    p.add_argument("--method", default="psa", choices=["psa", "irn"],
+                   help="psa: AffinityNet's walk at stride 8; irn: IRN's walk on a boundary map "
+                        "at stride 4 (voc-s4 94x125, coco-s4 120x160) against its authors' "
+                        "dense method")
+    p.add_argument("--beta", type=float, help="default: 8 (psa), 10 (irn)")
     p.add_argument("--t", type=int, default=256)
     p.add_argument("--radius", type=int, default=5)
     p.add_argument("--channels", type=int, nargs="+", default=[3, 21],
@@ -106,7 +116,8 @@ def _add_part_benches(bsub) -> None:
     p.add_argument("--tol", type=float, default=1e-5, help="random_walk.tol of the sparse walk "
                    "(0: T applied t times); the t-step walk is timed beside it either way")
     p.add_argument("--sizes", nargs="+", help="feature grids: voc-s8 (47x63), coco-s8 (60x80), "
-                   "coco-s4 (120x160) or HxW (default: the three named)")
+                   "coco-s4 (120x160) or HxW (default: the three named); with --method irn "
+                   "voc-s4, coco-s4")
     p.set_defaults(func=cmd_bench_random_walk)
 
 

@@ -103,3 +103,34 @@ def reduce_labels(labels: torch.Tensor, stride: int = 4) -> torch.Tensor:
     order=0)``): rows and columns ``stride // 2``, ``stride // 2 + stride``, ..."""
     c = stride // 2
     return labels[..., c::stride, c::stride]
+
+
+def boundary_walk_dense_authors(cams: torch.Tensor, boundary: torch.Tensor, beta: float = 10.0,
+                                t: int = 256, radius: int = 5) -> torch.Tensor:
+    """The authors' dense method exactly (``indexing.propagate_to_edge``), the baseline of
+    ``bench random-walk --method irn``: the boundary padded with 1 (``radius`` left, right and
+    below), the pairs of their source window scattered both ways into a dense (hw)^2 matrix with
+    1 on the diagonal, raised to ``beta``, normalised, squared log2(t) times, applied to
+    ``(1 - boundary) x cams``. cams (C, H, W), boundary (H, W). O((hw)^2) memory."""
+    c, h, w = cams.shape
+    big_h, big_w = h + radius, w + 2 * radius
+    pad = F.pad(boundary[None, None], (radius, radius, 0, radius), value=1.0)[0, 0].reshape(-1)
+    full = torch.arange(big_h * big_w, device=cams.device).reshape(big_h, big_w)
+    rf = radius - 1
+    ch, cw = big_h - rf, big_w - 2 * rf
+    src = full[:ch, rf:rf + cw].reshape(-1)
+    n = big_h * big_w
+    a = torch.eye(n, dtype=cams.dtype, device=cams.device)
+    for dy, dx in neighbor_offsets(radius):
+        band = torch.stack([full[y:y + ch, rf + x:rf + x + cw].reshape(-1)
+                            for y, x in path_offsets(dy, dx)])
+        aff = 1 - pad[band].amax(0)
+        dst = full[dy:dy + ch, rf + dx:rf + dx + cw].reshape(-1)
+        a[src, dst] = aff
+        a[dst, src] = aff
+    a = a.reshape(big_h, big_w, big_h, big_w)[:-radius, radius:-radius, :-radius, radius:-radius]
+    a = a.reshape(h * w, h * w).pow_(beta)
+    tm = a / a.sum(dim=0, keepdim=True)
+    for _ in range(max(t.bit_length() - 1, 0)):
+        tm = tm @ tm
+    return ((cams * (1 - boundary)).reshape(c, -1) @ tm).reshape(c, h, w)

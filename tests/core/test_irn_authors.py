@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from psa_dist.core.affinity import neighbor_offsets, pair_label_masks, relation_loss
-from psa_dist.core.boundary import (boundary_affinity, boundary_walk, confident_labels,
-                                    reduce_labels, walk_to_label)
+from psa_dist.core.boundary import (boundary_affinity, boundary_walk, boundary_walk_dense_authors,
+                                    confident_labels, reduce_labels, walk_to_label)
 from psa_dist.core.crf import crf_labels
 
 
@@ -173,6 +173,8 @@ def test_the_walk_equals_the_authors_dense_propagation():
     theirs = authors_propagate(cams, edge, radius=5, beta=10, exp_times=8)
     ours = boundary_walk(cams[None], edge[None], beta=10, t=256, radius=5)[0]
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-9 * float(theirs.abs().max()))
+    # the benchmark's baseline (the package's own dense method) is theirs too
+    assert torch.allclose(boundary_walk_dense_authors(cams, edge, 10, 256, 5), theirs, rtol=1e-9)
     fast = boundary_walk(cams[None], edge[None], beta=10, t=256, radius=5, tol=1e-5)[0]
     assert (fast - theirs).abs().max() <= 2e-5 * float((cams * (1 - edge)).abs().max())
 
