@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,18 +18,7 @@ import torch.nn.functional as F
 
 from ..core.boundary import boundary_walk, boundary_walk_dense_authors
 from .cases import IRN_SIZES
-
-
-def grid_of(size: str) -> tuple[int, int]:
-    """A named stride-4 grid (``voc-s4``, ``coco-s4``) or ``HxW``."""
-    if size in IRN_SIZES:
-        return IRN_SIZES[size]
-    try:
-        h, w = (int(v) for v in size.lower().split("x"))
-        return h, w
-    except ValueError:
-        raise ValueError(f"bench random-walk --method irn: size {size!r} is neither one of "
-                         f"{sorted(IRN_SIZES)} nor HxW") from None
+from .random_walk import grid_of, subprocess_case
 
 
 def synthetic_boundary(h: int, w: int, channels: int, seed: int = 0):
@@ -54,7 +40,7 @@ def run_case(method: str, size: str, channels: int, beta: float, t: int, radius:
     """One measurement in this process: the median of ``repeats`` timed runs (after one untimed
     warm-up for the sparse walk; the dense method, minutes at VOC's size, is timed once)."""
     torch.set_num_threads(int(os.environ.get("PSA_BENCH_THREADS", torch.get_num_threads())))
-    h, w = grid_of(size)
+    h, w = grid_of(size, IRN_SIZES)
     edge, cams = synthetic_boundary(h, w, channels)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -76,18 +62,7 @@ def run_case(method: str, size: str, channels: int, beta: float, t: int, radius:
 
 
 def _case(*args) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "out.pt")
-        code = ("import json,sys; from psa_dist.bench.boundary_walk import run_case; "
-                "print(json.dumps(run_case(*json.loads(sys.argv[1]))))")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps([*args, out])],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench random-walk --method irn: case {args} failed:\n"
-                               f"{proc.stderr[-2000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        res["output"] = torch.load(out, weights_only=True)
-        return res
+    return subprocess_case(*args, module=__name__)
 
 
 def bench_boundary_walk(out_dir, beta: float = 10.0, t: int = 256, radius: int = 5,
@@ -95,7 +70,7 @@ def bench_boundary_walk(out_dir, beta: float = 10.0, t: int = 256, radius: int =
                         dense_max_n: int = 12000, repeats: int = 3) -> dict:
     rows = []
     for size in sizes:
-        h, w = grid_of(size)
+        h, w = grid_of(size, IRN_SIZES)
         n = h * w
         for c in channels:
             exact = _case("sparse", size, c, beta, t, radius, 0.0, repeats)

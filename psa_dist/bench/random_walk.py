@@ -38,15 +38,15 @@ DENSE_MAX_N = 6000          # above this the dense method is not run: its memory
 REPEATS = 3                 # timed runs per case, after one warm-up; the median is reported
 
 
-def grid_of(size: str) -> tuple[int, int]:
-    """A named size (``voc-s8``, ...) or ``HxW``."""
-    if size in SIZES:
-        return SIZES[size]
+def grid_of(size: str, sizes: dict = SIZES) -> tuple[int, int]:
+    """A named size (``voc-s8``, ... of ``sizes``) or ``HxW``."""
+    if size in sizes:
+        return sizes[size]
     try:
         h, w = (int(v) for v in size.lower().split("x"))
         return h, w
     except ValueError:
-        raise ValueError(f"bench random-walk: size {size!r} is neither one of {sorted(SIZES)} "
+        raise ValueError(f"bench random-walk: size {size!r} is neither one of {sorted(sizes)} "
                          f"nor HxW") from None
 
 
@@ -101,10 +101,12 @@ def run_case(method: str, size: str, channels: int, batch: int, beta: float, t: 
             "peak_mb": _peak_rss_mb() - base}
 
 
-def _subprocess_case(*args) -> dict:
+def subprocess_case(*args, module: str = __name__) -> dict:
+    """``module``'s ``run_case(*args, out)`` in a fresh process (its own peak RSS), with its
+    output tensor."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "out.pt")
-        code = ("import json,sys; from psa_dist.bench.random_walk import run_case; "
+        code = (f"import json,sys; from {module} import run_case; "
                 "print(json.dumps(run_case(*json.loads(sys.argv[1]))))")
         proc = subprocess.run([sys.executable, "-c", code, json.dumps([*args, out])],
                               capture_output=True, text=True)
@@ -122,10 +124,10 @@ def bench_random_walk(out_dir: str | Path, beta: float = 8.0, t: int = 256, radi
         h, w = grid_of(size)
         n = h * w
         for c in channels:
-            one = _subprocess_case("sparse", size, c, 1, beta, t, radius, tol)
-            many = _subprocess_case("sparse", size, c, batch, beta, t, radius, tol)
+            one = subprocess_case("sparse", size, c, 1, beta, t, radius, tol)
+            many = subprocess_case("sparse", size, c, batch, beta, t, radius, tol)
             # the same walk with T applied t times (tol 0), batched: what the truncation saves
-            exact = _subprocess_case("sparse", size, c, batch, beta, t, radius, 0.0) if tol else many
+            exact = subprocess_case("sparse", size, c, batch, beta, t, radius, 0.0) if tol else many
             row = {"size": size, "grid": [h, w], "n": n, "channels": c,
                    "sparse_s": round(one["seconds_per_image"], 4),
                    f"sparse_batch{batch}_s": round(many["seconds_per_image"], 4),
@@ -137,8 +139,8 @@ def bench_random_walk(out_dir: str | Path, beta: float = 8.0, t: int = 256, radi
                                               / 2 ** 20, 2),
                    "batch_equal": bool(torch.equal(one["output"], many["output"]))}
             if n <= DENSE_MAX_N:
-                dense = _subprocess_case("dense", size, c, 1, beta, t, radius, tol)
-                ours = _subprocess_case("dense_ours", size, c, 1, beta, t, radius, tol)
+                dense = subprocess_case("dense", size, c, 1, beta, t, radius, tol)
+                ours = subprocess_case("dense_ours", size, c, 1, beta, t, radius, tol)
                 best = min(one["seconds_per_image"], many["seconds_per_image"])
                 row.update({"dense_s": round(dense["seconds_per_image"], 3),
                             "dense_peak_mb": round(dense["peak_mb"], 1),
