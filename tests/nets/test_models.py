@@ -23,9 +23,12 @@ def test_backbone_stride8_taps(name):
     x = torch.randn(1, 3, 41, 35)
     with torch.no_grad():
         feats = net(x)
-    assert list(feats) == list(net.taps)
-    for tap, ch in net.taps.items():
-        # the last tap is at stride 8; earlier ones at 8 or (small's layer1) at 4
+    # every tap AffinityNet or IRN's boundary branch reads, the last one AffinityNet's last
+    assert list(feats) == list(dict.fromkeys([*net.edge_taps, *net.taps]))
+    assert list(feats)[-1] == list(net.taps)[-1]
+    for tap, ch in {**net.edge_taps, **net.taps}.items():
+        # the last tap is at stride 8; earlier ones at 8 or 4 (small's layer1, the stem and
+        # layer1 of ResNet-50, stage 3 of ResNet-38)
         shapes = [(1, ch, ceil8(41), ceil8(35)), (1, ch, -(-41 // 4), -(-35 // 4))]
         assert feats[tap].shape in shapes[:1 if tap == list(net.taps)[-1] else 2], tap
     assert list(net.taps.values())[-1] == net.out_channels

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from psa_dist.config import load_config
-from psa_dist.pipeline import STAGES, run_pipeline
+from psa_dist.pipeline import run_pipeline
 from psa_dist.stages import table
 from tests.gpu_common import CUDA, needs_cuda
 
@@ -53,9 +53,10 @@ def check_rehearsal(cfg, run: Path, out: str, device: str = CUDA) -> dict:
     its precision line) and logged finite losses; each label stage wrote both shards, none failed;
     the model stages ran on one actor per GPU."""
     kind = torch.device(device).type
-    for stage in STAGES:
+    for stage in table.stages_of(cfg):
         assert (run / "stages" / f"{stage}.json").is_file(), f"{cfg.name}: no marker for {stage}"
-    models = [m for s in STAGES if table.stage(s).kind == "train" for m in table.stage(s).models
+    models = [m for s in table.stages_of(cfg) if table.stage(s).kind == "train"
+              for m in table.stage(s).models
               if m != "seg_full" or cfg.seg_full]
     lines = out.splitlines()
     seen = {}
