@@ -34,16 +34,23 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="psa-ray-", dir="/tm
 
 @pytest.fixture(autouse=True)
 def _no_ray_left_running():
-    """Tests that start Ray through the pipeline leave no instance behind for the next test, nor
-    the token authentication that submitting a Ray cluster job turns on in this process
-    (``cluster.ray_job.ray_job_env``): a later local instance would start under it."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    """Tests that start Ray through the pipeline leave no instance behind for the next test."""
     yield
     import sys
     if "ray" in sys.modules:
         import ray
         if ray.is_initialized():
             ray.shutdown()
+
+
+@pytest.fixture
+def own_ray_token():
+    """For a test that submits a Ray cluster job: the token authentication it turns on in this
+    process (``cluster.ray_job.ray_job_env``) is taken back after it, so that a later local Ray
+    instance does not start under it."""
+    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    yield
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -137,14 +137,20 @@ def test_node_removed_mid_run(trained, ray_cluster):
         job, shards, counts = job_for(base, cfg_path, out, "random_walk", 2)
         log = out / "stages" / "random_walk.shards.jsonl"
 
+        done = threading.Event()
+
         def remove_when_started():
             while not (log.is_file() and log.read_text().strip()):
-                time.sleep(0.05)
+                if done.wait(0.05):       # the run ended first (it failed): nothing to remove
+                    return
             cluster.remove_node(worker)
-        t = threading.Thread(target=remove_when_started)
+        t = threading.Thread(target=remove_when_started, daemon=True)
         t.start()
-        summary = job.run(shards, counts)
-        t.join()
+        try:
+            summary = job.run(shards, counts)
+        finally:
+            done.set()
+            t.join()
         keys = [r["__key__"] for p in sorted((out / "random_walk").glob("*.tar")) for r in iter_shard(p)]
         assert summary["shards_done"] == 6 and len(set(keys)) == 18
         assert summary["restarts"] >= 1      # the removed node's actor was lost and replaced

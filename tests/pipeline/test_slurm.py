@@ -123,7 +123,7 @@ def test_failing_job_error_reaches_the_caller(cfg_path, slurm, tmp_path):
     assert not (tmp_path / "fails" / "stages" / "train_aff.json").exists()
 
 
-def test_ray_cluster_in_allocation_runs_a_label_stage(slurm, cfg_path, tmp_path):
+def test_ray_cluster_in_allocation_runs_a_label_stage(slurm, cfg_path, tmp_path, own_ray_token):
     """launch/ray_slurm.sbatch on two nodes: a Ray head and a worker, CAMs on both."""
     out = tmp_path / "raycams"
     cfg = load_config(cfg_path, [f"out_dir={out}", "train_cls.launcher=inline", "train_cls.epochs=1"])
@@ -144,7 +144,8 @@ def test_ray_cluster_in_allocation_runs_a_label_stage(slurm, cfg_path, tmp_path)
     assert len({s["node"] for s in shards}) == 2, shards      # actors on both Ray nodes
 
 
-def test_label_stage_as_a_submitit_job_with_its_own_ray_cluster(slurm, cfg_path, tmp_path):
+def test_label_stage_as_a_submitit_job_with_its_own_ray_cluster(slurm, cfg_path, tmp_path,
+                                                                 own_ray_token):
     """ray.launcher=slurm: the stage runs in a 2-node job that starts Ray on both nodes."""
     out = tmp_path / "rayjob"
     base = [f"out_dir={out}", "train_cls.launcher=inline", "train_cls.epochs=1"]

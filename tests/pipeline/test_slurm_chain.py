@@ -47,13 +47,6 @@ def log_tails(out: Path, lines: int = 15) -> str:
     return "\n".join(tails) or "no job logs"
 
 
-@pytest.fixture
-def own_ray_token(monkeypatch):
-    # submit_chain puts the chain's Ray token in this process's environment: not for later tests
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        monkeypatch.delenv(k, raising=False)
-
-
 def test_submitted_chain_runs_every_stage_to_the_report(slurm, cfg_path, tmp_path, own_ray_token):
     out = tmp_path / "chain"
     cfg = load_config(cfg_path, [f"out_dir={out}", *CHAIN_OVERRIDES])
