@@ -5,7 +5,9 @@ directory under ``--out``; one row per variant goes into ``quality.jsonl`` as it
 and ``quality.md`` holds the table with the spread. A variant whose row exists is not run again,
 so the sweep can be run in parts (``--variants a b``), each a command of its own. With
 ``--from STAGE`` the variants are run again from that stage on (say the walk, after a change of
-its settings), their trained models before it kept, and their rows replaced.
+its settings), their trained models before it kept, and their rows replaced. With ``--methods psa
+irn`` each variant runs both methods in its run directory, the second on the first's classifier
+and CAMs: a row per variant and method, a table per method and one side by side.
 
 The goals (issue 19): walk ≥ CAM + 8 mIoU, segmenter ≥ 85% of the fully supervised one, and the
 walk's object recall not below the CAM's. No decision of the pipeline reads the ground truth; the
@@ -20,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import METHODS, load_config
 from ..stages.run_dir import RunDir
-from ..stages.table import ORDER, stage
+from ..stages.table import stage
 from ..util.atomic import atomic_write_bytes
 from .cases import VARIANTS
 
@@ -33,7 +36,8 @@ def row_of(name: str, overrides: list, out: Path, seconds: float) -> dict:
     report = json.loads((out / "report.json").read_text())
     ev = json.loads(RunDir(out).marker("eval").read_text())
     m = report["miou"]
-    row = {"variant": name, "overrides": overrides, "cam": m["cam"], "walk": m["rw"],
+    row = {"variant": name, "method": report.get("method", "psa"), "overrides": overrides,
+           "cam": m["cam"], "walk": m["rw"],
            "walk_gain": report.get("rw_gain"), "cam_recall": round(ev["cam"]["fg_recall"], 3),
            "walk_recall": round(ev["rw"]["fg_recall"], 3), "seg": m.get("seg"),
            "seg_full": m.get("seg_full"), "seg_ratio": report.get("seg_vs_full"),
@@ -93,11 +97,13 @@ def table(rows: list[dict]) -> str:
 
 def bench_quality(config: str, names: list[str] | None = None, out_root="runs/quality",
                   overrides: list | None = None, variants: dict | None = None,
-                  redo_from: str | None = None) -> list[dict]:
+                  redo_from: str | None = None, methods: list[str] | None = None) -> list[dict]:
     """Run the variants ``names`` (default: all of ``variants``, the table above by default) not
-    yet in ``out_root/quality.jsonl``; returns every row recorded. ``redo_from`` (a stage): run
-    them all again from that stage on (``psa-dist run --from``) and replace their rows; a
-    row's minutes are then this run's and those the kept stages' markers record."""
+    yet in ``out_root/quality.jsonl``; returns every row recorded. ``methods`` (say psa, irn):
+    each in turn in the variant's run directory, so the later ones reuse its classifier and CAMs
+    (a row per variant and method; default: the config's method). ``redo_from`` (a stage): run
+    them all again from that stage on (``psa-dist run --from``) and replace their rows. A row's
+    minutes are this run's and those the kept stages' markers record."""
     variants = VARIANTS if variants is None else variants
     unknown = [n for n in names or [] if n not in variants]
     if unknown:
@@ -108,41 +114,92 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
     root.mkdir(parents=True, exist_ok=True)
     log = root / "quality.jsonl"
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-    have = {r["variant"]: r for r in rows}
+    have = {(r["variant"], r.get("method", "psa")): r for r in rows}
     for name in names or list(variants):
-        if name in have and not redo_from:
-            print(f"[bench quality] {name}: recorded in {log}", flush=True)
-            continue
-        out = root / name
-        args = [*(overrides or []), *variants[name], f"out_dir={out}", f"data.root={out}/data",
-                f"name={name}"] + (["--from", redo_from] if redo_from else [])
-        print(f"[bench quality] {name}: psa-dist run {config} {' '.join(args)}", flush=True)
-        # the stages kept took what their markers say (read first: any not done yet runs now)
-        kept = _kept_seconds(out, redo_from) if redo_from else 0.0
-        t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "psa_dist.cli", "run", config, *args], check=True)
-        seconds = time.monotonic() - t0 + kept
-        row = row_of(name, variants[name] + list(overrides or []), out, seconds)
-        if redo_from:
-            row["redone_from"] = redo_from
-        rows = [row if r["variant"] == name else r for r in rows] if name in have else rows + [row]
-        have[name] = row
-        atomic_write_bytes(log, "".join(json.dumps(r) + "\n" for r in rows).encode())
-        print(f"[bench quality] {name}: CAM {row['cam']:.1f} -> walk {row['walk']:.1f} "
-              f"({row['walk_gain']:+.1f}), segmenter {100 * (row['seg_ratio'] or 0):.0f}% of full; "
-              f"goals {'met' if row['goals_met'] else 'NOT met'}", flush=True)
+        for method in methods or [None]:
+            key = (name, method or _config_method(config, overrides or []))
+            if key in have and not redo_from:
+                print(f"[bench quality] {name} ({key[1]}): recorded in {log}", flush=True)
+                continue
+            row = _run_variant(config, name, method, root, overrides or [], variants[name],
+                               redo_from)
+            rows = [row if (r["variant"], r.get("method", "psa")) == key else r for r in rows] \
+                if key in have else rows + [row]
+            have[key] = row
+            atomic_write_bytes(log, "".join(json.dumps(r) + "\n" for r in rows).encode())
     order = {n: i for i, n in enumerate(variants)}
-    rows.sort(key=lambda r: order.get(r["variant"], len(order)))
-    atomic_write_bytes(root / "quality.md", table(rows).encode())
-    print(f"[bench quality] {len(rows)} variants in {root / 'quality.md'}\n" + table(rows), flush=True)
+    rows.sort(key=lambda r: (order.get(r["variant"], len(order)),
+                             METHODS.index(r.get("method", "psa"))))
+    text = tables(rows)
+    atomic_write_bytes(root / "quality.md", text.encode())
+    print(f"[bench quality] {len(rows)} rows in {root / 'quality.md'}\n" + text, flush=True)
     return rows
 
 
-def _kept_seconds(out: Path, redone: str) -> float:
-    """The seconds the stages before ``redone`` took in the run in ``out`` (their markers)."""
+def _config_method(config: str, overrides: list) -> str:
+    return load_config(config, list(overrides)).method
+
+
+def _run_variant(config: str, name: str, method: str | None, root: Path, overrides: list,
+                 variant: list, redo_from: str | None) -> dict:
+    """One variant under one method (None: the config's), in ``root/name``; its row."""
+    out = root / name
+    args = [*overrides, *variant, f"out_dir={out}", f"data.root={out}/data", f"name={name}",
+            *([f"method={method}"] if method else [])] + (["--from", redo_from] if redo_from else [])
+    print(f"[bench quality] {name}: psa-dist run {config} {' '.join(args)}", flush=True)
+    started = time.time()
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "psa_dist.cli", "run", config, *args], check=True)
+    # the stages kept (say the classifier and the CAMs of the method run before) took what their
+    # markers say
+    seconds = time.monotonic() - t0 + _kept_seconds(out, started)
+    row = row_of(name, variant + list(overrides), out, seconds)
+    if redo_from:
+        row["redone_from"] = redo_from
+    print(f"[bench quality] {name} ({row['method']}): CAM {row['cam']:.1f} -> walk "
+          f"{row['walk']:.1f} ({row['walk_gain']:+.1f}), segmenter "
+          f"{100 * (row['seg_ratio'] or 0):.0f}% of full; goals "
+          f"{'met' if row['goals_met'] else 'NOT met'}", flush=True)
+    return row
+
+
+def _kept_seconds(out: Path, started: float) -> float:
+    """The seconds the stages of the run in ``out`` whose markers are older than ``started`` (a
+    wall-clock time) took: the stages this run kept. Eval and the report are always redone."""
+    report = json.loads((out / "report.json").read_text())
     total = 0.0
-    for name in ORDER[:ORDER.index(redone)]:
+    for name in report.get("stage_seconds", {}):
         marker = RunDir(out).marker(name)
-        if marker.is_file():
+        if marker.is_file() and marker.stat().st_mtime < started:
             total += json.loads(marker.read_text()).get("seconds", 0.0)
     return total
+
+
+def tables(rows: list[dict]) -> str:
+    """The sweep's table per method, then both side by side where a variant ran both."""
+    methods = list(dict.fromkeys(r.get("method", "psa") for r in rows))
+    if len(methods) == 1:
+        return table(rows)
+    parts = [f"### {m}\n\n" + table([r for r in rows if r.get("method", "psa") == m])
+             for m in methods]
+    return "\n".join(parts) + "\n### side by side\n\n" + side_by_side(rows, methods)
+
+
+def side_by_side(rows: list[dict], methods: list[str]) -> str:
+    """One line per variant: the CAM, then each method's pseudo labels, gain, recall, segmenter
+    against full supervision and minutes."""
+    by = {(r["variant"], r.get("method", "psa")): r for r in rows}
+    head = "| variant | CAM | " + " | ".join(
+        f"{m}: walk (gain) | {m}: recall | {m}: segmenter / full | {m}: minutes" for m in methods)
+    lines = [head + " |", "|" + "---|" * (2 + 4 * len(methods))]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        got = [by.get((variant, m)) for m in methods]
+        cam = next(r["cam"] for r in got if r)
+        cells = []
+        for r in got:
+            cells += (["-"] * 4 if r is None else
+                      [f"{r['walk']:.1f} ({r['walk_gain']:+.1f})", f"{r['walk_recall']:.3f}",
+                       f"{100 * r['seg_ratio']:.0f}%" if r.get("seg_ratio") else "-",
+                       f"{r['minutes']:.1f}"])
+        lines.append(f"| {variant} | {cam:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ def cmd_bench_quality(args) -> int:
         return 0
     from ..bench.quality import bench_quality
     rows = bench_quality(args.config, args.variants, args.out, args.overrides,
-                         redo_from=args.redo_from)
+                         redo_from=args.redo_from, methods=args.methods)
     return 0 if all(r["goals_met"] for r in rows) else 1
 
 
@@ -132,6 +132,9 @@ def _add_stage_benches(bsub) -> None:
     config_args(p, required=True)
     p.add_argument("--variants", nargs="+", help="which (default: all)")
     p.add_argument("--out", default="runs/quality")
+    p.add_argument("--methods", nargs="+", choices=list(table.METHODS),
+                   help="each in turn on every variant, the later ones on the first's classifier "
+                        "and CAMs: a row each and a side-by-side table (default: the config's)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     from_arg(p, "run the variants again from STAGE on (say random-walk after a change of "
                   "its settings), keeping the stages before it; their rows are replaced")

@@ -215,6 +215,16 @@ class IrnWalkConfig:
     bg_score: float = 0.25          # constant background score after the walk (sem_seg_bg_thres)
     flip: bool = True               # the boundary map averaged with the mirror image's (logits)
     tol: float = 1e-5               # within tol of the exact walk, in fewer steps (random_walk)
+    # The dense CRF on the walked scores (background and classes, normalised to sum to one)
+    # before the argmax: this project's addition, as random_walk.crf for AffinityNet's walk (the
+    # authors take the argmax); off by default. Its kernels default to AffinityNet's CRF.
+    crf: bool = False
+    crf_iters: int = 10
+    crf_gauss_sxy: float = 3.0
+    crf_gauss_compat: float = 3.0
+    crf_bi_sxy: float = 80.0
+    crf_bi_srgb: float = 13.0
+    crf_bi_compat: float = 10.0
 
 
 @dataclass

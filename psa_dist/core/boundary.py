@@ -67,14 +67,18 @@ def boundary_walk(cams: torch.Tensor, boundary: torch.Tensor, beta: float = 10.0
                             steps=t, tol=tol)
 
 
-def walk_to_label(walked: torch.Tensor, class_ids: Sequence[int], bg_score: float = 0.25) -> torch.Tensor:
+def walk_to_label(walked: torch.Tensor, class_ids: Sequence[int], bg_score: float = 0.25,
+                  refine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """The authors' labels from walked maps (C, H, W) of the image's classes at image size: the
     maps divided by their one global maximum, a constant background score prepended, the argmax
-    as class ids (0: background)."""
+    as class ids (0: background). ``refine`` (not the authors'): the dense CRF on those scores
+    normalised to sum to one over the labels (C + 1, H, W), before the argmax."""
     ids = torch.tensor([0, *class_ids], dtype=torch.long, device=walked.device)
     scores = walked / walked.max().clamp(min=1e-5)
-    bg = scores.new_full((1, *scores.shape[1:]), bg_score)
-    return ids[torch.cat([bg, scores]).argmax(0)]
+    scores = torch.cat([scores.new_full((1, *scores.shape[1:]), bg_score), scores])
+    if refine is not None:
+        scores = refine((scores / scores.sum(0, keepdim=True).clamp(min=1e-5)).clamp(min=1e-5))
+    return ids[scores.argmax(0)]
 
 
 def confident_labels(cams: torch.Tensor, class_ids: Sequence[int], fg_thres: float = FG_THRES,

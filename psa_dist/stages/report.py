@@ -1,6 +1,7 @@
 """report.json, report.md and per-sample panels of a finished run."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -110,6 +111,42 @@ def stopping_epochs(run) -> dict:
     return res
 
 
+def _cams_stamp(run) -> str:
+    """What the CAMs were: their marker's digest (a redo of the classifier or the CAMs rewrites it)."""
+    return hashlib.sha256(run.marker("cams").read_bytes()).hexdigest()[:16] \
+        if run.marker("cams").is_file() else ""
+
+
+def method_summary(report: dict, ev: dict, run) -> dict:
+    """One method's figures on this run's CAMs, as the report keeps them for a side-by-side view:
+    the pseudo labels against the CAM, the labels its network learns from, the segmenter, and the
+    seconds of the stages after the CAMs."""
+    rel = table.label_stage(table.method_stage(run.cfg, table.RELATIONS)).report_name
+    own = [s for s in table.stages_of(run.cfg) if not table.shared(s) and s not in ("eval", "report")]
+    m = report["miou"]
+    return {"cams": _cams_stamp(run), "cam": m.get("cam"), "walk": m.get("rw"),
+            "walk_gain": report.get("rw_gain"),
+            "cam_recall": round(ev["cam"]["fg_recall"], 4) if "cam" in ev else None,
+            "walk_recall": round(ev["rw"]["fg_recall"], 4) if "rw" in ev else None,
+            "labels": rel, "labels_coverage": report[rel]["coverage"],
+            "labels_precision": report[rel]["precision"],
+            "seg": m.get("seg"), "seg_full": m.get("seg_full"),
+            "seg_vs_full": report.get("seg_vs_full"),
+            "seconds": round(sum(report["stage_seconds"].get(s, 0.0) for s in own), 1)}
+
+
+def _other_methods(run) -> dict:
+    """The other methods' summaries the previous report.json of this run directory holds, those
+    made on the same CAMs (a method switch keeps the classifier and the CAMs)."""
+    path = run.out / "report.json"
+    try:
+        old = json.loads(path.read_text()).get("methods", {}) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+    stamp = _cams_stamp(run)
+    return {k: v for k, v in old.items() if k != run.cfg.method and v.get("cams") == stamp}
+
+
 def write_report(run) -> dict:
     ev = run.summary("eval")
     rel = table.label_stage(table.method_stage(run.cfg, table.RELATIONS))
@@ -142,6 +179,8 @@ def write_report(run) -> dict:
         report["rw_gain"] = round(report["miou"]["rw"] - report["miou"]["cam"], 2)
     if "seg" in report["miou"] and report["miou"].get("seg_full"):
         report["seg_vs_full"] = round(report["miou"]["seg"] / report["miou"]["seg_full"], 3)
+    report["method"] = run.cfg.method
+    report["methods"] = {**_other_methods(run), run.cfg.method: method_summary(report, ev, run)}
     atomic_write_json(run.out / "report.json", report)
     atomic_write_bytes(run.out / "report.md", markdown(report, run.cfg.name).encode())
     return {"miou": report["miou"]}
@@ -172,6 +211,8 @@ def markdown(report: dict, name: str) -> str:
                      f"with their class): CAM {100 * o['cam_lost']:.1f}%, walk "
                      f"{100 * o['walk_lost']:.1f}%; of the objects the CAM found, the walk lost "
                      f"{100 * o['walk_dropped']:.1f}%.")
+    if len(report.get("methods", {})) > 1:
+        lines += ["", *methods_table(report["methods"]), ""]
     what = "affinity_labels" if "affinity_labels" in report else "relation_labels"
     a = report[what]
     lines += [f"{what.replace('_', ' ').capitalize()}: {100 * a['coverage']:.0f}% of pixels "
@@ -195,3 +236,27 @@ def markdown(report: dict, name: str) -> str:
               ""]
     lines += [f"![{p}]({p})" for p in report["panels"]]
     return "\n".join(lines) + "\n"
+
+
+METHOD_NAMES = {"psa": "AffinityNet (psa)", "irn": "IRN (irn)"}
+
+
+def methods_table(methods: dict) -> list[str]:
+    """Both methods on the same CAMs, a row each (the report of a run that switched methods)."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.0f}%"
+
+    def num(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+    lines = ["## The methods run on these CAMs", "",
+             "| method | CAM | pseudo labels | gain | recall CAM → pseudo | labels its network "
+             "learns from: coverage, precision | segmenter / full | seconds after the CAMs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        lines.append(
+            f"| {METHOD_NAMES.get(name, name)} | {num(m['cam'])} | {num(m['walk'])} | "
+            f"{num(m['walk_gain'], '{:+.1f}')} | {num(m['cam_recall'], '{:.3f}')} → "
+            f"{num(m['walk_recall'], '{:.3f}')} | {m['labels'].replace('_', ' ')}: "
+            f"{pct(m['labels_coverage'])}, {pct(m['labels_precision'])} | {num(m['seg'])} / "
+            f"{num(m['seg_full'])} = {pct(m['seg_vs_full'])} | {m['seconds']:.0f} |")
+    return lines

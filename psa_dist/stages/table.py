@@ -107,6 +107,7 @@ STAGES: list[Stage] = [
     Stage("irn_walk", "labels",
           "method irn: pseudo labels from the CAMs walked on IRN's boundaries (out_dir/irn_walk)",
           section="irn_walk", output="irn_walk", uses_models=("irn",), needs=("cams", "train_irn"),
+          extras=_crf("irn_walk.crf", lambda c: c.irn_walk.crf),
           module=f"{_LABELS}.irn_walk:STAGE", export="pseudo", methods=("irn",)),
     Stage("train_seg", "train",
           "train the segmenter on the pseudo labels (and on ground truth if seg_full)",

@@ -26,6 +26,7 @@ from psa_dist.stages import table
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 REHEARSES = {"voc_rehearsal": "voc_resnet38", "coco_rehearsal": "coco_resnet50"}
+IRN_REHEARSES = {"voc_rehearsal": "voc_irn", "coco_rehearsal": "coco_irn"}     # with method=irn
 CLASSES = {"voc_rehearsal": 20, "coco_rehearsal": 80}
 # What a run computes, per trainer (not how much of it, nor where it runs)
 TRAIN_SETTINGS = ("lr", "weight_decay", "momentum", "crop_size", "resize_long", "color_jitter",
@@ -55,12 +56,20 @@ def test_rehearsal_keeps_the_paper_configs_models_and_settings(name):
             assert getattr(getattr(cfg, t), key) == getattr(getattr(paper, t), key), f"{t}.{key}"
     assert not cfg.train_aff.resize_long        # the authors do not rescale for AffinityNet
     assert cfg.seg_full == paper.seg_full
+    # method=irn: IRN's label stages and training as its paper config (the models are the
+    # rehearsal's: IRN's boundary branch reads the trained classifier's backbone)
+    irn = load_config(CONFIGS / f"{IRN_REHEARSES[name]}.yaml")
+    for section in ("ir_labels", "irn_walk"):
+        assert dataclasses.asdict(getattr(cfg, section)) == dataclasses.asdict(getattr(irn, section))
+    for key in TRAIN_SETTINGS:
+        assert getattr(cfg.train_irn, key) == getattr(irn.train_irn, key), f"train_irn.{key}"
+    assert cfg.model.irn_radius == irn.model.irn_radius and cfg.model.irn_backbone == "classifier"
     # only the amount of work is cut: a dozen or two images in at least two train shards (the
     # pool's sharding runs as it would), one epoch each, a 2-core machine
     assert 8 <= cfg.synth.num_train <= 24 and 4 <= cfg.synth.num_val <= 8
     assert cfg.synth.num_train >= 2 * cfg.data.shard_size
     assert cfg.synth.num_classes == CLASSES[name] and cfg.synth.size_range is not None
-    for t in ("train_cls", "train_aff", "train_seg"):
+    for t in ("train_cls", "train_aff", "train_irn", "train_seg"):
         tc = getattr(cfg, t)
         assert tc.epochs == 1 and tc.launcher in ("inline", "local") and tc.cpus_per_task <= 2
 
@@ -72,18 +81,21 @@ def cut(tmp: Path) -> list[str]:
     over = [f"out_dir={tmp / 'run'}", f"data.root={tmp / 'data'}", "data.workers=1",
             "synth.num_train=3", "synth.num_val=2", "data.shard_size=2",
             "synth.size_range=[64,96]", "cams.scales=[1.0,0.5]", "ray.enabled=false"]
-    for t in ("train_cls", "train_aff", "train_seg"):
+    for t in ("train_cls", "train_aff", "train_irn", "train_seg"):
         over += [f"{t}.crop_size=64", f"{t}.batch_size=2", f"{t}.num_workers=0"]
-    return over + ["train_cls.resize_long=[64,96]", "train_seg.resize_long=[64,96]"]
+    return over + ["train_cls.resize_long=[64,96]", "train_seg.resize_long=[64,96]",
+                   "train_irn.resize_long=[64,96]"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("name", sorted(REHEARSES))
-def test_rehearsal_cut_runs_every_stage(name, tmp_path):
-    cfg = load_config(CONFIGS / f"{name}.yaml", cut(tmp_path))
+@pytest.mark.parametrize("name,method", [("voc_rehearsal", "psa"), ("coco_rehearsal", "psa"),
+                                         ("voc_rehearsal", "irn")])
+def test_rehearsal_cut_runs_every_stage(name, method, tmp_path):
+    cfg = load_config(CONFIGS / f"{name}.yaml", cut(tmp_path) + [f"method={method}"])
     assert cfg.model.backbone in ("resnet38", "resnet50") and cfg.random_walk.t == 256
     assert cfg.aff_labels.crf and cfg.model.segmenter == "deeplabv3_resnet50"
+    assert cfg.irn_walk.t == 256 and cfg.ir_labels.crf
     try:
         assert run_pipeline(cfg) == 0
         _check_outputs(cfg, tmp_path / "data", tmp_path / "run")
@@ -102,10 +114,11 @@ def _check_outputs(cfg, data: Path, run: Path) -> None:
     assert len(shards) == math.ceil(cfg.synth.num_train / cfg.data.shard_size) >= 2
     lo, hi = cfg.synth.size_range
     shapes = []
+    relations, pseudos = (table.method_stage(cfg, r) for r in (table.RELATIONS, table.PSEUDO))
     for shard in shards:
-        outs = [run / d / shard.name for d in ("cams", "aff_labels", "random_walk")]
+        outs = [run / d / shard.name for d in ("cams", relations, pseudos)]
         n = 0
-        for raw, (cam, aff, pseudo) in iter_joined(shard, *outs):
+        for raw, (cam, rel, pseudo) in iter_joined(shard, *outs):
             s = decode_sample(raw, ["image", "cls"])
             h, w = s["image"].shape[:2]
             shapes.append((h, w))
@@ -113,15 +126,19 @@ def _check_outputs(cfg, data: Path, run: Path) -> None:
             c = decode_sample(cam, ["cam"])["cam"]
             assert c.shape == (len(s["cls"]), h, w)
             assert np.isfinite(c).all() and c.min() >= 0 and c.max() <= 1
-            a = decode_sample(aff, ["aff"])["aff"]
-            assert a.shape == cell_grid(h, w, cfg.model.aff_stride)
+            if cfg.method == "psa":     # affinity labels on AffinityNet's cell grid
+                a = decode_sample(rel, ["aff"])["aff"]
+                assert a.shape == cell_grid(h, w, cfg.model.aff_stride)
+            else:                       # relation labels at the image's size
+                a = decode_sample(rel, ["ir"])["ir"]
+                assert a.shape == (h, w)
             assert set(np.unique(a).tolist()) <= {0, 255, *s["cls"]}
             p = decode_sample(pseudo, ["pseudo"])["pseudo"]
             assert p.shape == (h, w) and set(np.unique(p).tolist()) <= {0, *s["cls"]}
             n += 1
         assert n == sum(1 for _ in iter_joined(shard))      # one of each per image
     assert len(shapes) == cfg.synth.num_train and len(set(shapes)) >= min(3, len(shapes))
-    for model in ("cls", "aff", "seg"):
+    for model in ("cls", "aff" if cfg.method == "psa" else "irn", "seg"):
         log = [json.loads(x) for x in (run / model / "log.jsonl").read_text().splitlines()]
         assert log and all(math.isfinite(r["loss"]) for r in log if "loss" in r), model
     rep = json.loads((run / "report.json").read_text())

@@ -84,6 +84,39 @@ def test_the_walk_per_shard_labels_every_pixel_with_the_images_classes(tmp_path)
     assert lab[10, 12] == 2 and lab[27, 35] == 5 and lab[38, 2] == 0   # inside each CAM, outside
 
 
+def test_the_walks_crf_refines_the_normalised_scores_before_the_argmax(tmp_path):
+    """irn_walk.crf (this project's addition): the labels are the argmax of the dense CRF on the
+    walked scores with the background's, normalised to sum to one; recomputed here from the
+    walk without it (the same scores) and the CRF called directly."""
+    from psa_dist.core.boundary import boundary_walk
+    from psa_dist.core.crf import crf_refine
+    from psa_dist.stages.label_stages.irn_walk import boundary_map, walk_image
+    image, cams = _shard_with_cams(tmp_path)
+    torch.manual_seed(0)
+    model = BoundaryNet(build_backbone("small")).eval()
+    cams_t = torch.from_numpy(cams.astype(np.float16).astype(np.float32))
+    crf = {"iters": 5, "gauss_sxy": 3.0, "gauss_compat": 3.0, "bi_sxy": 30.0, "bi_srgb": 13.0,
+           "bi_compat": 10.0}
+    got = walk_image(model, image, cams_t, [2, 5], t=16, crf=crf)
+    # by hand: the walked maps, the authors' scores, normalised, the CRF, the argmax
+    edge = boundary_map(model, image, "cpu")
+    small = torch.nn.functional.interpolate(cams_t[None], size=edge.shape, mode="area")[0]
+    small = small / (small.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+    walked = boundary_walk(small[None], edge[None], 10.0, 16, 5, 0.0)
+    up = torch.nn.functional.interpolate(walked, scale_factor=4, mode="bilinear",
+                                         align_corners=False)[0, :, :40, :48]
+    scores = np.concatenate([np.full((1, 40, 48), 0.25), (up / up.max()).numpy()])
+    probs = np.clip(scores / scores.sum(0, keepdims=True), 1e-5, None)
+    expect = np.array([0, 2, 5])[crf_refine(image, probs.astype(np.float32), **crf).argmax(0)]
+    assert np.array_equal(got.numpy(), expect)
+    plain = walk_image(model, image, cams_t, [2, 5], t=16)
+    assert np.array_equal(plain.numpy(), np.array([0, 2, 5])[scores.argmax(0)])
+    assert not np.array_equal(got.numpy(), plain.numpy())      # the CRF changed something
+    cfg = load_config(None, ["method=irn", "irn_walk.crf=true"])
+    assert "irn_walk.crf_bi_sxy" in table.settings(cfg, "irn_walk")
+    assert ("pydensecrf", "crf", "irn_walk.crf=true") in table.stage("irn_walk").extras(cfg)
+
+
 def test_the_boundary_branch_trains_its_head_only():
     net = BoundaryNet(build_backbone("small")).train()
     assert not net.backbone.training                      # frozen BN statistics
@@ -118,6 +151,15 @@ def test_irn_runs_end_to_end_and_a_run_directory_switches_methods(tmp_path, tiny
     assert (out / "stages" / "cams.json").read_text() == cams_before        # CAMs kept
     assert set(rep["stage_seconds"]) >= {"ir_labels", "train_irn", "irn_walk", "train_seg"}
     assert len(list((out / "irn_walk").glob("*.tar"))) == 2
+    # the report shows both methods on the same CAMs: psa's figures as its own report had them
+    assert rep["method"] == "irn" and set(rep["methods"]) == {"psa", "irn"}
+    assert rep["methods"]["psa"] == psa["methods"]["psa"]
+    assert rep["methods"]["psa"]["walk"] == psa["miou"]["rw"]
+    assert rep["methods"]["irn"]["walk"] == rep["miou"]["rw"]
+    assert rep["methods"]["irn"]["labels"] == "relation_labels"
+    md = (out / "report.md").read_text()
+    assert "## The methods run on these CAMs" in md and "| IRN (irn) |" in md
+    assert "| AffinityNet (psa) |" in md
     assert json.loads((out / "stages" / "train_seg.json").read_text())["settings"]["method"] == "irn"
     for k in ("cam", "rw", "seg", "seg_full"):
         assert 0.0 <= rep["miou"][k] <= 100.0
@@ -129,17 +171,25 @@ def test_irn_runs_end_to_end_and_a_run_directory_switches_methods(tmp_path, tiny
     assert len(list((tmp_path / "ir" / "SegmentationClassAug").glob("*.png"))) == 20
 
 
-def test_the_irn_paper_config_has_the_authors_settings_and_chains_irns_stages(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["voc_irn", "coco_irn"])
+def test_the_irn_paper_configs_have_the_authors_settings_and_chain_irns_stages(name, tmp_path,
+                                                                              capsys):
     from pathlib import Path
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "voc_irn.yaml")
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
     assert cfg.method == "irn" and cfg.model.irn_backbone == "pretrained"
+    assert cfg.model.backbone == "resnet50" and cfg.model.irn_radius == 10
+    cls_ranks = cfg.train_cls.nodes * cfg.train_cls.gpus_per_node
+    assert cls_ranks * cfg.train_cls.batch_size == 16 and cfg.train_cls.crop_size == 512
+    assert (cfg.train_cls.epochs, cfg.train_cls.lr, cfg.train_cls.weight_decay) == (5, 0.1, 1e-4)
+    assert (cfg.train_irn.epochs, cfg.train_irn.lr, cfg.train_irn.weight_decay) == (3, 0.1, 1e-4)
+    assert cfg.ir_labels.crf and cfg.cams.scales == (1.0, 0.5, 1.5, 2.0) and cfg.cams.flip
     assert (cfg.ir_labels.fg_thres, cfg.ir_labels.bg_thres) == (0.30, 0.05)
     assert (cfg.irn_walk.beta, cfg.irn_walk.t, cfg.irn_walk.radius, cfg.irn_walk.bg_score) == \
         (10.0, 256, 5, 0.25)
     ranks = cfg.train_irn.nodes * cfg.train_irn.gpus_per_node
     assert ranks * cfg.train_irn.batch_size == 32 and cfg.train_irn.crop_size == 512
-    assert main(["submit", str(Path(__file__).resolve().parents[2] / "configs" / "voc_irn.yaml"),
-                 "--dry-run", f"out_dir={tmp_path}"]) == 0
+    assert main(["submit", str(path), "--dry-run", f"out_dir={tmp_path}"]) == 0
     jobs = [line.split()[1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("[submit] ") and "(" in line]
     assert jobs == ["train-cls", "cams", "ir-labels", "train-irn", "irn-walk", "train-seg",

@@ -15,7 +15,7 @@ from psa_dist.stages.job_shape import shape_warnings
 STAGES = table.stages_of(load_config(None))     # the default method's (AffinityNet's)
 
 REPO = Path(__file__).resolve().parents[2]
-PAPER = ["voc_resnet38", "voc_resnet50", "coco_resnet50"]
+PAPER = ["voc_resnet38", "voc_resnet50", "coco_resnet50", "voc_irn", "coco_irn"]
 
 
 def _config(name, overrides=()):
@@ -25,9 +25,12 @@ def _config(name, overrides=()):
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_configs_ship_a_shape_that_fits(name):
     cfg = _config(name)
-    assert shape_warnings(cfg, STAGES, submit=True) == []
-    assert shape_warnings(cfg, STAGES) == []
-    for section in ("train_cls", "train_aff", "train_seg"):     # what the check stands for
+    stages = table.stages_of(cfg)               # the config's method's
+    assert shape_warnings(cfg, stages, submit=True) == []
+    assert shape_warnings(cfg, stages) == []
+    trainers = [s for s in stages if s.startswith("train_")]
+    assert len(trainers) == 3
+    for section in trainers:                    # what the check stands for
         job = getattr(cfg, section)
         assert job.launcher == "slurm" and job.gpus_per_node > 0
         assert job.cpus_per_task >= job.num_workers + 1

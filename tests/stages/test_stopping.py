@@ -183,6 +183,24 @@ def test_quality_sweep_runs_each_variant_once(tiny, tmp_path):
     assert row["minutes"] >= kept / 60 - 0.05    # the kept stages' time is in the row
     with pytest.raises(ValueError, match="unknown stage 'walk'"):
         bench_quality(str(tiny), ["a"], tmp_path / "q", over, variants=variants, redo_from="walk")
+    # both methods: psa's row is recorded, IRN runs in a's directory on its classifier and CAMs
+    irn_over = over + ["random_walk.t=4", "train_irn.launcher=inline", "train_irn.epochs=1",
+                       "train_irn.crop_size=64", "irn_walk.t=8", "ir_labels.crf=false"]
+    both = bench_quality(str(tiny), ["a"], tmp_path / "q", irn_over, variants=variants,
+                         methods=["psa", "irn"])
+    assert [(r["variant"], r["method"]) for r in both] == [("a", "psa"), ("a", "irn"), ("b", "psa")]
+    psa, irn = both[0], both[1]
+    assert psa == row and irn["cam"] == psa["cam"] and irn["cam_recall"] == psa["cam_recall"]
+    assert (a / "cls" / "checkpoint.pth").stat().st_mtime_ns == cls_stamp
+    shared = sum(json.loads((a / "stages" / f"{s}.json").read_text())["seconds"]
+                 for s in ("train_cls", "cams"))
+    assert irn["minutes"] >= shared / 60 - 0.05         # the kept classifier's and CAMs' time
+    md = (tmp_path / "q" / "quality.md").read_text()
+    assert "### irn" in md and "### psa" in md and "### side by side" in md
+    assert f"| a | {psa['cam']:.1f} | {psa['walk']:.1f} ({psa['walk_gain']:+.1f}) |" in md
+    assert f"{irn['walk']:.1f} ({irn['walk_gain']:+.1f})" in md.split("### side by side")[1]
+    report = json.loads((a / "report.json").read_text())
+    assert set(report["methods"]) == {"psa", "irn"}
 
 
 def test_objects_lost_and_dropped_against_a_count_by_hand():

@@ -23,10 +23,11 @@ from ...core.crf import crf_refine
 from ...data.shards import SampleError, decode_sample, iter_joined, write_shard
 
 
-def crf_settings(cfg: Config, enabled: bool) -> dict | None:
-    """The dense CRF's settings (``aff_labels.crf_*``, shared by every stage that uses it), or None
-    when that stage does not."""
-    a = cfg.aff_labels
+def crf_settings(cfg: Config, enabled: bool, section: str = "aff_labels") -> dict | None:
+    """The dense CRF's settings on score maps (``aff_labels.crf_*``, shared by AffinityNet's
+    stages and predict; IRN's walk has its own, ``irn_walk.crf_*``), or None when that stage does
+    not use it."""
+    a = getattr(cfg, section)
     if not enabled:
         return None
     return {"iters": a.crf_iters, "gauss_sxy": a.crf_gauss_sxy, "gauss_compat": a.crf_gauss_compat,

@@ -3,9 +3,11 @@
 map at stride 4 (the logits of the image and of its mirror image averaged, then the sigmoid), the
 CAMs brought to that grid, damped by the boundaries and walked (``core.boundary.boundary_walk``:
 ``D^-1 A^beta`` for ``t`` steps on the sparse pairs within ``radius``), upsampled x4, divided by
-their maximum, a constant background score, the argmax."""
+their maximum, a constant background score, the argmax (with ``irn_walk.crf``, this project's
+addition as for AffinityNet's walk: the dense CRF on those scores first)."""
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from ...core.boundary import boundary_walk, walk_to_label
 from ...core.image import normalize, pad_to_multiple
 from ...data.shards import encode_mask
-from .base import LabelStage, decoded, summary, write
+from .base import LabelStage, crf_scores, crf_settings, decoded, summary, write
 
 
 @torch.inference_mode()
@@ -34,9 +36,9 @@ def boundary_map(model, image: np.ndarray, device, flip: bool = True) -> torch.T
 @torch.inference_mode()
 def walk_image(model, image: np.ndarray, cams: torch.Tensor, class_ids, beta: float = 10.0,
                t: int = 256, radius: int = 5, bg_score: float = 0.25, device="cpu",
-               tol: float = 0.0, flip: bool = True) -> torch.Tensor:
+               tol: float = 0.0, flip: bool = True, crf: dict | None = None) -> torch.Tensor:
     """One image's pseudo label from its CAMs (C, H, W) at image resolution (normalised per
-    class) and IRN's ``model``."""
+    class) and IRN's ``model`` (``crf``: the dense CRF's settings, on the walked scores)."""
     h, w = image.shape[:2]
     edge = boundary_map(model, image, device, flip)
     # the CAMs on the boundary grid, each class normalised by its maximum there (the authors'
@@ -45,18 +47,19 @@ def walk_image(model, image: np.ndarray, cams: torch.Tensor, class_ids, beta: fl
     small = small / (small.amax(dim=(-2, -1), keepdim=True) + 1e-5)
     walked = boundary_walk(small[None], edge[None], beta, t, radius, tol)
     up = F.interpolate(walked, scale_factor=4, mode="bilinear", align_corners=False)[0, :, :h, :w]
-    return walk_to_label(up, class_ids, bg_score)
+    refine = None if crf is None else functools.partial(crf_scores, image, crf)
+    return walk_to_label(up, class_ids, bg_score, refine)
 
 
 def irn_walk_shard(model, in_shard, cams_shard, out_shard, beta: float = 10.0, t: int = 256,
                    radius: int = 5, bg_score: float = 0.25, device="cpu", tol: float = 0.0,
-                   flip: bool = True) -> dict:
+                   flip: bool = True, crf: dict | None = None) -> dict:
     """Pseudo labels (``pseudo.png``) of every image of a shard."""
     t0, failed, out, io = time.monotonic(), [], [], {}
     for s in decoded(in_shard, cams_shard, label_fields=("cam",), failed=failed, io=io):
         cams = torch.from_numpy(s["cam"].astype(np.float32))
         lab = walk_image(model, s["image"], cams, s["cls"], beta, t, radius, bg_score, device,
-                         tol, flip)
+                         tol, flip, crf)
         out.append({"__key__": s["key"],
                     "pseudo.png": encode_mask(lab.cpu().numpy().astype(np.uint8))})
     write(out_shard, out, io)
@@ -70,11 +73,12 @@ class IrnWalk(LabelStage):
     def process(self, ctx, in_shard, inputs, out_shard, batch_size=None):
         r = ctx.cfg.irn_walk
         return irn_walk_shard(ctx.model, in_shard, inputs[0], out_shard, r.beta, r.t, r.radius,
-                              r.bg_score, ctx.device, r.tol, r.flip)
+                              r.bg_score, ctx.device, r.tol, r.flip,
+                              crf_settings(ctx.cfg, r.crf and ctx.crf, "irn_walk"))
 
     def describe(self, cfg, size):
-        return (f"{cfg.model.backbone} IRN boundary + walk t {cfg.irn_walk.t} at stride 4, "
-                f"{size[1]}x{size[0]}")
+        return (f"{cfg.model.backbone} IRN boundary + walk t {cfg.irn_walk.t} at stride 4"
+                f"{' + CRF' if cfg.irn_walk.crf else ''}, {size[1]}x{size[0]}")
 
 
 STAGE = IrnWalk()
