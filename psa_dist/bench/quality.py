@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..config import METHODS, load_config
 from ..stages.run_dir import RunDir
-from ..stages.table import stage
+from ..stages.table import STAGES, shared, stage
 from ..util.atomic import atomic_write_bytes
 from .cases import VARIANTS
 
@@ -72,10 +72,12 @@ def _dropped(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     """The sweep as markdown, one row per variant, then the spread of each column."""
     head = ("| variant | CAM | walk | walk − CAM | recall CAM → walk | objects the walk lost | "
-            "segmenter / full | classifier loss (epochs) | AffinityNet epochs | minutes | goals |")
+            "segmenter / full | classifier loss (epochs) | walk network's epochs | minutes | goals |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        cls_epochs, aff_epochs = (_epochs(r.get("epochs", {}).get(m)) for m in ("cls", "aff"))
+        stopped = r.get("epochs", {})
+        cls_epochs = _epochs(stopped.get("cls"))
+        aff_epochs = _epochs(stopped.get("aff") or stopped.get("irn"))    # AffinityNet's or IRN's
         ratio = f"{r['seg']:.1f} / {r['seg_full']:.1f} = {100 * r['seg_ratio']:.0f}%" \
             if r.get("seg_ratio") else "-"
         lines.append(f"| {r['variant']} | {r['cam']:.1f} | {r['walk']:.1f} | {r['walk_gain']:+.1f} | "
@@ -108,11 +110,11 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
     unknown = [n for n in names or [] if n not in variants]
     if unknown:
         raise ValueError(f"bench quality: unknown variants {unknown} (have {', '.join(variants)})")
-    if redo_from:
-        stage(redo_from)        # an unknown stage fails before anything runs
+    redo = redo_per_method(redo_from, methods or [_config_method(config, overrides or [])])
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "quality.jsonl"
+    # rows from before IRN have no method: that sweep ran AffinityNet's only
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     have = {(r["variant"], r.get("method", "psa")): r for r in rows}
     for name in names or list(variants):
@@ -122,7 +124,7 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
                 print(f"[bench quality] {name} ({key[1]}): recorded in {log}", flush=True)
                 continue
             row = _run_variant(config, name, method, root, overrides or [], variants[name],
-                               redo_from)
+                               redo[key[1]])
             rows = [row if (r["variant"], r.get("method", "psa")) == key else r for r in rows] \
                 if key in have else rows + [row]
             have[key] = row
@@ -138,6 +140,27 @@ def bench_quality(config: str, names: list[str] | None = None, out_root="runs/qu
 
 def _config_method(config: str, overrides: list) -> str:
     return load_config(config, list(overrides)).method
+
+
+def redo_per_method(redo_from: str | None, methods: list[str]) -> dict:
+    """Where each method's run starts again for ``--from redo_from``: the first method from
+    ``redo_from`` (one of its stages); a later one from its own first stage where ``redo_from``
+    is shared (new CAMs make its labels stale; the CAMs are not redone twice), from ``redo_from``
+    where that is one of its stages, else from nothing (its stages stand; what follows a
+    stage redone by the other method is redone by the method switch)."""
+    if not redo_from:
+        return {m: None for m in methods}
+    first = stage(redo_from)        # an unknown stage fails before anything runs
+    if methods[0] not in first.methods:
+        raise ValueError(f"bench quality: --from {redo_from} is not a stage of method="
+                         f"{methods[0]}, the first of --methods")
+    redo = {methods[0]: redo_from}
+    for m in methods[1:]:
+        if shared(redo_from):
+            redo[m] = next(s.name for s in STAGES if m in s.methods and not shared(s.name))
+        else:
+            redo[m] = redo_from if m in first.methods else None
+    return redo
 
 
 def _run_variant(config: str, name: str, method: str | None, root: Path, overrides: list,
@@ -165,7 +188,8 @@ def _run_variant(config: str, name: str, method: str | None, root: Path, overrid
 
 def _kept_seconds(out: Path, started: float) -> float:
     """The seconds the stages of the run in ``out`` whose markers are older than ``started`` (a
-    wall-clock time) took: the stages this run kept. Eval and the report are always redone."""
+    wall-clock time) took: the stages this run kept (its report's stages; the report's own
+    seconds are not recorded)."""
     report = json.loads((out / "report.json").read_text())
     total = 0.0
     for name in report.get("stage_seconds", {}):
@@ -194,12 +218,13 @@ def side_by_side(rows: list[dict], methods: list[str]) -> str:
     lines = [head + " |", "|" + "---|" * (2 + 4 * len(methods))]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         got = [by.get((variant, m)) for m in methods]
-        cam = next(r["cam"] for r in got if r)
+        cams = list(dict.fromkeys(f"{r['cam']:.1f}" for r in got if r))
+        cam = " / ".join(cams)          # two figures: the methods' rows are on different CAMs
         cells = []
         for r in got:
             cells += (["-"] * 4 if r is None else
                       [f"{r['walk']:.1f} ({r['walk_gain']:+.1f})", f"{r['walk_recall']:.3f}",
                        f"{100 * r['seg_ratio']:.0f}%" if r.get("seg_ratio") else "-",
                        f"{r['minutes']:.1f}"])
-        lines.append(f"| {variant} | {cam:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant} | {cam} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -19,7 +19,8 @@ def _densecrf():
         from pydensecrf.utils import unary_from_softmax
     except ImportError as e:
         raise CrfUnavailable("the dense CRF needs pydensecrf2: pip install 'psa-dist[crf]' "
-                             "(or set aff_labels.crf=false)") from e
+                             "(or turn off the stage's crf setting: aff_labels.crf, random_walk.crf, "
+                             "ir_labels.crf, irn_walk.crf)") from e
     return dcrf, unary_from_softmax
 
 

@@ -369,3 +369,58 @@ def test_classifier_trains_until_it_fits_its_labels(tiny, tmp_path, each_class):
     assert {r["eta_to"] for r in epochs[fit:]} == {"end"}
     report_epochs = __import__("psa_dist.stages.report", fromlist=["x"]).stopping_epochs(Run(cfg))
     assert report_epochs["cls"]["fit"] == fit and report_epochs["cls"]["train_loss"] == curve
+
+
+def test_redo_from_per_method_keeps_the_methods_on_one_set_of_cams():
+    from psa_dist.bench.quality import redo_per_method
+    assert redo_per_method(None, ["psa", "irn"]) == {"psa": None, "irn": None}
+    # a shared stage: the CAMs once, by the first method; the later one redoes its own stages
+    assert redo_per_method("cams", ["psa", "irn"]) == {"psa": "cams", "irn": "ir_labels"}
+    assert redo_per_method("train_cls", ["irn", "psa"]) == {"irn": "train_cls",
+                                                            "psa": "aff_labels"}
+    # the first method's own stage: the other runs without --from (the switch redoes the rest)
+    assert redo_per_method("random_walk", ["psa", "irn"]) == {"psa": "random_walk", "irn": None}
+    assert redo_per_method("train_seg", ["psa", "irn"]) == {"psa": "train_seg",
+                                                            "irn": "train_seg"}
+    with pytest.raises(ValueError, match="not a stage of method=irn"):
+        redo_per_method("random_walk", ["irn", "psa"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        redo_per_method("walk", ["psa"])
+
+
+def test_kept_seconds_counts_the_markers_older_than_the_run(tmp_path):
+    import os
+    from psa_dist.bench.quality import _kept_seconds
+    (tmp_path / "stages").mkdir()
+    seconds = {"train_cls": 100.0, "cams": 20.0, "ir_labels": 3.0, "eval": 2.0}
+    for name, s in seconds.items():
+        (tmp_path / "stages" / f"{name}.json").write_text(json.dumps({"seconds": s}))
+    (tmp_path / "report.json").write_text(json.dumps({"stage_seconds": seconds}))
+    started = 1_000_000.0
+    for name in ("train_cls", "cams"):                  # kept: written before the run started
+        os.utime(tmp_path / "stages" / f"{name}.json", (started - 60, started - 60))
+    for name in ("ir_labels", "eval"):                  # run now
+        os.utime(tmp_path / "stages" / f"{name}.json", (started + 5, started + 5))
+    assert _kept_seconds(tmp_path, started) == 120.0
+    assert _kept_seconds(tmp_path, started - 3600) == 0.0     # a fresh run keeps nothing
+
+
+def test_the_report_keeps_the_other_methods_figures_only_on_the_same_cams(tmp_path):
+    from types import SimpleNamespace
+    from psa_dist.stages.report import _other_methods
+    from psa_dist.stages.run_dir import RunDir
+
+    class Run(RunDir):
+        cfg = SimpleNamespace(method="irn")
+    run = Run(tmp_path)
+    run.stages.mkdir()
+    run.marker("cams").write_text(json.dumps({"seconds": 20.0}))
+    from psa_dist.stages.report import _cams_stamp
+    psa = {"cams": _cams_stamp(run), "walk": 90.0}
+    (tmp_path / "report.json").write_text(json.dumps(
+        {"method": "psa", "methods": {"psa": psa, "irn": {"cams": _cams_stamp(run)}}}))
+    assert _other_methods(run) == {"psa": psa}          # this method's own entry is replaced
+    run.marker("cams").write_text(json.dumps({"seconds": 21.0}))       # the CAMs redone
+    assert _other_methods(run) == {}
+    (tmp_path / "report.json").write_text("{")                         # cut short: nothing kept
+    assert _other_methods(run) == {}
