@@ -131,7 +131,7 @@ class BoundaryNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, width: int = 32):
         super().__init__()
-        self.backbone = backbone
+        self.backbone = backbone.eval()     # frozen from the start, BN statistics included
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.tap_names = list(backbone.edge_taps)

@@ -84,6 +84,64 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, free_port):
     assert moved > 0    # the steps did change the weights
 
 
+def _irn_model_and_loss():
+    """IRN's boundary branch on a frozen backbone and its relation loss (radius 5 cells)."""
+    from psa_dist.config import load_config
+    from psa_dist.nets.models import BoundaryNet
+    cfg = load_config(None, ["method=irn", "model.irn_radius=5"])
+    torch.manual_seed(0)
+    model = BoundaryNet(build_backbone("small"))
+    return model, table.kind("irn").losses(cfg, cfg.train_irn)(False)
+
+
+def _irn_steps(model, loss, x, y, net=None):
+    opt = build_optimizer(model, 0.1, 1e-4, 0.9, model.new_modules())
+    sched = build_poly_scheduler(opt, 10)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    (net or model).train()          # as the loop does each epoch: the backbone stays in eval
+    for _ in range(2):
+        train_step(net or model, loss, x, y, opt, sched, scaler, None)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _irn_rank(rank, port, x, y, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    from psa_dist.util.dist import cleanup, wrap_ddp
+    model, loss = _irn_model_and_loss()
+    half = x.shape[0] // 2
+    sl = slice(rank * half, (rank + 1) * half)
+    state = _irn_steps(model, loss, x[sl], y[sl], wrap_ddp(model, info))
+    if rank == 0:
+        torch.save(state, out)
+    cleanup()
+
+
+def test_irns_boundary_branch_on_two_ranks_equals_one_rank(tmp_path, free_port):
+    """IRN's trainer under DDP: only the head is a DDP parameter (the backbone is frozen and
+    keeps its BN statistics); two ranks of half the batch equal one rank of all of it."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 48, 48)
+    y = torch.zeros(4, 48, 48, dtype=torch.long)        # relation labels: classes, bg, 255
+    y[:, 8:30, 6:26] = 3
+    y[:, 26:44, 28:46] = 5
+    y[:, 28:32] = 255
+    torch.set_num_threads(1)
+    model, loss = _irn_model_and_loss()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    single = _irn_steps(model, loss, x, y)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_irn_rank, args=(free_port(), x, y, out), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    for k, v in single.items():
+        assert torch.allclose(ddp[k], v, atol=1e-5, rtol=1e-4), k
+        if k.startswith("backbone."):
+            assert torch.equal(v, start[k]), k         # frozen, BN statistics too
+    assert any(not torch.equal(v, start[k]) for k, v in single.items() if k.startswith("head."))
+
+
 def _failing_rank(rank, port, left):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
