@@ -113,7 +113,8 @@ def _add_result_commands(sub) -> None:
                        "holding other files unless --overwrite.")
     config_args(p, required=True)
     p.add_argument("--what", required=True, choices=list(table.exports()),
-                   help="pseudo: random-walk pseudo labels; aff_labels; cams; pred: the segmenter")
+                   help="pseudo: the walk's pseudo labels; aff_labels (psa) or ir_labels (irn): the "
+                        "labels the walk's network learned from; cams; pred: the segmenter")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--layout", default="voc", choices=list(LAYOUTS),
                    help="voc: JPEGImages/ SegmentationClassAug/ ImageSets/; mmseg: img_dir/ ann_dir/")
@@ -140,11 +141,11 @@ def _add_result_commands(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("label", help="CAMs and pseudo labels for another dataset from a run's "
-                       "trained classifier and AffinityNet (nothing is trained)",
+                       "trained classifier and AffinityNet or IRN (nothing is trained)",
                        description="The label stages of the run CONFIG, pointed at another "
                        "converted dataset: OUT becomes a run directory whose models are the run's "
-                       "and whose cams/ and random_walk/ hold the new data's CAMs and pseudo "
-                       "labels (psa-dist export them with out_dir=OUT data.root=INPUT "
+                       "and whose cams/ and random_walk/ (irn_walk/ with method=irn) hold the "
+                       "new data's CAMs and pseudo labels (psa-dist export them with out_dir=OUT data.root=INPUT "
                        "data.source=shards).")
     config_args(p, required=True)
     p.add_argument("--input", required=True, help="dataset directory (dataset.json + shards)")
