@@ -51,17 +51,19 @@ def _one_step(model, x, y, net=None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ddp_rank(rank, port, x, y, out):
+def _ddp_rank(rank, port, x, y, out, kind="cls"):
+    """One of 2 gloo ranks: the classifier's steps (or IRN's, ``kind="irn"``) on half the batch."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     from psa_dist.util.dist import cleanup, wrap_ddp
-    model = tiny_model()
+    model, loss = (tiny_model(), None) if kind == "cls" else _irn_model_and_loss()
     net = wrap_ddp(model, info)
     half = x.shape[0] // 2
     sl = slice(rank * half, (rank + 1) * half)
-    state = _one_step(model, x[sl], y[sl], net)
+    state = (_one_step(model, x[sl], y[sl], net) if kind == "cls"
+             else _irn_steps(model, loss, x[sl], y[sl], net))
     if rank == 0:
         torch.save(state, out)
     cleanup()
@@ -104,21 +106,6 @@ def _irn_steps(model, loss, x, y, net=None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _irn_rank(rank, port, x, y, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
-    from psa_dist.util.dist import cleanup, wrap_ddp
-    model, loss = _irn_model_and_loss()
-    half = x.shape[0] // 2
-    sl = slice(rank * half, (rank + 1) * half)
-    state = _irn_steps(model, loss, x[sl], y[sl], wrap_ddp(model, info))
-    if rank == 0:
-        torch.save(state, out)
-    cleanup()
-
-
 def test_irns_boundary_branch_on_two_ranks_equals_one_rank(tmp_path, free_port):
     """IRN's trainer under DDP: only the head is a DDP parameter (the backbone is frozen and
     keeps its BN statistics); two ranks of half the batch equal one rank of all of it."""
@@ -133,7 +120,7 @@ def test_irns_boundary_branch_on_two_ranks_equals_one_rank(tmp_path, free_port):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     single = _irn_steps(model, loss, x, y)
     out = tmp_path / "rank0.pt"
-    mp.spawn(_irn_rank, args=(free_port(), x, y, out), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(free_port(), x, y, out, "irn"), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     for k, v in single.items():
         assert torch.allclose(ddp[k], v, atol=1e-5, rtol=1e-4), k
