@@ -164,16 +164,22 @@ class CamConfig:
 
 
 @dataclass
-class AffLabelConfig:
-    alpha_lo: float = 4.0
-    alpha_hi: float = 32.0
-    crf: bool = True                # dense CRF on both score maps (the authors' code does this)
+class CrfKernels:
+    """The dense CRF's settings on score maps (``core.crf.crf_refine``; the authors' AffinityNet
+    CRF by default), of every section that refines scores with it."""
     crf_iters: int = 10
     crf_gauss_sxy: float = 3.0
     crf_gauss_compat: float = 3.0
     crf_bi_sxy: float = 80.0
     crf_bi_srgb: float = 13.0
     crf_bi_compat: float = 10.0
+
+
+@dataclass
+class AffLabelConfig(CrfKernels):
+    alpha_lo: float = 4.0
+    alpha_hi: float = 32.0
+    crf: bool = True                # dense CRF on both score maps (the authors' code does this)
 
 
 @dataclass
@@ -207,7 +213,7 @@ class IrLabelConfig:
 
 
 @dataclass
-class IrnWalkConfig:
+class IrnWalkConfig(CrfKernels):
     """IRN's walk on its class-boundary map (``method: irn``; the authors' make_sem_seg_labels)."""
     beta: float = 10.0
     t: int = 256                    # steps: the authors square their T exp_times=8 times (2^8)
@@ -215,16 +221,10 @@ class IrnWalkConfig:
     bg_score: float = 0.25          # constant background score after the walk (sem_seg_bg_thres)
     flip: bool = True               # the boundary map averaged with the mirror image's (logits)
     tol: float = 1e-5               # within tol of the exact walk, in fewer steps (random_walk)
-    # The dense CRF on the walked scores (background and classes, normalised to sum to one)
-    # before the argmax: this project's addition, as random_walk.crf for AffinityNet's walk (the
-    # authors take the argmax); off by default. Its kernels default to AffinityNet's CRF.
+    # The dense CRF (its kernels: CrfKernels, irn_walk.crf_*) on the walked scores (background
+    # and classes, normalised to sum to one) before the argmax: this project's addition, as
+    # random_walk.crf for AffinityNet's walk (the authors take the argmax); off by default.
     crf: bool = False
-    crf_iters: int = 10
-    crf_gauss_sxy: float = 3.0
-    crf_gauss_compat: float = 3.0
-    crf_bi_sxy: float = 80.0
-    crf_bi_srgb: float = 13.0
-    crf_bi_compat: float = 10.0
 
 
 @dataclass
