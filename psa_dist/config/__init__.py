@@ -148,6 +148,10 @@ def _checked(cfg: Config) -> Config:
                               f"{t.stop_patience}")
         if not 0 < t.stop_decay <= 1:
             raise ConfigError(f"{name}.stop_decay: must be in (0, 1], got {t.stop_decay}")
+        if t.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"{name}.optimizer: must be sgd or adamw, got {t.optimizer!r}")
+        if t.warmup_epochs < 0:
+            raise ConfigError(f"{name}.warmup_epochs: must be at least 0, got {t.warmup_epochs}")
         if t.holdout_shards < 1:
             raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
         if t.fit_target is not None:

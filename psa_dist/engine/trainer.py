@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..nets.models import set_bn_eval
-from ..nets.optim import LearnedSchedule, build_optimizer, build_poly_scheduler
+from ..nets.optim import LearnedSchedule, build_optimizer, build_poly_scheduler, with_warmup
 from ..util.dist import DistInfo, wrap_ddp
 from ..util.precision import Precision
 from .hooks import Checkpointer, LossLog, StopWhenLearned, TensorBoard, set_rng_state
@@ -58,7 +58,8 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     max_steps = tcfg.epochs * len(loader)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype is torch.float16)
     opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, new_modules,
-                          uniform=uniform_lr)
+                          uniform=uniform_lr, kind=tcfg.optimizer)
+    warmup = round(tcfg.warmup_epochs * len(loader))
     stop_state = (checkpoint or {}).get("stop") or {}
     fitting = tcfg.fit_target is not None
     if fitting and label_prior is None:
@@ -66,8 +67,8 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     class_terms = fitting and tcfg.fit_each_class     # the loss of each class, tracked
     learned = (LearnedSchedule(max_steps, tcfg.stop_decay, state=stop_state.get("lr"))
                if heldout is not None or fitting else None)
-    sched = (torch.optim.lr_scheduler.LambdaLR(opt, learned) if learned is not None
-             else build_poly_scheduler(opt, max_steps))
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, with_warmup(learned, warmup))
+             if learned is not None else build_poly_scheduler(opt, max_steps, warmup_steps=warmup))
     loop = TrainLoop(model, net, losses(class_terms), loader, opt, sched, scaler, precision.dtype,
                      info.device, tcfg.epochs, [], freeze_bn)
     static = {"config": {}, **(static or {}),

@@ -29,15 +29,18 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
                     new_modules: list[nn.Module] | None = None,
-                    uniform: bool = False) -> torch.optim.SGD:
-    """SGD over :func:`parameter_groups`, or with ``uniform`` one group of every trainable
-    parameter at ``lr``, decayed (IRN's boundary branch, as its authors train it)."""
+                    uniform: bool = False, kind: str = "sgd") -> torch.optim.Optimizer:
+    """SGD (or with ``kind`` adamw, AdamW) over :func:`parameter_groups`, or with ``uniform``
+    one group of every trainable parameter at ``lr``, decayed (IRN's boundary branch, as its
+    authors train it)."""
     # The authors' code passes weight_decay (5e-4) into SGD's momentum slot by accident, so their
     # effective momentum is 5e-4 (IRN's: 1e-4). We use the momentum the paper intends (0.9 by
     # default); set train_*.momentum to the weight decay to reproduce the released code exactly.
     groups = ([{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
                 "weight_decay": weight_decay, "lr_mult": 1, "name": "all"}] if uniform
               else parameter_groups(model, lr, weight_decay, new_modules))
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -45,9 +48,21 @@ def poly_lr_factor(step: int, max_steps: int, power: float = 0.9) -> float:
     return (1 - min(step, max_steps) / max(max_steps, 1)) ** power
 
 
-def build_poly_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9):
-    """``lr = base_lr · lr_mult · (1 - step / max_steps)^power``, stepped once per iteration."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_lr_factor(s, max_steps, power))
+def build_poly_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9,
+                         warmup_steps: int = 0):
+    """``lr = base_lr · lr_mult · (1 - step / max_steps)^power``, stepped once per iteration
+    (after a linear warm-up of ``warmup_steps``, :func:`with_warmup`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, with_warmup(lambda s: poly_lr_factor(s, max_steps, power), warmup_steps))
+
+
+def with_warmup(factor, steps: int):
+    """A schedule's factor times a linear warm-up, ``(step + 1) / steps`` over the first
+    ``steps`` steps; ``factor`` itself when ``steps`` is 0. A plain function, so that LambdaLR's
+    checkpoint keeps nothing of it (a schedule's own state is kept by its owner)."""
+    if steps <= 0:
+        return factor
+    return lambda step: min(1.0, (step + 1) / steps) * factor(step)
 
 
 class LearnedSchedule:

@@ -282,6 +282,22 @@ _RUN_ONLY = {f.name for f in dataclasses.fields(JobConfig)} | {
     "num_workers", "threads", "log_every", "checkpoint_every", "tensorboard"}
 
 
+# Keys added after runs were made, with the value every run had before them: recorded only when set
+# to something else, so that a marker written before the key existed still matches (a new key
+# would otherwise mark every cached stage as made with other settings, and refuse a half-trained
+# model's resume). irn_walk's CRF kernels count only with its CRF on.
+_ADDED_LATER = {"optimizer": "sgd", "warmup_epochs": 0.0}
+
+
+def _recorded(sec: str, key: str, section) -> bool:
+    value = getattr(section, key)
+    if key in _ADDED_LATER and sec.startswith("train_"):
+        return value != _ADDED_LATER[key]
+    if sec == "irn_walk" and (key == "crf" or key.startswith("crf_")):
+        return section.crf
+    return True
+
+
 def settings(cfg: Config, name: str) -> dict:
     """What decides stage ``name``'s outputs under ``cfg``, as dotted keys: the seed, the
     synthetic data's settings, the model, and the sections of this stage and every earlier one
@@ -295,7 +311,8 @@ def settings(cfg: Config, name: str) -> dict:
                  if s.section and cfg.method in s.methods]
     for sec in sections:
         for key, value in dataclasses.asdict(getattr(cfg, sec)).items():
-            if key in _RUN_ONLY or (key == "batch_size" and sec in LABEL_STAGES):
+            if (key in _RUN_ONLY or (key == "batch_size" and sec in LABEL_STAGES)
+                    or not _recorded(sec, key, getattr(cfg, sec))):
                 continue
             if sec == "model" and key.startswith("irn_") and (cfg.method != "irn"
                                                              or shared(name)):

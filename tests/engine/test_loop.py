@@ -60,11 +60,11 @@ class Events(Hook):
         self.seen.append("after_train")
 
 
-def _train(out, hooks=(), checkpoint=None):
+def _train(out, hooks=(), checkpoint=None, **settings):
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     tcfg = TrainConfig(epochs=3, lr=0.05, weight_decay=0.0, log_every=2, checkpoint_every=3,
-                       amp="none")
+                       amp="none", **settings)
     summary = train(model, squared_error, Batches(5), tcfg, out, DistInfo(), name="toy",
                     section="toy", precision=Precision(None, "float32 for the test"),
                     new_modules=[], checkpoint=checkpoint, hooks=hooks)
@@ -86,13 +86,39 @@ def test_the_loop_trains_from_a_loss_callable_with_its_hooks(tmp_path):
     assert torch.equal(ck["model"]["weight"], model.state_dict()["weight"])
 
 
-def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
-    whole, _ = _train(tmp_path / "whole")
+SCHEDULES = {"sgd": {},                                          # the authors' SGD, poly
+             # AdamW, warming up over 2 epochs: the cut falls inside the warm-up
+             "adamw, warm-up": {"optimizer": "adamw", "warmup_epochs": 2}}
+
+
+@pytest.mark.parametrize("settings", SCHEDULES.values(), ids=SCHEDULES)
+def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, settings):
+    whole, _ = _train(tmp_path / "whole", **settings)
     with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "cut", hooks=[Events(stop_at=8)])     # in epoch 2, after step 8
+        _train(tmp_path / "cut", hooks=[Events(stop_at=8)], **settings)  # epoch 2, after step 8
     ck = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
     assert (ck["epoch"], ck["step"], ck["step_in_epoch"]) == (1, 6, 1)   # the last checkpoint
-    resumed, summary = _train(tmp_path / "cut", checkpoint=ck)
+    moments = {k for state in ck["optimizer"]["state"].values() for k in state}
+    assert moments == ({"exp_avg", "exp_avg_sq", "step"} if settings else {"momentum_buffer"})
+    resumed, summary = _train(tmp_path / "cut", checkpoint=ck, **settings)
     assert summary["steps"] == 15
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+class LearningRates(Hook):
+    def __init__(self):
+        self.seen = []
+
+    def after_step(self, loop):
+        self.seen.append(loop.opt.param_groups[0]["lr"])
+
+
+def test_the_warm_up_ramps_the_learning_rate_linearly_then_hands_over_to_the_schedule(tmp_path):
+    from psa_dist.nets.optim import poly_lr_factor
+    rates = LearningRates()
+    _train(tmp_path / "w", hooks=[rates], warmup_epochs=1.0, optimizer="adamw")   # 5 steps
+    # after step s the scheduler has set step s + 1's rate: 0.05 x (s + 1) / 5 x poly(s)
+    expected = [0.05 * min(1.0, (s + 1) / 5) * poly_lr_factor(s, 15) for s in range(1, 16)]
+    assert rates.seen == pytest.approx(expected)
+    assert rates.seen[3] == pytest.approx(0.05 * poly_lr_factor(4, 15))    # full rate at step 5

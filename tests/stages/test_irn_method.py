@@ -212,3 +212,23 @@ def test_a_stage_done_by_the_other_method_is_not_done_for_this_one(tmp_path):
     assert set(_finished(psa, table.stages_of(psa))) == {"train_cls", "cams", "train_seg"}
     with pytest.raises(Exception, match="not a stage of method=irn"):
         run_pipeline(irn, redo_from="aff_labels")
+
+
+def test_keys_added_later_are_recorded_only_off_their_default():
+    """A marker written before a key existed still matches while the key keeps the value every
+    run had before it: the trainers' optimizer and warm-up, irn_walk's CRF (and its kernels)."""
+    irn = load_config(None, ["method=irn"])
+    for stage in ("train_cls", "train_seg", "irn_walk"):
+        s = table.settings(irn, stage)
+        assert not any(k.endswith((".optimizer", ".warmup_epochs")) for k in s)
+        assert not any(k.startswith("irn_walk.crf") for k in s)
+    changed = load_config(None, ["method=irn", "train_cls.optimizer=adamw",
+                                 "train_cls.warmup_epochs=1", "irn_walk.crf=true"])
+    s = table.settings(changed, "irn_walk")
+    assert s["train_cls.optimizer"] == "adamw" and s["train_cls.warmup_epochs"] == 1
+    assert s["irn_walk.crf"] is True and "irn_walk.crf_bi_sxy" in s
+    assert table.changed_settings(table.settings(irn, "irn_walk"), s) == [
+        "irn_walk.crf", *sorted(f"irn_walk.crf_{k}" for k in
+                                ("bi_compat", "bi_srgb", "bi_sxy", "gauss_compat",
+                                 "gauss_sxy", "iters")),
+        "train_cls.optimizer", "train_cls.warmup_epochs"]
