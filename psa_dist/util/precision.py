@@ -217,12 +217,9 @@ def _untouched(model: torch.nn.Module):
                 p.grad = g
 
 
-def choose_for_model(amp: str, device, field: str, model: torch.nn.Module, shape: tuple,
-                     train: bool, key: str, reps: int = 3, refresh: bool = False) -> Precision:
-    """:func:`choose_precision` timing ``model`` itself on a batch of ``shape``: a forward and a
-    backward pass (``train``) or a forward pass without gradients (inference), the model left as
-    it was. The cache's key names the model's class, size, pass and shape, after ``key``."""
-    device = torch.device(device)
+def _pass(model: torch.nn.Module, shape: tuple, train: bool, device: torch.device):
+    """``timed(dtype)``: one pass of ``model`` on a fixed random batch of ``shape``, forward and
+    backward (``train``) or forward only, under autocast to ``dtype`` (None: float32)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     def timed(dtype):
@@ -232,7 +229,31 @@ def choose_for_model(amp: str, device, field: str, model: torch.nn.Module, shape
             if train:
                 _total(out).backward()
                 model.zero_grad(set_to_none=True)
+    return timed
 
+
+def time_pass(model: torch.nn.Module, shape: tuple, train: bool,
+              dtype: Optional[torch.dtype] = None, reps: int = 3) -> float:
+    """Median seconds of one pass of ``model`` on the CPU in ``dtype`` (after a warm-up call), the
+    model left as it was: a speed where no choice timed it (``bench precision``)."""
+    timed = _pass(model, shape, train, torch.device("cpu"))
+    with _untouched(model):
+        timed(dtype)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            timed(dtype)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def choose_for_model(amp: str, device, field: str, model: torch.nn.Module, shape: tuple,
+                     train: bool, key: str, reps: int = 3, refresh: bool = False) -> Precision:
+    """:func:`choose_precision` timing ``model`` itself on a batch of ``shape``: a forward and a
+    backward pass (``train``) or a forward pass without gradients (inference), the model left as
+    it was. The cache's key names the model's class, size, pass and shape, after ``key``."""
+    device = torch.device(device)
+    timed = _pass(model, shape, train, device)
     n = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = (f"{key}: {type(model).__name__} {n} params ({trained} trained), "

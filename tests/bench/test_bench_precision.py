@@ -25,6 +25,12 @@ def test_bench_precision_names_each_networks_precision(tmp_path, monkeypatch, ca
     printed = capsys.readouterr().out
     assert "| network | pass |" in printed and all(f"| {r['network']} |" in printed for r in rows)
     assert torch.get_num_threads() == threads
+    for r in rows:      # the speed at the precision chosen, timed when no choice timed it
+        chosen = r["bf16_s"] if r["precision"] == "bfloat16" else r["float32_s"]
+        assert r["images_per_s"] > 0
+        if chosen is not None:
+            assert r["images_per_s"] == round(r["shape"][0] / chosen, 1)
+        assert f"| {r['images_per_s']} |" in printed
     if not cpu_has_native_bf16():
         assert all(r["precision"] == "float32" and r["float32_s"] is None for r in rows)
         return
@@ -43,3 +49,18 @@ def test_bench_precision_names_each_networks_precision(tmp_path, monkeypatch, ca
                  "--threads", "1", "--fresh", "--out", str(out)]) == 0
     assert not any(r["cached"] for r in json.loads(out.read_text())["rows"])
     assert torch.get_num_threads() == threads      # the bench gave this process its threads back
+
+
+def test_bench_precision_gives_a_speed_where_nothing_was_timed(tmp_path, monkeypatch):
+    """amp none (and a CPU without native bf16): no choice times anything, the bench times the
+    float32 pass itself; bf16! forced: the bf16 pass."""
+    monkeypatch.setenv("PSA_DIST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "precision.json"
+    amps = ["train_cls.amp=none", "train_aff.amp=bf16!", "train_seg.amp=none", "cams.amp=none"]
+    assert main(["bench", "precision", "configs/demo.yaml", *TINY, *amps, "--classes", "6",
+                 "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["float32", "bfloat16", "float32", "float32"]
+    assert all(r["float32_s"] is None and r["bf16_s"] is None and r["images_per_s"] > 0
+               for r in rows)
+    assert not (tmp_path / "cache" / "precision.json").exists()     # nothing chosen by timing
