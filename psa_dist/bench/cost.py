@@ -121,8 +121,10 @@ def _trainer(cfg, ds, stage, device, dtype, batch):
     model = kind.timed_network(cfg, ds["classes"]).to(device)
     if not cfg.model.freeze_bn:
         batch = max(batch, kind.min_train_batch)
-    opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, model.new_modules())
+    opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, model.new_modules(),
+                          kind=tcfg.optimizer)
     sched = build_poly_scheduler(opt, 10**6)
+    moments = 2 if tcfg.optimizer == "adamw" else 1     # AdamW's two moments, SGD's momentum
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     loss = kind.losses(cfg, tcfg)(False)
     weights, trainable = _weights_mb(model)
@@ -147,7 +149,7 @@ def _trainer(cfg, ds, stage, device, dtype, batch):
         return buf.tell(), buf.tell()
 
     return once, output, {"batch": batch, "config_batch": tcfg.batch_size, "weights_mb": weights,
-                          "fixed_mb": weights + 2 * trainable, "per": "run (checkpoint)"}
+                          "fixed_mb": weights + (1 + moments) * trainable, "per": "run (checkpoint)"}
 
 
 def _label_stage(cfg, ds, stage, device, dtype, batch):

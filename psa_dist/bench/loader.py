@@ -40,7 +40,8 @@ def bench_loader(cfg: Config, kind: str = "cls", batches: int = 30, workers: int
     info = DistInfo(device=run.device)
     torch.manual_seed(cfg.seed)
     model = model_to_train(run, kind).to(run.device).train()
-    opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, model.new_modules())
+    opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, model.new_modules(),
+                          kind=tcfg.optimizer)
     sched = build_poly_scheduler(opt, len(held) * 2)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     crop = tcfg.crop_size or 256       # the precision the trainer would choose (timed on a CPU)

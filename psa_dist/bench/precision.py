@@ -86,16 +86,17 @@ def _case(cfg: Config, num_classes: int, fresh: bool, name: str, field: str, amp
     t0 = time.monotonic()
     p = choose_for_model(amp, "cpu", field, net, shape, train=train, key=key, refresh=fresh)
     speedup = round(p.float32_s / p.bf16_s, 2) if p.float32_s and p.bf16_s else None
-    # images/s at the precision chosen: what the stage's step or forward runs at on this machine
-    # (no loader, no logging: a trainer's log shows somewhat less), for comparing machines
+    seconds = round(time.monotonic() - t0, 1)      # what the choice cost
+    # crops/s at the precision chosen, the pass as timed: a trainer's images/s without its loader
+    # and logging (its log shows somewhat less); for the CAM stage one scale of its several, no
+    # flip. For comparing machines, not for the stage's own rate
     step_s = p.bf16_s if p.dtype is torch.bfloat16 else p.float32_s
     if step_s is None:          # nothing timed (no native bf16, or bf16! / none asked for)
         step_s = time_pass(net, shape, train, p.dtype)
     row = {"network": name, "pass": "train step" if train else "forward", "shape": list(shape),
            "threads": n_threads, "setting": f"{field}={amp}", "float32_s": p.float32_s,
            "bf16_s": p.bf16_s, "bf16_speedup": speedup, "precision": p.name, "cached": p.cached,
-           "images_per_s": round(shape[0] / step_s, 1),
-           "reason": p.reason, "seconds": round(time.monotonic() - t0, 1)}
+           "crops_per_s": round(shape[0] / step_s, 1), "reason": p.reason, "seconds": seconds}
     print(f"[bench precision] {name} {row['pass']} {tuple(shape)}, {n_threads} thread(s): "
           f"{p.describe()}", flush=True)
     return row
@@ -103,11 +104,11 @@ def _case(cfg: Config, num_classes: int, fresh: bool, name: str, field: str, amp
 
 def format_table(rows: list[dict]) -> str:
     head = ("| network | pass | batch x 3 x H x W | threads | float32 ms | bf16 ms | "
-            "bf16 speed-up | precision | images/s |\n|---|---|---|---|---|---|---|---|---|\n")
+            "bf16 speed-up | precision | crops/s |\n|---|---|---|---|---|---|---|---|---|\n")
 
     def ms(s):
         return "-" if s is None else f"{1000 * s:.0f}"
     return head + "".join(
         f"| {r['network']} | {r['pass']} | {' x '.join(map(str, r['shape']))} | {r['threads']} | "
         f"{ms(r['float32_s'])} | {ms(r['bf16_s'])} | {r['bf16_speedup'] or '-'} | "
-        f"{r['precision']} | {r['images_per_s']} |\n" for r in rows)
+        f"{r['precision']} | {r['crops_per_s']} |\n" for r in rows)

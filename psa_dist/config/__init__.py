@@ -150,8 +150,9 @@ def _checked(cfg: Config) -> Config:
             raise ConfigError(f"{name}.stop_decay: must be in (0, 1], got {t.stop_decay}")
         if t.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"{name}.optimizer: must be sgd or adamw, got {t.optimizer!r}")
-        if t.warmup_epochs < 0:
-            raise ConfigError(f"{name}.warmup_epochs: must be at least 0, got {t.warmup_epochs}")
+        if not 0 <= t.warmup_epochs <= t.epochs:
+            raise ConfigError(f"{name}.warmup_epochs: must be in [0, {name}.epochs = "
+                              f"{t.epochs}], got {t.warmup_epochs}")
         if t.holdout_shards < 1:
             raise ConfigError(f"{name}.holdout_shards: must be at least 1, got {t.holdout_shards}")
         if t.fit_target is not None:

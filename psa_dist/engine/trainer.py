@@ -1,5 +1,6 @@
-"""One trainer from its parts: SGD with the authors' parameter groups and a poly schedule (or the
-learned schedule of a trainer that stops when it has learned), DDP across ranks
+"""One trainer from its parts: SGD (or AdamW) with the authors' parameter groups and a poly
+schedule (or the learned schedule of a trainer that stops when it has learned; either times a
+linear warm-up where asked), DDP across ranks
 (``util/dist.py``), the precision the caller chose, the loop and its hooks, and the one resume
 path: a trainer finding ``checkpoint.pth`` in its directory continues from it, the loader skipping
 the batches the epoch already trained on. Since the loader's batches are a pure function of
@@ -13,6 +14,7 @@ stopping rules' states, kept in the checkpoint, index epochs from 0.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -59,7 +61,7 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype is torch.float16)
     opt = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.momentum, new_modules,
                           uniform=uniform_lr, kind=tcfg.optimizer)
-    warmup = round(tcfg.warmup_epochs * len(loader))
+    warmup = math.ceil(tcfg.warmup_epochs * len(loader))     # any warm-up asked: a step at least
     stop_state = (checkpoint or {}).get("stop") or {}
     fitting = tcfg.fit_target is not None
     if fitting and label_prior is None:

@@ -1,5 +1,6 @@
-"""Optimiser and schedules: the authors' SGD with poly decay and ×10 / ×20 for new layers, and the
-schedule of a trainer that stops when it has learned (constant, then a poly decay once learned)."""
+"""Optimiser and schedules: the authors' SGD (or AdamW) with poly decay and ×10 / ×20 for new
+layers, the schedule of a trainer that stops when it has learned (constant, then a poly decay once
+learned), and a linear warm-up that multiplies either."""
 from __future__ import annotations
 
 import torch

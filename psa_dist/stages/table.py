@@ -321,6 +321,18 @@ def settings(cfg: Config, name: str) -> dict:
     return flat
 
 
+def _comparable(flat: dict) -> dict:
+    """Recorded settings without the keys :func:`_recorded` leaves out, whichever rule wrote
+    them (irn_walk's CRF keys were recorded with the CRF off for a while)."""
+    def dropped(key: str, value) -> bool:
+        sec, _, field = key.partition(".")
+        if sec.startswith("train_") and field in _ADDED_LATER:
+            return value == _ADDED_LATER[field]
+        return sec == "irn_walk" and field.startswith("crf") and not flat.get("irn_walk.crf")
+    return {k: v for k, v in flat.items() if not dropped(k, v)}
+
+
 def changed_settings(recorded: dict, now: dict) -> list[str]:
     """The keys whose value differs between a marker's settings and the current ones."""
+    recorded, now = _comparable(recorded), _comparable(now)
     return sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))

@@ -27,10 +27,10 @@ def test_bench_precision_names_each_networks_precision(tmp_path, monkeypatch, ca
     assert torch.get_num_threads() == threads
     for r in rows:      # the speed at the precision chosen, timed when no choice timed it
         chosen = r["bf16_s"] if r["precision"] == "bfloat16" else r["float32_s"]
-        assert r["images_per_s"] > 0
+        assert r["crops_per_s"] > 0
         if chosen is not None:
-            assert r["images_per_s"] == round(r["shape"][0] / chosen, 1)
-        assert f"| {r['images_per_s']} |" in printed
+            assert r["crops_per_s"] == round(r["shape"][0] / chosen, 1)
+        assert f"| {r['crops_per_s']} |" in printed
     if not cpu_has_native_bf16():
         assert all(r["precision"] == "float32" and r["float32_s"] is None for r in rows)
         return
@@ -61,6 +61,6 @@ def test_bench_precision_gives_a_speed_where_nothing_was_timed(tmp_path, monkeyp
                  "--threads", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["precision"] for r in rows] == ["float32", "bfloat16", "float32", "float32"]
-    assert all(r["float32_s"] is None and r["bf16_s"] is None and r["images_per_s"] > 0
+    assert all(r["float32_s"] is None and r["bf16_s"] is None and r["crops_per_s"] > 0
                for r in rows)
     assert not (tmp_path / "cache" / "precision.json").exists()     # nothing chosen by timing

@@ -40,6 +40,9 @@ def test_overrides_types_and_nesting(tmp_path):
     ("model.aff_stride=16", "model.aff_stride"),
     ("train_seg.missing_class_frac=1.5", "train_seg.missing_class_frac"),
     ("train_aff.missing_class_frac=0.01", "train_aff.missing_class_frac"),
+    ("train_cls.optimizer=adam", "train_cls.optimizer"),
+    ("train_aff.warmup_epochs=-1", "train_aff.warmup_epochs"),
+    ("train_seg.warmup_epochs=11", "train_seg.warmup_epochs"),     # past its 10 epochs
 ])
 def test_bad_keys_are_named(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

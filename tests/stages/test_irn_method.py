@@ -227,6 +227,11 @@ def test_keys_added_later_are_recorded_only_off_their_default():
     s = table.settings(changed, "irn_walk")
     assert s["train_cls.optimizer"] == "adamw" and s["train_cls.warmup_epochs"] == 1
     assert s["irn_walk.crf"] is True and "irn_walk.crf_bi_sxy" in s
+    # a marker written while irn_walk's CRF keys were recorded with the CRF off still matches
+    old_rule = {**table.settings(irn, "irn_walk"), "irn_walk.crf": False,
+                **{f"irn_walk.crf_{k}": 1.0 for k in ("iters", "bi_sxy")},
+                "train_seg.optimizer": "sgd", "train_seg.warmup_epochs": 0.0}
+    assert table.changed_settings(old_rule, table.settings(irn, "irn_walk")) == []
     assert table.changed_settings(table.settings(irn, "irn_walk"), s) == [
         "irn_walk.crf", *sorted(f"irn_walk.crf_{k}" for k in
                                 ("bi_compat", "bi_srgb", "bi_sxy", "gauss_compat",
