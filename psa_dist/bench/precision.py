@@ -80,6 +80,8 @@ def _case(cfg: Config, num_classes: int, fresh: bool, name: str, field: str, amp
     if train:       # as model_to_train leaves it: the config's frozen layers, its BN mode
         kind = table.kind(name)
         net, key = kind.timed_network(cfg, num_classes), kind.timing_key
+        if getattr(cfg, table.MODELS[name].section).channels_last:
+            net.to(memory_format=torch.channels_last)
     else:           # a label stage's forward, of the model it loads
         model = table.stage(name).uses_models[0]
         net, key = table.kind(model).architecture(cfg, num_classes).eval(), name

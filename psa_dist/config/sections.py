@@ -110,6 +110,7 @@ class TrainConfig(JobConfig):
     momentum: float = 0.9           # the authors' code passes 5e-4 here by accident; we use 0.9
     optimizer: str = "sgd"          # sgd (the authors') | adamw (momentum unused)
     warmup_epochs: float = 0.0      # the learning rate rises linearly over these first epochs
+    channels_last: bool = False     # the network and its batches in channels-last memory format
     crop_size: int = 448
     resize_long: Optional[tuple] = (256, 512)   # null: no rescaling
     color_jitter: tuple = (0.3, 0.3, 0.3, 0.1)

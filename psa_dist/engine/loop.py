@@ -79,10 +79,12 @@ class TrainLoop:
     by setting ``stop``; the epoch finishes first."""
 
     def __init__(self, model: nn.Module, net: nn.Module, loss_fn: LossFn, loader, opt, sched,
-                 scaler, dtype, device, epochs: int, hooks: list[Hook], freeze_bn: bool = False):
+                 scaler, dtype, device, epochs: int, hooks: list[Hook], freeze_bn: bool = False,
+                 memory_format: torch.memory_format | None = None):
         self.model, self.net, self.loss_fn, self.loader = model, net, loss_fn, loader
         self.opt, self.sched, self.scaler, self.dtype = opt, sched, scaler, dtype
         self.device, self.epochs, self.hooks, self.freeze_bn = device, epochs, hooks, freeze_bn
+        self.memory_format = memory_format      # of the image batches (channels-last), or None
         self.steps_per_epoch, self.max_steps = len(loader), epochs * len(loader)
         self.step, self.start_epoch, self.skip = 0, 0, 0
         self.epoch, self.step_in_epoch, self.images = 0, 0, 0    # images: this rank's, this epoch
@@ -107,6 +109,8 @@ class TrainLoop:
             self._call("before_epoch")
             for x, y in self.loader:
                 self.x = x.to(self.device, non_blocking=True)
+                if self.memory_format is not None and self.x.dim() == 4:
+                    self.x = self.x.contiguous(memory_format=self.memory_format)
                 self.y = y.to(self.device, non_blocking=True)
                 self.terms = train_step(self.net, self.loss_fn, self.x, self.y, self.opt,
                                         self.sched, self.scaler, self.dtype)

@@ -56,6 +56,8 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     ckpt_path = out_dir / CHECKPOINT
     if freeze_bn:   # before DDP: it registers only the parameters that require grad
         set_bn_eval(model)
+    if tcfg.channels_last:      # before DDP, so that its buckets see the weights' layout
+        model.to(memory_format=torch.channels_last)
     net = wrap_ddp(model, info)
     max_steps = tcfg.epochs * len(loader)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype is torch.float16)
@@ -72,7 +74,8 @@ def train(model: nn.Module, losses: Callable[[bool], LossFn], loader, tcfg, out_
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, with_warmup(learned, warmup))
              if learned is not None else build_poly_scheduler(opt, max_steps, warmup_steps=warmup))
     loop = TrainLoop(model, net, losses(class_terms), loader, opt, sched, scaler, precision.dtype,
-                     info.device, tcfg.epochs, [], freeze_bn)
+                     info.device, tcfg.epochs, [], freeze_bn,
+                     torch.channels_last if tcfg.channels_last else None)
     static = {"config": {}, **(static or {}),
               "precision": {**precision.record(), "device": info.device.type}}
     loop.hooks = _hooks(out_dir, info, tcfg, name, section, static, panels, learned, stop_state,

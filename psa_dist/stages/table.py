@@ -279,7 +279,7 @@ def unmet_needs(cfg: Config, to_run: list[str], done: Callable[[str], bool]) -> 
 
 # Keys that say where and how fast a stage runs, not what it computes: left out of its settings
 _RUN_ONLY = {f.name for f in dataclasses.fields(JobConfig)} | {
-    "num_workers", "threads", "log_every", "checkpoint_every", "tensorboard"}
+    "num_workers", "threads", "log_every", "checkpoint_every", "tensorboard", "channels_last"}
 
 
 # Keys added after runs were made, with the value every run had before them: recorded only when set

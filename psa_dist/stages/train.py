@@ -117,6 +117,8 @@ def choose_precision(model: torch.nn.Module, name: str, tcfg, info: DistInfo,
                               kept["reason"], kept.get("float32_s"), kept.get("bf16_s"),
                               kept.get("cached", False), resumed=True)
     elif info.is_main:
+        if tcfg.channels_last:      # timed as it will train (the trainer converts it anyway)
+            model.to(memory_format=torch.channels_last)
         crop = tcfg.crop_size or 256
         precision = choose_for_model(tcfg.amp, info.device, field, model,
                                      (tcfg.batch_size, 3, crop, crop), train=True,

@@ -217,10 +217,21 @@ def _untouched(model: torch.nn.Module):
                 p.grad = g
 
 
+def channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s first 4-d weight (a convolution's) is in channels-last memory format
+    (``train_*.channels_last``): it is then timed on channels-last batches, under its own key."""
+    w = next((p for p in model.parameters() if p.dim() == 4), None)
+    return (w is not None and w.shape[1] * w.shape[2] * w.shape[3] > 1
+            and w.is_contiguous(memory_format=torch.channels_last)
+            and not w.is_contiguous())
+
+
 def _pass(model: torch.nn.Module, shape: tuple, train: bool, device: torch.device):
     """``timed(dtype)``: one pass of ``model`` on a fixed random batch of ``shape``, forward and
     backward (``train``) or forward only, under autocast to ``dtype`` (None: float32)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last(model) and x.dim() == 4:      # the batches as its trainer gives them
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def timed(dtype):
         with torch.set_grad_enabled(train):
@@ -257,7 +268,8 @@ def choose_for_model(amp: str, device, field: str, model: torch.nn.Module, shape
     n = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = (f"{key}: {type(model).__name__} {n} params ({trained} trained), "
-            f"{'train step' if train else 'forward'} {tuple(shape)}")
+            f"{'train step' if train else 'forward'} {tuple(shape)}"
+            + (" channels-last" if channels_last(model) else ""))
     with _untouched(model):
         return choose_precision(amp, device, field, timed, what, reps, refresh)
 

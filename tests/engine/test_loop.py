@@ -122,3 +122,49 @@ def test_the_warm_up_ramps_the_learning_rate_linearly_then_hands_over_to_the_sch
     expected = [0.05 * min(1.0, (s + 1) / 5) * poly_lr_factor(s, 15) for s in range(1, 16)]
     assert rates.seen == pytest.approx(expected)
     assert rates.seen[3] == pytest.approx(0.05 * poly_lr_factor(4, 15))    # full rate at step 5
+
+
+class Images:
+    """Batches of small images (for a convolution) drawn as :class:`Batches` draws its rows."""
+
+    def __init__(self, n: int):
+        self.n, self.epoch, self.skip = n, 0, 0
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        for i in range(self.skip, self.n):
+            g = torch.Generator().manual_seed(1000 * self.epoch + i)
+            x = torch.randn(4, 3, 8, 8, generator=g)
+            yield x, x.mean((1, 2, 3))
+
+
+def test_channels_last_trains_the_same_network_on_channels_last_batches(tmp_path):
+    layouts = []
+
+    def loss(class_terms):
+        def f(model, x, y):
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+            return ((model(x).mean((1, 2, 3)) - y) ** 2).mean()
+        return f
+
+    def run(out, channels_last):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 1, 1))
+        tcfg = TrainConfig(epochs=2, lr=0.05, amp="none", channels_last=channels_last)
+        layouts.clear()
+        train(model, loss, Images(3), tcfg, out, DistInfo(), name="toy", section="toy",
+              precision=Precision(None, "float32 for the test"), new_modules=[])
+        return model, list(layouts)
+
+    plain, seen_plain = run(tmp_path / "a", False)
+    last, seen_last = run(tmp_path / "b", True)
+    assert seen_last == [True] * 6 and not any(seen_plain)
+    assert last[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for name, value in plain.state_dict().items():     # the same training, another float order
+        assert torch.allclose(value, last.state_dict()[name], atol=1e-5), name

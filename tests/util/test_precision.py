@@ -268,3 +268,24 @@ def test_processes_starting_together_time_once_and_decide_alike(tmp_path):
     assert len(timers) == 1 and len(calls.read_text().split()) == 8
     assert sorted(r[0] for r in results.values()) == [False, True]
     assert len({r[1] for r in results.values()}) == 1
+
+
+def test_a_channels_last_model_is_timed_on_channels_last_batches_under_its_own_key(
+        tmp_path, monkeypatch):
+    """train_*.channels_last: the choice is timed as the trainer runs the step, and cached apart
+    from the same network's contiguous timing (the timing made to run whatever this CPU has)."""
+    import psa_dist.util.precision as precision
+    monkeypatch.setenv("PSA_DIST_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    seen = []
+    model = Classifier(build_backbone("small"), 6).train()
+    model.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    choose_for_model("bf16", CPU, "train_cls.amp", model, (2, 3, 32, 32), train=True, key="cls")
+    assert seen and not any(seen) and not precision.channels_last(model)
+    model.to(memory_format=torch.channels_last)
+    seen.clear()
+    choose_for_model("bf16", CPU, "train_cls.amp", model, (2, 3, 32, 32), train=True, key="cls")
+    assert seen and all(seen) and precision.channels_last(model)
+    keys = sorted(json.loads(cache_path().read_text()))
+    assert len(keys) == 2 and keys[1] == keys[0] + " channels-last"
