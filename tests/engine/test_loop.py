@@ -17,12 +17,24 @@ from psa_dist.util.precision import Precision
 TRUE_W = torch.tensor([1.0, -2.0, 0.5])
 
 
-class Batches:
-    """A loader as the trainers' (len, set_epoch with a skip): batch i of epoch e drawn from a
-    generator seeded by (e, i), so that a resumed epoch sees what an uninterrupted one does."""
+def rows(g):
+    x = torch.randn(8, 3, generator=g)
+    return x, x @ TRUE_W
 
-    def __init__(self, n: int):
-        self.n, self.epoch, self.skip = n, 0, 0
+
+def images(g):
+    """Small images, for a convolution."""
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    return x, x.mean((1, 2, 3))
+
+
+class Batches:
+    """A loader as the trainers' (len, set_epoch with a skip): batch i of epoch e drawn by
+    ``draw`` from a generator seeded by (e, i), so that a resumed epoch sees what an
+    uninterrupted one does."""
+
+    def __init__(self, n: int, draw=rows):
+        self.n, self.draw, self.epoch, self.skip = n, draw, 0, 0
 
     def __len__(self):
         return self.n
@@ -32,9 +44,7 @@ class Batches:
 
     def __iter__(self):
         for i in range(self.skip, self.n):
-            g = torch.Generator().manual_seed(1000 * self.epoch + i)
-            x = torch.randn(8, 3, generator=g)
-            yield x, x @ TRUE_W
+            yield self.draw(torch.Generator().manual_seed(1000 * self.epoch + i))
 
 
 def squared_error(class_terms):
@@ -124,25 +134,6 @@ def test_the_warm_up_ramps_the_learning_rate_linearly_then_hands_over_to_the_sch
     assert rates.seen[3] == pytest.approx(0.05 * poly_lr_factor(4, 15))    # full rate at step 5
 
 
-class Images:
-    """Batches of small images (for a convolution) drawn as :class:`Batches` draws its rows."""
-
-    def __init__(self, n: int):
-        self.n, self.epoch, self.skip = n, 0, 0
-
-    def __len__(self):
-        return self.n
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        for i in range(self.skip, self.n):
-            g = torch.Generator().manual_seed(1000 * self.epoch + i)
-            x = torch.randn(4, 3, 8, 8, generator=g)
-            yield x, x.mean((1, 2, 3))
-
-
 def test_channels_last_trains_the_same_network_on_channels_last_batches(tmp_path):
     layouts = []
 
@@ -158,7 +149,7 @@ def test_channels_last_trains_the_same_network_on_channels_last_batches(tmp_path
                               nn.Conv2d(8, 1, 1))
         tcfg = TrainConfig(epochs=2, lr=0.05, amp="none", channels_last=channels_last)
         layouts.clear()
-        train(model, loss, Images(3), tcfg, out, DistInfo(), name="toy", section="toy",
+        train(model, loss, Batches(3, images), tcfg, out, DistInfo(), name="toy", section="toy",
               precision=Precision(None, "float32 for the test"), new_modules=[])
         return model, list(layouts)
 
