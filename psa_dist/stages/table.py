@@ -289,15 +289,6 @@ _RUN_ONLY = {f.name for f in dataclasses.fields(JobConfig)} | {
 _ADDED_LATER = {"optimizer": "sgd", "warmup_epochs": 0.0}
 
 
-def _recorded(sec: str, key: str, section) -> bool:
-    value = getattr(section, key)
-    if key in _ADDED_LATER and sec.startswith("train_"):
-        return value != _ADDED_LATER[key]
-    if sec == "irn_walk" and (key == "crf" or key.startswith("crf_")):
-        return section.crf
-    return True
-
-
 def settings(cfg: Config, name: str) -> dict:
     """What decides stage ``name``'s outputs under ``cfg``, as dotted keys: the seed, the
     synthetic data's settings, the model, and the sections of this stage and every earlier one
@@ -311,19 +302,19 @@ def settings(cfg: Config, name: str) -> dict:
                  if s.section and cfg.method in s.methods]
     for sec in sections:
         for key, value in dataclasses.asdict(getattr(cfg, sec)).items():
-            if (key in _RUN_ONLY or (key == "batch_size" and sec in LABEL_STAGES)
-                    or not _recorded(sec, key, getattr(cfg, sec))):
+            if key in _RUN_ONLY or (key == "batch_size" and sec in LABEL_STAGES):
                 continue
             if sec == "model" and key.startswith("irn_") and (cfg.method != "irn"
                                                              or shared(name)):
                 continue        # IRN's keys: not part of what the other stages compute
             flat[f"{sec}.{key}"] = json.loads(json.dumps(value))    # tuples as lists, as stored
-    return flat
+    return _comparable(flat)
 
 
 def _comparable(flat: dict) -> dict:
-    """Recorded settings without the keys :func:`_recorded` leaves out, whichever rule wrote
-    them (irn_walk's CRF keys were recorded with the CRF off for a while)."""
+    """Settings without the keys added later at their old value, and without irn_walk's CRF keys
+    while its CRF is off: what a marker records, and what two markers are compared on (markers
+    of a while recorded irn_walk's CRF keys with the CRF off)."""
     def dropped(key: str, value) -> bool:
         sec, _, field = key.partition(".")
         if sec.startswith("train_") and field in _ADDED_LATER:
